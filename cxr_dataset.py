@@ -1,0 +1,446 @@
+"""Chest X-ray datasets: NIH ChestX-ray14, CheXphoto, and the built-in demo (NIH format).
+
+Every dataset returns `(image, target, image_id)`:
+    image     float tensor (3, S, S), ImageNet-normalised (what the reference code feeds DenseNet)
+    target    float32 tensor (K,): 1 positive, 0 negative, NaN = masked out of the loss
+    image_id  str: the NIH `Image Index` or the CheXphoto `Path`
+
+Label tables are parsed once, vectorised, into a DataFrame with the columns
+`image_id, patient, fold, path` and one column per finding (float, NaN = masked). The
+dataset classes only hold arrays; they never loop over pandas rows.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+from labels import (
+    CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, FOLD_FRACTIONS, FOLDS,
+    IMAGENET_MEAN, IMAGENET_STD, NIH_ENTRY_REQUIRED, NIH_FINDINGS, NIH_FINDINGS_COL,
+    NIH_IMAGE_COL, NIH_NO_FINDING, NIH_PATIENT_COL, UNCERTAINTY_POLICIES,
+)
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_NIH_LABELS = REPO_DIR / "nih_labels.csv"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """A problem with the user's data files; the message names the file and what to do."""
+
+
+class ImageReadError(DataError):
+    """An image file that cannot be decoded."""
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+def load_xray(path: str | os.PathLike) -> Image.Image:
+    """Open an X-ray as an 8-bit grayscale (mode L) PIL image, whatever its stored mode.
+
+    NIH is mostly mode L but ships some RGBA files; JPEG photos are RGB; some exports are
+    16-bit. Each is converted explicitly rather than trusting `convert('L')` to guess:
+    16-bit and float images are rescaled from their own min-max range to 0-255, because a
+    plain conversion would clip everything above 255 to white.
+
+    Raises:
+        ImageReadError: the file is missing, empty, truncated or not an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # force the decode here, so a truncated file fails with its name
+            return _to_gray8(img)
+    except FileNotFoundError as err:
+        raise ImageReadError(f"{path}: image file not found. Check --data points at the "
+                             "dataset root, or pass --missing skip to train without it.") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        raise ImageReadError(
+            f"{path}: cannot decode image ({size} bytes: {err}). The file is corrupt or "
+            "truncated: download it again, or delete it and pass --missing skip.") from err
+
+
+def _to_gray8(img: Image.Image) -> Image.Image:
+    if img.mode == "L":
+        return img.copy()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # NIH's RGBA files are opaque grey; drop alpha instead of blending onto a background.
+        img = img.convert("RGB")
+    return img.convert("L")
+
+
+def build_transform(image_size: int, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """The reference preprocessing: Resize(S) + CenterCrop(S) (+ horizontal flip when training),
+    ToTensor, grey -> 3 channels, ImageNet normalisation. Returns (3, S, S) float32."""
+    steps: list = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
+    if train:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [
+        T.PILToTensor(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Lambda(lambda x: x.expand(3, -1, -1)),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+    return T.Compose(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+def patient_split(patients: Sequence, seed: int = 0,
+                  fractions: dict[str, float] = FOLD_FRACTIONS) -> np.ndarray:
+    """Assign every image to a fold so that no patient is in two folds.
+
+    Patients are shuffled with `seed`, then taken in that order until each fold holds its
+    fraction of the *images* (reproduce-chexnet's 70/10/20 is a fraction of images: 78,468 /
+    11,219 / 22,433).
+
+    Args:
+        patients: patient id of each image, length N.
+        seed: seed of the patient shuffle; the same ids and seed give the same folds.
+        fractions: fold name -> fraction of images, in fold order; must sum to 1.
+
+    Returns:
+        (N,) array of fold names.
+    """
+    patients = pd.Series(np.asarray(patients)).astype(str)
+    counts = patients.value_counts(sort=False).sort_index()  # sort: independent of row order
+    order = np.random.default_rng(seed).permutation(len(counts))
+    shuffled = counts.iloc[order]
+    # A patient's fold is decided by where the middle of its images falls on the cumulative scale.
+    mid = (shuffled.cumsum() - shuffled / 2) / shuffled.sum()
+    edges = np.cumsum(list(fractions.values()))
+    fold_idx = np.minimum(np.searchsorted(edges, mid.to_numpy(), side="right"), len(edges) - 1)
+    fold_of_patient = pd.Series(np.array(list(fractions))[fold_idx], index=shuffled.index)
+    return fold_of_patient.loc[patients].to_numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# NIH labels
+# --------------------------------------------------------------------------------------------
+def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
+    """Read an NIH label file in either schema.
+
+    - `Data_Entry_2017*.csv`: `Finding Labels` is parsed (`|`-separated, or `No Finding`);
+      folds are a seeded patient-level 70/10/20 split of the rows in the file.
+    - `nih_labels.csv`-style: `Image Index`, one 0/1 column per finding, and usually `fold`
+      and `Patient ID` (without `Patient ID`, the patient is the `NNNNNNNN` image-name prefix).
+
+    Returns:
+        DataFrame with `image_id, patient, fold` and the 14 finding columns (float 0/1).
+
+    Raises:
+        DataError: missing columns, unknown finding names or values, unknown fold names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: labels file not found. Pass --labels with the path to "
+                        "nih_labels.csv or Data_Entry_2017_v2020.csv.")
+    df = pd.read_csv(path)
+    if NIH_IMAGE_COL not in df.columns:
+        raise DataError(f"{path}: no '{NIH_IMAGE_COL}' column (columns: {list(df.columns)[:8]}). "
+                        "Expected nih_labels.csv or Data_Entry_2017*.csv.")
+    if NIH_FINDINGS_COL in df.columns:
+        labels = _parse_finding_labels(df[NIH_FINDINGS_COL], path)
+    else:
+        missing = [f for f in NIH_FINDINGS if f not in df.columns]
+        if missing:
+            raise DataError(f"{path}: neither a '{NIH_FINDINGS_COL}' column nor the finding "
+                            f"columns {missing}. Expected nih_labels.csv or Data_Entry_2017*.csv.")
+        labels = df[list(NIH_FINDINGS)]
+        bad = ~labels.isin([0, 1])
+        if bad.to_numpy().any():
+            row, col = np.argwhere(bad.to_numpy())[0]
+            raise DataError(f"{path}: row {row + 2}, column '{NIH_FINDINGS[col]}' holds "
+                            f"{labels.iat[row, col]!r}; finding columns must be 0 or 1.")
+    out = pd.DataFrame({"image_id": df[NIH_IMAGE_COL].astype(str)})
+    if NIH_PATIENT_COL in df.columns:
+        out["patient"] = df[NIH_PATIENT_COL].astype(str)
+    else:
+        out["patient"] = out["image_id"].str.split("_").str[0]
+    if "fold" in df.columns:
+        unknown = sorted(set(df["fold"].astype(str)) - set(FOLDS))
+        if unknown:
+            raise DataError(f"{path}: column 'fold' holds {unknown}; expected {list(FOLDS)}.")
+        out["fold"] = df["fold"].astype(str)
+    else:
+        out["fold"] = patient_split(out["patient"], seed)
+    dup = out["image_id"].duplicated()
+    if dup.any():
+        raise DataError(f"{path}: image {out['image_id'][dup].iloc[0]!r} is listed twice.")
+    for f in NIH_FINDINGS:
+        out[f] = labels[f].to_numpy(dtype=np.float32)
+    return out
+
+
+def _parse_finding_labels(col: pd.Series, path: Path) -> pd.DataFrame:
+    """`Finding Labels` strings -> (N, 14) 0/1 DataFrame, in one vectorised pass."""
+    if col.isna().any():
+        row = int(np.flatnonzero(col.isna().to_numpy())[0])
+        raise DataError(f"{path}: row {row + 2} has an empty '{NIH_FINDINGS_COL}'; "
+                        f"use '{NIH_NO_FINDING}' for normal images.")
+    dummies = col.astype(str).str.get_dummies(sep="|")
+    unknown = sorted(set(dummies.columns) - set(NIH_FINDINGS) - {NIH_NO_FINDING})
+    if unknown:
+        row = int(np.flatnonzero(dummies[unknown[0]].to_numpy())[0])
+        raise DataError(f"{path}: row {row + 2}: unknown finding {unknown[0]!r} in "
+                        f"'{NIH_FINDINGS_COL}'. Known findings: {', '.join(NIH_FINDINGS)}.")
+    return dummies.reindex(columns=list(NIH_FINDINGS), fill_value=0)
+
+
+def index_images(root: str | os.PathLike, suffixes: Iterable[str] = IMAGE_SUFFIXES
+                 ) -> dict[str, Path]:
+    """Map image file name -> path for every image under `root`, in any common NIH layout.
+
+    Looked up in this order (the first file of a name wins): `root/images/`, Kaggle's
+    `root/images_NNN/images/`, other `root/images_*` folders, `root/` itself, then any
+    deeper folder (three levels at most). A pre-resized copy in its own folder is found too.
+    """
+    root = Path(root)
+    suffixes = tuple(s.lower() for s in suffixes)
+    found: dict[str, Path] = {}
+
+    def add(folder: Path) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.lower().endswith(suffixes) and entry.is_file():
+                found.setdefault(entry.name, Path(entry.path))
+
+    first = [root / "images", *sorted(root.glob("images_*/images")),
+             *sorted(p for p in root.glob("images*") if p.is_dir()), root]
+    for folder in first:
+        add(folder)
+    if not found:
+        for dirpath, dirnames, _ in os.walk(root):
+            depth = len(Path(dirpath).relative_to(root).parts)
+            if depth >= 3:
+                dirnames.clear()
+            add(Path(dirpath))
+    return found
+
+
+def attach_paths(table: pd.DataFrame, paths: dict[str, Path], source: str,
+                 missing: str = "error") -> tuple[pd.DataFrame, list[str]]:
+    """Add a `path` column; rows whose image is not on disk raise, or are dropped on request.
+
+    Returns:
+        (table with paths, list of image ids that were skipped).
+    """
+    table = table.copy()
+    table["path"] = table["image_id"].map(lambda i: str(paths[i]) if i in paths else "")
+    absent = table["path"] == ""
+    if absent.any():
+        ids = table.loc[absent, "image_id"].tolist()
+        if missing != "skip":
+            raise DataError(
+                f"{len(ids)} of {len(table)} images listed in {source} are not under the data "
+                f"folder (first: {', '.join(ids[:3])}). Point --data at the folder holding them, "
+                "or pass --missing skip to train on the images present (the skipped ids are "
+                "written to the run folder).")
+        table = table.loc[~absent].reset_index(drop=True)
+        return table, ids
+    return table, []
+
+
+# --------------------------------------------------------------------------------------------
+# CheXphoto / CheXpert schema
+# --------------------------------------------------------------------------------------------
+_PATIENT_RE = re.compile(r"(patient\d+)")
+
+
+def chexpert_targets(values: pd.DataFrame, policy: str) -> np.ndarray:
+    """CheXpert label values -> float32 targets under an uncertainty policy.
+
+    Values: 1 positive, 0 negative, -1 uncertain, NaN (blank) not mentioned.
+    - `zeros`: uncertain -> 0, blank -> 0   (CheXpert's U-Zeros)
+    - `ones`:  uncertain -> 1, blank -> 0   (U-Ones)
+    - `ignore`: uncertain and blank -> NaN, masked out of the loss (U-Ignore; datasets.md:
+      blank is negative in every common policy except this one)
+    """
+    if policy not in UNCERTAINTY_POLICIES:
+        raise ValueError(f"uncertainty policy {policy!r}: expected one of {UNCERTAINTY_POLICIES}")
+    v = values.to_numpy(dtype=np.float32)
+    out = v.copy()
+    uncertain, blank = v == -1, np.isnan(v)
+    out[uncertain] = {"zeros": 0.0, "ones": 1.0, "ignore": np.nan}[policy]
+    out[blank] = np.nan if policy == "ignore" else 0.0
+    return out
+
+
+def read_chexpert_csv(path: str | os.PathLike, policy: str = "zeros",
+                      findings: Sequence[str] = CHEXPHOTO_FINDINGS,
+                      source: str = "all", view: str = "frontal") -> pd.DataFrame:
+    """Read a CheXphoto/CheXpert `train.csv` or `valid.csv`.
+
+    Args:
+        path: the CSV.
+        policy: uncertainty policy, see `chexpert_targets`.
+        findings: observation columns to return, in model output order.
+        source: `all`, `natural`, `synthetic` (both kinds), `digital` or `photographic`.
+        view: `all`, `frontal` or `lateral`.
+
+    Returns:
+        DataFrame `image_id` (the Path column), `patient`, `rel_path` (relative to the dataset
+        root), `rendition`, and one float column per finding (NaN = masked).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: CheXphoto CSV not found. Pass --data with the folder that "
+                        "holds train.csv/valid.csv (e.g. .../CheXphoto-v1.1).")
+    df = pd.read_csv(path)
+    missing = [c for c in ("Path", *findings) if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; expected the CheXpert schema "
+                        f"{list(CHEXPERT_META_COLS) + list(CHEXPERT_OBSERVATIONS)}.")
+    values = df[list(findings)].apply(pd.to_numeric, errors="coerce")
+    bad = ~(values.isin([1, 0, -1]) | values.isna()) | (values.isna() & df[list(findings)].notna())
+    if bad.to_numpy().any():
+        row, col = np.argwhere(bad.to_numpy())[0]
+        raise DataError(f"{path}: row {row + 2}, column '{findings[col]}' holds "
+                        f"{df[findings[col]].iat[row]!r}; CheXpert labels are 1, 0, -1 or blank.")
+    parts = df["Path"].astype(str).str.split("/")
+    patient = df["Path"].astype(str).str.extract(_PATIENT_RE, expand=False)
+    if patient.isna().any():
+        row = int(np.flatnonzero(patient.isna().to_numpy())[0])
+        raise DataError(f"{path}: row {row + 2}: no patientNNNNN folder in Path "
+                        f"{df['Path'].iat[row]!r}.")
+    # Path starts with the dataset's own folder name, which differs between copies
+    # (CheXphoto-v1.1/, CheXphoto-test-v1.0/...): drop it and resolve under the root.
+    rel = parts.str[1:].str.join("/")
+    kind = parts.str[2].fillna("")
+    sub = parts.str[3].fillna("")
+    rendition = np.where(kind == "synthetic", "synthetic/" + sub, kind)
+    out = pd.DataFrame({"image_id": df["Path"].astype(str), "patient": patient,
+                        "rel_path": rel, "rendition": rendition})
+    frontal = (df["Frontal/Lateral"].astype(str).str.lower() == "frontal"
+               if "Frontal/Lateral" in df.columns else rel.str.contains("frontal"))
+    targets = chexpert_targets(values, policy)
+    for i, f in enumerate(findings):
+        out[f] = targets[:, i]
+    keep = np.ones(len(out), bool)
+    if source in ("natural", "synthetic"):
+        keep &= kind.to_numpy() == source
+    elif source in ("digital", "photographic"):
+        keep &= rendition == f"synthetic/{source}"
+    elif source != "all":
+        raise ValueError(f"source {source!r}: expected all, natural, synthetic, digital or "
+                         "photographic")
+    if view == "frontal":
+        keep &= frontal.to_numpy()
+    elif view == "lateral":
+        keep &= ~frontal.to_numpy()
+    elif view != "all":
+        raise ValueError(f"view {view!r}: expected all, frontal or lateral")
+    return out.loc[keep].reset_index(drop=True)
+
+
+def find_chexphoto_root(data: str | os.PathLike) -> Path:
+    """The folder holding train.csv/valid.csv: `data` itself or one folder below it."""
+    data = Path(data)
+    for cand in (data, *sorted(p.parent for p in data.glob("*/valid.csv")),
+                 *sorted(p.parent for p in data.glob("*/train.csv"))):
+        if (cand / "valid.csv").is_file() or (cand / "train.csv").is_file():
+            return cand
+    raise DataError(f"{data}: no train.csv or valid.csv here or one folder below. Pass --data "
+                    "with the CheXphoto folder (e.g. .../CheXphoto-v1.1).")
+
+
+def chexphoto_table(data: str | os.PathLike, policy: str = "zeros",
+                    findings: Sequence[str] = CHEXPHOTO_FINDINGS, source: str = "all",
+                    view: str = "frontal", seed: int = 0) -> pd.DataFrame:
+    """All CheXphoto rows with `fold` and absolute `path`.
+
+    With `train.csv`: it is split by patient into train (90%) and val (10%), and `valid.csv`
+    is the test fold (CheXphoto's own test set is hidden). With only `valid.csv` (the fork's
+    situation): a patient-level 70/10/20 split of it. Renditions of one X-ray share a patient,
+    so they always land in the same fold.
+    """
+    root = find_chexphoto_root(data)
+    train_csv, valid_csv = root / "train.csv", root / "valid.csv"
+    if train_csv.is_file():
+        train = read_chexpert_csv(train_csv, policy, findings, source, view)
+        train["fold"] = patient_split(train["patient"], seed, {"train": 0.9, "val": 0.1})
+        parts = [train]
+        if valid_csv.is_file():
+            # The validation CSV has no uncertain or blank labels, so the policy is moot there.
+            test = read_chexpert_csv(valid_csv, policy, findings, source, view)
+            test["fold"] = "test"
+            parts.append(test)
+        table = pd.concat(parts, ignore_index=True)
+    else:
+        table = read_chexpert_csv(valid_csv, policy, findings, source, view)
+        table["fold"] = patient_split(table["patient"], seed)
+    table["path"] = [str(root / r) for r in table["rel_path"]]
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+class CXRDataset(Dataset):
+    """Images + targets held as arrays. Item i is `(image (3,S,S), target (K,), image_id)`."""
+
+    def __init__(self, paths: Sequence[str], targets: np.ndarray, image_ids: Sequence[str],
+                 findings: Sequence[str], transform: Callable | None = None):
+        if len(paths) != len(targets) or len(paths) != len(image_ids):
+            raise ValueError("paths, targets and image_ids must have the same length")
+        self.paths = list(paths)
+        self.targets = torch.tensor(np.asarray(targets, dtype=np.float32))
+        self.image_ids = list(image_ids)
+        self.findings = tuple(findings)
+        self.transform = transform or build_transform(224, train=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        image = self.transform(load_xray(self.paths[i]))
+        return image, self.targets[i], self.image_ids[i]
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, findings: Sequence[str], fold: str | None,
+                   transform: Callable | None = None) -> "CXRDataset":
+        rows = table if fold is None else table[table["fold"] == fold]
+        return cls(rows["path"].tolist(), rows[list(findings)].to_numpy(np.float32),
+                   rows["image_id"].tolist(), findings, transform)
+
+
+def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
+              missing: str = "error", seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
+    """NIH (or demo) label table joined with the image files found under `data`.
+
+    `labels` defaults to `data/nih_labels.csv`, then a `Data_Entry_2017*.csv` in `data`, then
+    the committed `nih_labels.csv` of this repository.
+    """
+    data = Path(data)
+    if not data.is_dir():
+        raise DataError(f"{data}: data folder not found. Pass --data with the dataset root.")
+    if labels is None:
+        candidates = [data / "nih_labels.csv", *sorted(data.glob("Data_Entry_2017*.csv")),
+                      DEFAULT_NIH_LABELS]
+        labels = next(p for p in candidates if p.is_file())
+    table = read_nih_labels(labels, seed)
+    paths = index_images(data)
+    if not paths:
+        raise DataError(f"{data}: no PNG/JPEG images found (looked in images/, images_*/images/, "
+                        "the folder itself and three levels below).")
+    return attach_paths(table, paths, str(labels), missing)
