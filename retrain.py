@@ -377,6 +377,9 @@ def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], 
     atomic_write_text(table.to_csv(index=False), run_dir / "aucs.csv")
     print(f"test fold AUC ({len(ids)} images):")
     print(format_table(table))
+    defined = int(table["auc"].iloc[:-1].notna().sum())
+    print(f"mean AUC on the test fold: {table['auc'].iloc[-1]:.4f} "
+          f"(over {defined} of {len(findings)} findings)")
     if cfg.dataset == "nih":
         print("The published columns are on their own test splits (datasets.md); this run's "
               "test fold is a different set of images.")

@@ -1,0 +1,136 @@
+"""End-to-end training on tiny data: outputs, checkpoint round trip, resume, refusals."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import retrain
+from conftest import shared
+from labels import NIH_FINDINGS
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
+        "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from demo_data import make_nih_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_nih_demo(root, n_images=64, size=48, seed=0)
+    return root
+
+
+def train(root, out, name, *extra):
+    args = ["--dataset", "demo", "--data", str(root), "--out", str(out), "--name", name, *FAST,
+            *extra]
+    assert retrain.main(args) == 0
+    return out / name
+
+
+def test_run_writes_every_output(demo_root, tmp_path):
+    run = train(demo_root, tmp_path, "a", "--epochs", "2")
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] == "demo" and config["image_size"] == 32
+    assert config["findings"] == list(NIH_FINDINGS) and config["lr"] == 0.01
+    log = pd.read_csv(run / "log_train.csv")
+    assert list(log.columns) == ["epoch", "train_loss", "val_loss", "lr", "seconds"]
+    assert list(log["epoch"]) == [1, 2]
+    assert all(pd.api.types.is_float_dtype(log[c]) for c in ("train_loss", "val_loss", "lr"))
+    preds = pd.read_csv(run / "preds.csv")
+    assert list(preds.columns) == (["Image Index"] + [f"prob_{f}" for f in NIH_FINDINGS]
+                                   + list(NIH_FINDINGS))
+    entries = pd.read_csv(demo_root / "Data_Entry_2017.csv")
+    test_ids = set(retrain.load_tables(retrain.parse_args(
+        ["--dataset", "demo", "--data", str(demo_root)]))[0].query("fold == 'test'")["image_id"])
+    assert set(preds["Image Index"]) == test_ids and test_ids <= set(entries["Image Index"])
+    probs = preds[[f"prob_{f}" for f in NIH_FINDINGS]].to_numpy()
+    assert ((probs > 0) & (probs < 1)).all()
+    aucs = pd.read_csv(run / "aucs.csv")
+    assert list(aucs["label"]) == [*NIH_FINDINGS, "mean"]
+    assert "CheXNet paper" not in aucs.columns  # synthetic data: no published comparison
+
+
+def test_checkpoint_round_trip_reproduces_predictions(demo_root, tmp_path):
+    run = train(demo_root, tmp_path, "rt", "--epochs", "1")
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # state dicts only
+    assert set(ckpt) >= {"model", "epoch", "val_loss", "config", "findings"}
+    cfg = retrain.parse_args(["--dataset", "demo", "--data", str(demo_root), *FAST])
+    table, findings, _ = retrain.load_tables(cfg)
+    net = retrain.build_model(len(findings), str(run / "checkpoint.pt"))
+    loaders = retrain.make_loaders(cfg, table, findings, torch.device("cpu"))
+    _, probs, _, ids = retrain.evaluate(net, loaders["test"], torch.device("cpu"))
+    preds = pd.read_csv(run / "preds.csv")
+    assert list(preds["Image Index"]) == ids
+    np.testing.assert_allclose(preds[[f"prob_{f}" for f in findings]].to_numpy(), probs,
+                               rtol=0, atol=1e-6)
+
+
+def test_resumed_run_ends_with_identical_weights(demo_root, tmp_path):
+    whole = train(demo_root, tmp_path, "whole", "--epochs", "3", "--patience", "5")
+    part = train(demo_root, tmp_path, "part", "--epochs", "1", "--patience", "5")
+    first = torch.load(part / "last.pt", weights_only=True)
+    assert first["epoch"] == 1
+    train(demo_root, tmp_path, "part", "--epochs", "3", "--patience", "5", "--resume")
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in ("train_loss", "val_loss", "lr"):
+        assert [h[key] for h in a["history"]] == [h[key] for h in b["history"]]
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    # The weights really moved between epoch 1 and 3 (the comparison is not vacuous).
+    assert not torch.equal(first["model"]["classifier.weight"], b["model"]["classifier.weight"])
+
+
+def test_existing_run_and_changed_config_are_refused(demo_root, tmp_path, capsys):
+    train(demo_root, tmp_path, "r", "--epochs", "1")
+    base = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name", "r",
+            *FAST, "--epochs", "2"]
+    assert retrain.main(base) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert retrain.main(base + ["--resume", "--lr", "0.1"]) == 2
+    assert "'lr': (0.01, 0.1)" in capsys.readouterr().err
+    assert retrain.main(base + ["--name", "absent", "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_missing_images_stop_unless_skip(demo_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "partial"
+    shutil.copytree(demo_root, root)
+    victim = sorted((root / "images").iterdir())[0]
+    victim.unlink()
+    args = ["--dataset", "demo", "--data", str(root), "--out", str(tmp_path), *FAST,
+            "--epochs", "1"]
+    assert retrain.main(args + ["--name", "m1"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 64 images" in err and victim.name in err and "--missing skip" in err
+    assert retrain.main(args + ["--name", "m2", "--missing", "skip"]) == 0
+    assert (tmp_path / "m2" / "skipped.txt").read_text().split() == [victim.name]
+
+
+def test_real_nih_sample_trains_end_to_end(tmp_path, capsys):
+    """The 120 real NIH PNGs (two RGBA) with Data_Entry labels, tiny images, one epoch."""
+    images = shared("nih", "images")
+    entry = shared("nih", "Data_Entry_2017_v2020.csv.gz")
+    args = ["--dataset", "nih", "--data", str(images.parent), "--labels", str(entry),
+            "--missing", "skip", "--out", str(tmp_path), "--name", "nih", *FAST, "--epochs", "1"]
+    assert retrain.main(args) == 0
+    run = tmp_path / "nih"
+    assert len((run / "skipped.txt").read_text().split()) == 112_120 - 120
+    cfg = retrain.parse_args(args)
+    table, _, _ = retrain.load_tables(cfg)
+    assert len(table) == 120
+    assert {"00000100_000.png", "00001369_000.png"} <= set(table["image_id"])
+    preds = pd.read_csv(run / "preds.csv")
+    assert set(preds["Image Index"]) == set(table.query("fold == 'test'")["image_id"])
+    aucs = pd.read_csv(run / "aucs.csv")
+    assert {"CheXNet paper", "reproduce-chexnet"} <= set(aucs.columns)
+    assert "own test splits" in capsys.readouterr().out
