@@ -390,6 +390,7 @@ def chexphoto_table(data: str | os.PathLike, policy: str = "zeros",
         table = read_chexpert_csv(valid_csv, policy, findings, source, view)
         table["fold"] = patient_split(table["patient"], seed)
     table["path"] = [str(root / r) for r in table["rel_path"]]
+    table.attrs["sources"] = [str(p) for p in (train_csv, valid_csv) if p.is_file()]
     return table
 
 
@@ -443,4 +444,6 @@ def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
     if not paths:
         raise DataError(f"{data}: no PNG/JPEG images found (looked in images/, images_*/images/, "
                         "the folder itself and three levels below).")
-    return attach_paths(table, paths, str(labels), missing)
+    table, skipped = attach_paths(table, paths, str(labels), missing)
+    table.attrs["sources"] = [str(labels)]
+    return table, skipped

@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import signal
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from cxr_dataset import (
@@ -43,7 +47,8 @@ from model import WeightsUnavailable, build_model, masked_bce_with_logits
 
 DATASETS = ("nih", "chexphoto", "demo")
 # Settings that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "force"}
+RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "force", "save_every",
+                     "eval_batch_size"}
 
 
 @dataclass
@@ -67,6 +72,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = -1                   # -1: auto (min(8, cores) on GPU, 1 on CPU)
     seed: int = 0
+    save_every: int = 1000              # also write last.pt every N optimizer steps (0: per epoch)
     missing: str = "error"              # error | skip: images listed but absent on disk
     uncertainty: str = "zeros"          # CheXphoto: zeros | ones | ignore
     source: str = "all"                 # CheXphoto: all | natural | synthetic | digital | photographic
@@ -132,7 +138,9 @@ def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
             raise DataError(f"{len(skipped)} of {len(table)} CheXphoto images listed in the CSVs "
                             f"are missing under {cfg.data} (first: {skipped[0]}). Pass --data "
                             "with the dataset folder, or --missing skip.")
-        return table.loc[present].reset_index(drop=True), findings, skipped
+        kept = table.loc[present].reset_index(drop=True)
+        kept.attrs["sources"] = table.attrs["sources"]
+        return kept, findings, skipped
     labels = cfg.labels
     if labels is None and cfg.dataset == "nih" and not (Path(cfg.data) / "nih_labels.csv").is_file():
         labels = str(DEFAULT_NIH_LABELS)
@@ -140,45 +148,125 @@ def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
     return table, list(findings_for("nih")), skipped
 
 
+class EpochSampler(Sampler[int]):
+    """A shuffled order that depends only on (seed, epoch), and can start part-way through.
+
+    With it, epoch e visits the same images in the same order whether the run was resumed or
+    not, and a run resumed mid-epoch continues at exactly the next batch.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.start = n, seed, 1, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch `epoch`'s order, skipping its first `start` samples."""
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def flip_batch(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random horizontal flip of each image of a (B, C, H, W) batch, p = 0.5, decided by `seed`.
+
+    Flipping whole batches as tensors (instead of per image in the loader's workers) keeps the
+    augmentation a pure function of (seed, epoch, batch), whatever the number of workers.
+    """
+    g = torch.Generator().manual_seed(seed)
+    flip = (torch.rand(images.shape[0], generator=g) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
 def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
                  device: torch.device) -> dict[str, DataLoader]:
+    """train / val / test loaders. The training loader has an `EpochSampler` (`.sampler`);
+    its flips are applied per batch by `train_one_epoch`."""
     workers = cfg.workers if cfg.workers >= 0 else (
         min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
     loaders = {}
     for fold in ("train", "val", "test"):
-        ds = CXRDataset.from_table(table, findings, fold,
-                                   build_transform(cfg.image_size, train=fold == "train"))
+        ds = CXRDataset.from_table(table, findings, fold, build_transform(cfg.image_size, False))
         if len(ds) == 0:
             raise DataError(f"the {fold} fold is empty ({len(table)} images in all). Check the "
                             "labels file's fold column, or use more images.")
+        train = fold == "train"
         loaders[fold] = DataLoader(
-            ds, batch_size=cfg.batch_size if fold == "train" else cfg.eval_batch_size,
-            shuffle=fold == "train", num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=False, generator=torch.Generator())
+            ds, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            sampler=EpochSampler(len(ds), cfg.seed) if train else None,
+            num_workers=workers, pin_memory=device.type == "cuda")
     return loaders
 
 
 # --------------------------------------------------------------------------------------------
 # One epoch of training, one pass of evaluation
 # --------------------------------------------------------------------------------------------
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message names the batch's images."""
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: saved in last.pt so a run resumes at the exact next batch."""
+    epoch: int
+    batches: int = 0          # batches done in this epoch
+    loss_sum: float = 0.0     # sum of per-entry losses so far
+    count: int = 0            # labelled entries so far
+    seconds: float = 0.0      # training time spent on this epoch before the current process
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device: torch.device, desc: str = "train") -> float:
-    """One pass over `loader`. Returns the mean loss per labelled entry."""
+                    device: torch.device, progress: EpochProgress, seed: int = 0,
+                    on_step: Callable[[EpochProgress], None] | None = None,
+                    desc: str = "train") -> float:
+    """Train over `loader` from batch `progress.batches` on, updating `progress` in place.
+
+    Args:
+        seed: the run's seed; batch b of epoch e is flipped with seed (seed, e, b).
+        on_step: called after every optimizer step (checkpointing, stop requests).
+
+    Returns:
+        The epoch's mean loss per labelled entry.
+
+    Raises:
+        NonFiniteLoss: NaN/inf loss; nothing of that step is applied.
+    """
     model.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-    for images, targets, _ in bar:
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+               initial=progress.batches, total=progress.batches + len(loader))
+    for images, targets, ids in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        images = flip_batch(images, (seed * 1_000_003 + progress.epoch) * 100_003
+                            + progress.batches)
         loss = masked_bce_with_logits(model(images), targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"loss is {float(loss)} at epoch {progress.epoch}, batch {progress.batches + 1}; "
+                f"images: {', '.join(ids)}. Check these images and labels, or lower --lr. "
+                "The last good checkpoints are kept.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         n = int((~torch.isnan(targets)).sum())
-        total += float(loss.detach()) * n
-        count += n
-        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-    return total / max(count, 1)
+        progress.loss_sum += float(loss.detach()) * n
+        progress.count += n
+        progress.batches += 1
+        bar.set_postfix(loss=f"{progress.mean_loss:.4f}")
+        if on_step is not None:
+            on_step(progress)
+    bar.close()
+    return progress.mean_loss
 
 
 @torch.inference_mode()
@@ -265,6 +353,108 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; last.pt was saved first."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        self.signum = signum
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks after each step, so that
+    last.pt is written from a consistent state before the process exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving last.pt, then stopping "
+              "(press Ctrl-C again to stop without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the labels file a run was trained on)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_record(cfg: TrainConfig, table: pd.DataFrame) -> dict:
+    """What the run was trained on: label source hashes and a hash of the fold assignment."""
+    sources = table.attrs.get("sources", [])
+    folds = pd.util.hash_pandas_object(table[["image_id", "fold"]], index=False)
+    return {"sources": {str(p): fingerprint(p) for p in sources},
+            "images": int(len(table)),
+            "folds_sha256": hashlib.sha256(folds.to_numpy().tobytes()).hexdigest()}
+
+
+def environment_record() -> dict:
+    """Package versions, hardware and the git commit, for the run folder."""
+    import platform
+
+    import sklearn
+    import torchvision
+
+    repo = Path(__file__).resolve().parent
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        if commit:
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=repo, capture_output=True, text=True, timeout=10).stdout
+            dirty = bool(status.strip())
+    except (OSError, subprocess.SubprocessError) as err:  # no git: record why
+        commit = f"unavailable ({err.__class__.__name__})"
+    return {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "numpy": np.__version__, "pandas": pd.__version__, "scikit-learn": sklearn.__version__,
+        "cuda": torch.version.cuda, "gpu": (torch.cuda.get_device_name(0)
+                                            if torch.cuda.is_available() else None),
+        "git_commit": commit, "git_dirty": dirty,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# Testing hooks: send this process a signal (SIGKILL unless named, e.g. "5:SIGTERM") right after
+# optimizer step N (counted over the run), or SIGKILL it in the middle of the Nth last.pt write.
+# They let the tests prove that no kill point loses a run.
+_kill_step, _, _kill_sig = os.environ.get("CHEXNET_TEST_KILL_AT_STEP", "0").partition(":")
+_KILL_AT_STEP, _KILL_SIGNAL = int(_kill_step), getattr(signal, _kill_sig or "SIGKILL")
+_KILL_IN_SAVE = int(os.environ.get("CHEXNET_TEST_KILL_IN_SAVE", "0"))
+_saves = 0
+
+
+def save_last(path: Path, state: dict) -> None:
+    global _saves
+    _saves += 1
+    if _saves == _KILL_IN_SAVE:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        with open(tmp, "r+b") as fh:  # a half-written file, as a kill mid-write leaves it
+            fh.truncate(tmp.stat().st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    atomic_torch_save(state, path)
+
+
 def fit(cfg: TrainConfig) -> Path:
     """Train, keep the best checkpoint, predict the test fold, write every output. Returns the
     run folder."""
@@ -280,12 +470,13 @@ def fit(cfg: TrainConfig) -> Path:
         raise DataError(f"{run_dir} already holds a run. Pass --resume to continue it, or "
                         "choose another --name.")
     run_dir.mkdir(parents=True, exist_ok=True)
+    data = data_record(cfg, table)
 
     counts = table["fold"].value_counts()
     print(f"{cfg.dataset}: {len(table)} images (train {counts.get('train', 0)}, "
           f"val {counts.get('val', 0)}, test {counts.get('test', 0)}), {len(findings)} findings")
     if skipped:
-        (run_dir / "skipped.txt").write_text("\n".join(skipped) + "\n")
+        atomic_write_text("\n".join(skipped) + "\n", run_dir / "skipped.txt")
         print(f"skipped {len(skipped)} listed images not found on disk "
               f"(ids in {run_dir / 'skipped.txt'})")
     if device.type == "cpu":
@@ -298,63 +489,95 @@ def fit(cfg: TrainConfig) -> Path:
                                 weight_decay=cfg.weight_decay)
     schedule = PlateauSchedule(optimizer, cfg.lr_decay, cfg.patience)
     history: list[dict] = []
-    start_epoch = 1
+    start_epoch, partial = 1, None
     if cfg.resume:
         state = load_checkpoint(last_path)
         diff = config_diff(state["config"], dataclasses.asdict(cfg))
+        if state.get("data") != data:
+            diff["data"] = (state.get("data"), data)
         if diff and not cfg.force:
-            raise DataError(f"{last_path} was written with other settings: {diff}. Resume with "
-                            "the same settings, or pass --force to continue anyway.")
+            raise DataError(f"{last_path} was written with other settings or data: {diff}. "
+                            "Resume with the same settings and data, or pass --force.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         history = state["history"]
         set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
-        print(f"resuming {run_dir} after epoch {state['epoch']} "
-              f"(best val loss {schedule.best_loss:.4f} at epoch {schedule.best_epoch})")
+        if state.get("in_epoch"):
+            partial = EpochProgress(**state["in_epoch"])
+            print(f"resuming {run_dir} in epoch {partial.epoch} after batch {partial.batches}")
+        else:
+            print(f"resuming {run_dir} after epoch {state['epoch']}")
+        print(f"  best val loss so far {schedule.best_loss:.4f} (epoch {schedule.best_epoch})")
         if state.get("stopped"):
             print("that run had already stopped early; going straight to the test predictions")
             start_epoch = cfg.epochs + 1
     atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
                       run_dir / "config.json")
+    record = {"environment": environment_record(), "data": data, "seed": cfg.seed}
+    atomic_write_text(json.dumps(record, indent=2) + "\n", run_dir / "run_record.json")
 
     loaders = make_loaders(cfg, table, findings, device)
-    stopped = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        # Seeding from the epoch number makes epoch e's shuffle and augmentations the same
-        # whether the run was resumed or not.
-        seed_everything(cfg.seed * 100_003 + epoch)
-        loaders["train"].generator.manual_seed(cfg.seed * 100_003 + epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        train_loss = train_one_epoch(model, loaders["train"], optimizer, device,
-                                     f"epoch {epoch} train")
-        val_loss, *_ = evaluate(model, loaders["val"], device, f"epoch {epoch} val")
-        seconds = time.perf_counter() - t0
-        step = schedule.step(val_loss)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                        "lr": lr, "seconds": round(seconds, 2)})
-        n_train = len(loaders["train"].dataset)
-        note = "best" if step["improved"] else (
-            f"no improvement, lr -> {optimizer.param_groups[0]['lr']:.2e}")
-        print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
-              f"{seconds:.0f} s ({n_train / seconds:.1f} img/s) [{note}]", flush=True)
-        if step["improved"]:
-            atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "val_loss": val_loss,
-                               "config": dataclasses.asdict(cfg), "findings": list(findings)},
-                              best_path)
-        stopped = step["stop"]
-        atomic_torch_save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "epoch": epoch, "history": history,
-            "rng": rng_state(), "config": dataclasses.asdict(cfg), "findings": list(findings),
-            "stopped": stopped}, last_path)
-        atomic_write_text(pd.DataFrame(history).to_csv(index=False), run_dir / "log_train.csv")
-        if stopped:
-            print(f"no improvement in {cfg.patience} epochs: stopping "
-                  f"(best epoch {schedule.best_epoch})")
-            break
+    sampler: EpochSampler = loaders["train"].sampler
+
+    def last_state(epoch_done: int, in_epoch: EpochProgress | None, stopped: bool) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "epoch": epoch_done, "history": history,
+                "in_epoch": dataclasses.asdict(in_epoch) if in_epoch else None,
+                "rng": rng_state(), "config": dataclasses.asdict(cfg), "data": data,
+                "findings": list(findings), "stopped": stopped}
+
+    steps = sum(len(loaders["train"]) for _ in history) + (partial.batches if partial else 0)
+
+    with StopRequest() as stop:
+        def on_step(progress: EpochProgress) -> None:
+            nonlocal steps
+            steps += 1
+            if steps == _KILL_AT_STEP:
+                os.kill(os.getpid(), _KILL_SIGNAL)
+            if stop.signum is not None or (cfg.save_every and steps % cfg.save_every == 0):
+                snapshot = dataclasses.replace(
+                    progress, seconds=progress.seconds + time.perf_counter() - t0)
+                save_last(last_path, last_state(progress.epoch - 1, snapshot, False))
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, f"in epoch {progress.epoch} after batch "
+                                      f"{progress.batches}; saved {last_path}")
+
+        stopped = False
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            progress = partial if partial and partial.epoch == epoch else EpochProgress(epoch)
+            partial = None
+            sampler.set_epoch(epoch, start=progress.batches * cfg.batch_size)
+            lr = optimizer.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            train_loss = train_one_epoch(model, loaders["train"], optimizer, device, progress,
+                                         cfg.seed, on_step, f"epoch {epoch} train")
+            val_loss, *_ = evaluate(model, loaders["val"], device, f"epoch {epoch} val")
+            seconds = progress.seconds + time.perf_counter() - t0
+            step = schedule.step(val_loss)
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                            "lr": lr, "seconds": round(seconds, 2)})
+            n_train = len(loaders["train"].dataset)
+            note = "best" if step["improved"] else (
+                f"no improvement, lr -> {optimizer.param_groups[0]['lr']:.2e}")
+            print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                  f"lr {lr:.2e}, {seconds:.0f} s ({n_train / seconds:.1f} img/s) [{note}]",
+                  flush=True)
+            if step["improved"]:
+                atomic_torch_save({"model": model.state_dict(), "epoch": epoch,
+                                   "val_loss": val_loss, "config": dataclasses.asdict(cfg),
+                                   "findings": list(findings)}, best_path)
+            stopped = step["stop"]
+            save_last(last_path, last_state(epoch, None, stopped))
+            atomic_write_text(pd.DataFrame(history).to_csv(index=False),
+                              run_dir / "log_train.csv")
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, f"after epoch {epoch}; saved {last_path}")
+            if stopped:
+                print(f"no improvement in {cfg.patience} epochs: stopping "
+                      f"(best epoch {schedule.best_epoch})")
+                break
 
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
@@ -413,6 +636,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes "
                    "(-1: auto)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every, help="write last.pt every N "
+                   "optimizer steps as well as after every epoch (0: only after epochs)")
     p.add_argument("--missing", choices=("error", "skip"), default=d.missing,
                    help="images listed in the labels but absent on disk: stop, or skip them "
                    "(ids written to the run folder)")
@@ -437,8 +662,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, WeightsUnavailable, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"results in {run_dir}/ (config.json, log_train.csv, checkpoint.pt, last.pt, "
-          "preds.csv, aucs.csv)")
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except Interrupted as err:
+        print(f"{err}. Run the same command with --resume to continue.", file=sys.stderr)
+        return 128 + err.signum
+    print(f"results in {run_dir}/ (config.json, run_record.json, log_train.csv, checkpoint.pt, "
+          "last.pt, preds.csv, aucs.csv)")
     return 0
 
 

@@ -1,0 +1,98 @@
+"""Kill training anywhere (SIGKILL, SIGTERM, mid-write) and the resumed run ends bitwise equal."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+ARGS = ["--dataset", "demo", "--image-size", "32", "--batch-size", "8", "--eval-batch-size", "32",
+        "--weights", "none", "--workers", "0", "--epochs", "2", "--patience", "5",
+        "--save-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from demo_data import make_nih_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_nih_demo(root, n_images=48, size=40, seed=1)
+    return root
+
+
+def run(root, out, name, *extra, env=None):
+    cmd = [sys.executable, str(ROOT / "retrain.py"), "--data", str(root), "--out", str(out),
+           "--name", name, *ARGS, *extra]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    done = run(demo_root, out, "whole")
+    assert done.returncode == 0, done.stderr
+    return out / "whole"
+
+
+def test_sigkill_at_random_points_then_resume_is_bitwise_identical(demo_root, reference, tmp_path):
+    import retrain
+
+    table, _, _ = retrain.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+                                                          str(demo_root)]))
+    steps_per_epoch = int(np.ceil((table["fold"] == "train").sum() / 8))
+    rng = np.random.default_rng(2026)
+    kills = sorted(rng.choice(np.arange(1, 2 * steps_per_epoch - 1), size=2, replace=False))
+    for i, step in enumerate(kills):
+        extra = ["--resume"] if i else []
+        died = run(demo_root, tmp_path, "killed", *extra,
+                   env={"CHEXNET_TEST_KILL_AT_STEP": str(step)})
+        assert died.returncode == -9, (step, died.stderr[-2000:])
+        assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)  # loadable
+    finished = run(demo_root, tmp_path, "killed", "--resume")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resuming" in finished.stdout
+    assert_same_weights(weights(reference / "last.pt"), weights(tmp_path / "killed" / "last.pt"))
+    assert (reference / "preds.csv").read_text() == (tmp_path / "killed" / "preds.csv").read_text()
+
+
+def test_sigterm_saves_mid_epoch_and_says_how_to_resume(demo_root, reference, tmp_path):
+    stopped = run(demo_root, tmp_path, "term", env={"CHEXNET_TEST_KILL_AT_STEP": "2:SIGTERM"})
+    assert stopped.returncode == 128 + 15, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM in epoch 1 after batch 2" in stopped.stderr
+    assert "--resume" in stopped.stderr
+    state = torch.load(tmp_path / "term" / "last.pt", weights_only=True)
+    assert state["in_epoch"]["batches"] == 2 and state["epoch"] == 0
+    finished = run(demo_root, tmp_path, "term", "--resume")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resuming" in finished.stdout and "after batch 2" in finished.stdout
+    assert_same_weights(weights(reference / "last.pt"), weights(tmp_path / "term" / "last.pt"))
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(demo_root, reference, tmp_path):
+    died = run(demo_root, tmp_path, "midwrite", env={"CHEXNET_TEST_KILL_IN_SAVE": "3"})
+    assert died.returncode == -9
+    run_dir = tmp_path / "midwrite"
+    assert (run_dir / "last.pt.tmp").is_file()  # the torn write...
+    with pytest.raises(RuntimeError):
+        torch.load(run_dir / "last.pt.tmp", weights_only=True)
+    state = torch.load(run_dir / "last.pt", weights_only=True)  # ...left the previous one intact
+    assert state["in_epoch"]["batches"] == 2
+    finished = run(demo_root, tmp_path, "midwrite", "--resume")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert_same_weights(weights(reference / "last.pt"), weights(run_dir / "last.pt"))
