@@ -252,7 +252,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         loss = masked_bce_with_logits(model(images), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
-                f"loss is {float(loss)} at epoch {progress.epoch}, batch {progress.batches + 1}; "
+                f"loss is {float(loss.detach())} at epoch {progress.epoch}, batch {progress.batches + 1}; "
                 f"images: {', '.join(ids)}. Check these images and labels, or lower --lr. "
                 "The last good checkpoints are kept.")
         optimizer.zero_grad(set_to_none=True)
@@ -296,17 +296,31 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash leaves the old file."""
+class SaveError(RuntimeError):
+    """A result file could not be written (disk full, permissions); the old file is intact."""
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temp file in the same folder, then rename over `path`: a crash or a full disk
+    at any instant leaves the previous file as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        raise SaveError(f"could not write {path}: {err.strerror or err} ({kept}). Free some "
+                        "space (a checkpoint needs ~60 MB) and run the same command with "
+                        "--resume.") from err
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def rng_state() -> dict:
@@ -659,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         run_dir = fit(cfg)
-    except (DataError, WeightsUnavailable, FileNotFoundError) as err:
+    except (DataError, WeightsUnavailable, FileNotFoundError, SaveError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:

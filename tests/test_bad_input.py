@@ -1,0 +1,148 @@
+"""Every bad input of the README's table gets a message naming the file/row and what to do.
+
+Cases covered elsewhere: missing image (test_train), zero-byte / truncated PNG / 16-bit PNG
+(test_images), CSV missing columns and unknown label values (test_labels), a label without
+positives (test_eval), kills and torn checkpoint writes (test_crash_safety).
+"""
+from __future__ import annotations
+
+import errno
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import retrain
+from cxr_dataset import ImageReadError, load_xray
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
+        "--workers", "0", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from demo_data import make_nih_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_nih_demo(root, n_images=40, size=40, seed=2)
+    return root
+
+
+@pytest.fixture
+def data(demo_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    return root
+
+
+def train(root, out, *extra):
+    return retrain.main(["--dataset", "demo", "--data", str(root), "--out", str(out),
+                         "--name", "run", *FAST, *extra])
+
+
+def train_ids(root):
+    table, _, _ = retrain.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+                                                          str(root)]))
+    return table.query("fold == 'train'")["image_id"].tolist()
+
+
+def test_truncated_png_in_training_names_the_file(data, tmp_path, capsys):
+    victim = data / "images" / train_ids(data)[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    assert train(data, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "corrupt or truncated" in err
+
+
+def test_truncated_jpeg_is_named(tmp_path):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        path, quality=90)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ImageReadError, match="photo.jpg"):
+        load_xray(path)
+
+
+def test_labels_without_required_column(data, tmp_path, capsys):
+    entry = data / "Data_Entry_2017.csv"
+    pd.read_csv(entry).drop(columns=["Finding Labels"]).to_csv(entry, index=False)
+    assert train(data, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "Data_Entry_2017.csv" in err and "Finding Labels" in err
+
+
+def test_image_folder_without_images(data, tmp_path, capsys):
+    shutil.rmtree(data / "images")
+    assert train(data, tmp_path) == 2
+    assert "no PNG/JPEG images found" in capsys.readouterr().err
+
+
+def test_empty_fold(data, tmp_path, capsys):
+    labels = pd.read_csv(data / "Data_Entry_2017.csv")
+    table = pd.DataFrame({"Image Index": labels["Image Index"],
+                          "Patient ID": labels["Patient ID"], "fold": "train"})
+    for f in retrain.findings_for("nih"):
+        table[f] = labels["Finding Labels"].str.contains(f).astype(int)
+    table.loc[: len(table) // 2, "fold"] = "test"
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    assert train(data, tmp_path, "--labels", str(tmp_path / "labels.csv")) == 2
+    assert "the val fold is empty" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_image_ids_and_keeps_checkpoint(data, tmp_path, capsys):
+    assert train(data, tmp_path, "--lr", "1e30") == 3
+    err = capsys.readouterr().err
+    assert "loss is" in err and "epoch 1, batch" in err and ".png" in err
+    assert "lower --lr" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # nothing bad was saved
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 3:  # last.pt after steps 1 and 2 is written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert train(data, tmp_path, "--save-every", "1") == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "previous last.pt is intact" in err
+    assert "--resume" in err
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["in_epoch"]["batches"] == 2
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_resume_refuses_changed_data(data, tmp_path, capsys):
+    assert train(data, tmp_path) == 0
+    entry = data / "Data_Entry_2017.csv"
+    labels = pd.read_csv(entry)
+    labels.loc[0, "Finding Labels"] = "Hernia"
+    labels.to_csv(entry, index=False)
+    assert train(data, tmp_path, "--resume") == 2
+    assert "other settings or data" in capsys.readouterr().err
+    assert train(data, tmp_path, "--resume", "--force") == 0
+
+
+def test_no_swallowed_exceptions_in_the_code():
+    """No `except:` / `except Exception:` that hides an error (CI runs this grep)."""
+    from conftest import ROOT
+
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if ".venv" in path.parts:
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0].strip()
+            if code in ("except:", "except Exception:", "except BaseException:") or \
+                    code.startswith(("except Exception as", "except BaseException as")):
+                if "re-raise" not in line and "re-raises" not in line:
+                    offenders.append(f"{path.relative_to(ROOT)}:{no}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
