@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from cxr_dataset import (
@@ -44,6 +45,10 @@ from cxr_dataset import (
 from eval_model import PROB_PREFIX, auc_table, format_table, per_label_auc
 from labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
 from model import WeightsUnavailable, build_model, masked_bce_with_logits
+from runtime import (
+    AMP_CHOICES, Dist, all_sum, autocast, gather_in_order, grad_scaler, init_distributed,
+    maybe_compile, probe_batch_size, resolve_amp, scaled_lr, shard, shutdown_distributed,
+)
 
 DATASETS = ("nih", "chexphoto", "demo")
 # Settings that may differ when a run is resumed (they do not change what is computed).
@@ -60,7 +65,7 @@ class TrainConfig:
     name: str = "run"
     out: str = "results"
     epochs: int = 100                   # upper bound; early stopping usually ends sooner
-    batch_size: int = 16
+    batch_size: int = 16                # global batch (split over torchrun processes); -1: auto
     eval_batch_size: int = 64
     image_size: int = 224
     lr: float = 0.01
@@ -69,6 +74,10 @@ class TrainConfig:
     lr_decay: float = 10.0              # lr is divided by this when val loss does not improve
     patience: int = 3                   # stop after this many epochs without improvement
     weights: str = "imagenet"           # imagenet | none | PATH
+    amp: str = "off"                    # auto | bf16 | fp16 | off (off = the faithful fp32 recipe)
+    channels_last: bool = False
+    compile: bool = False
+    memory_efficient: bool = False      # torchvision's checkpointed DenseNet, for 6 GB cards
     device: str = "auto"
     workers: int = -1                   # -1: auto (min(8, cores) on GPU, 1 on CPU)
     seed: int = 0
@@ -148,48 +157,64 @@ def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
     return table, list(findings_for("nih")), skipped
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffled order that depends only on (seed, epoch), and can start part-way through.
-
-    With it, epoch e visits the same images in the same order whether the run was resumed or
-    not, and a run resumed mid-epoch continues at exactly the next batch.
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (seed + epoch -> one shuffled order, rank r takes every
+    world-th item), plus a start offset: `set_epoch(e, start)` skips the first `start` items of
+    epoch e's global order, so a run resumed mid-epoch continues at exactly the next batch, on
+    any number of processes.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.start = n, seed, 1, 0
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.n, self.start = n, 0
+        self.set_epoch(1)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Epoch `epoch`'s order, skipping its first `start` samples."""
-        self.epoch, self.start = epoch, start
+        super().set_epoch(epoch)
+        self.start = start
 
     def order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        """The epoch's global order, (n,)."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(self.n, generator=g)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start:].tolist())
+        rest = self.order()[self.start:]
+        pad = (-len(rest)) % self.num_replicas  # as DistributedSampler: repeat to fill ranks
+        rest = torch.cat([rest, rest[:pad]])
+        return iter(rest[self.rank::self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return -(-(self.n - self.start) // self.num_replicas)
 
 
-def flip_batch(images: torch.Tensor, seed: int) -> torch.Tensor:
+def flip_batch(images: torch.Tensor, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Random horizontal flip of each image of a (B, C, H, W) batch, p = 0.5, decided by `seed`.
 
     Flipping whole batches as tensors (instead of per image in the loader's workers) keeps the
-    augmentation a pure function of (seed, epoch, batch), whatever the number of workers.
+    augmentation a pure function of (seed, epoch, batch), whatever the number of workers. Under
+    torchrun, rank r holds items r, r + world, ... of the global batch, so it takes those
+    decisions: every process count flips the same images.
     """
     g = torch.Generator().manual_seed(seed)
-    flip = (torch.rand(images.shape[0], generator=g) < 0.5).to(images.device)
+    flip = torch.rand(images.shape[0] * world, generator=g)[rank::world] < 0.5
+    flip = flip.to(images.device)
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
 def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
-                 device: torch.device) -> dict[str, DataLoader]:
-    """train / val / test loaders. The training loader has an `EpochSampler` (`.sampler`);
-    its flips are applied per batch by `train_one_epoch`."""
+                 device: torch.device, ctx: Dist = Dist()) -> dict[str, DataLoader]:
+    """train / val / test loaders for this process.
+
+    The training loader has an `EpochSampler` (`.sampler`) and this process's share of the
+    global batch; its flips are applied per batch by `train_one_epoch`. Evaluation loaders hold
+    a contiguous shard each, so that gathered predictions cover every image exactly once.
+    """
     workers = cfg.workers if cfg.workers >= 0 else (
-        min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
+        min(8, (os.cpu_count() or 1) // ctx.world) if device.type == "cuda" else 1)
+    if cfg.batch_size % ctx.world:
+        raise DataError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} "
+                        "processes; it is the global batch, split evenly over them.")
     loaders = {}
     for fold in ("train", "val", "test"):
         ds = CXRDataset.from_table(table, findings, fold, build_transform(cfg.image_size, False))
@@ -197,10 +222,15 @@ def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
             raise DataError(f"the {fold} fold is empty ({len(table)} images in all). Check the "
                             "labels file's fold column, or use more images.")
         train = fold == "train"
-        loaders[fold] = DataLoader(
-            ds, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            sampler=EpochSampler(len(ds), cfg.seed) if train else None,
-            num_workers=workers, pin_memory=device.type == "cuda")
+        if train:
+            loaders[fold] = DataLoader(
+                ds, batch_size=cfg.batch_size // ctx.world,
+                sampler=EpochSampler(len(ds), cfg.seed, ctx.rank, ctx.world),
+                num_workers=workers, pin_memory=device.type == "cuda")
+        else:
+            part = Subset(ds, shard(len(ds), ctx).tolist()) if ctx.enabled else ds
+            loaders[fold] = DataLoader(part, batch_size=cfg.eval_batch_size,
+                                       num_workers=workers, pin_memory=device.type == "cuda")
     return loaders
 
 
@@ -225,42 +255,65 @@ class EpochProgress:
         return self.loss_sum / max(self.count, 1)
 
 
+@dataclass
+class Precision:
+    """How tensors are laid out and computed: autocast dtype (None = fp32), channels_last."""
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, progress: EpochProgress, seed: int = 0,
                     on_step: Callable[[EpochProgress], None] | None = None,
-                    desc: str = "train") -> float:
+                    desc: str = "train", precision: Precision = Precision(),
+                    scaler: torch.amp.GradScaler | None = None, ctx: Dist = Dist()) -> float:
     """Train over `loader` from batch `progress.batches` on, updating `progress` in place.
 
     Args:
         seed: the run's seed; batch b of epoch e is flipped with seed (seed, e, b).
         on_step: called after every optimizer step (checkpointing, stop requests).
+        precision: autocast dtype and memory layout.
+        scaler: GradScaler (enabled for fp16 only).
+        ctx: torchrun process group; the logged loss is summed over all processes.
 
     Returns:
-        The epoch's mean loss per labelled entry.
+        The epoch's mean loss per labelled entry (over all processes).
 
     Raises:
         NonFiniteLoss: NaN/inf loss; nothing of that step is applied.
     """
     model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-               initial=progress.batches, total=progress.batches + len(loader))
+               initial=progress.batches, total=progress.batches + len(loader),
+               disable=not ctx.main)
     for images, targets, ids in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         images = flip_batch(images, (seed * 1_000_003 + progress.epoch) * 100_003
-                            + progress.batches)
-        loss = masked_bce_with_logits(model(images), targets)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss is {float(loss.detach())} at epoch {progress.epoch}, batch {progress.batches + 1}; "
-                f"images: {', '.join(ids)}. Check these images and labels, or lower --lr. "
-                "The last good checkpoints are kept.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+                            + progress.batches, ctx.rank, ctx.world)
+        with autocast(device, precision.amp):
+            logits = model(precision.prepare(images))
+        loss = masked_bce_with_logits(logits, targets)  # in fp32 whatever the autocast
         n = int((~torch.isnan(targets)).sum())
-        progress.loss_sum += float(loss.detach()) * n
-        progress.count += n
+        loss_sum, count, bad = all_sum([float(loss.detach()) * n, n,
+                                        float(not torch.isfinite(loss))], ctx, device)
+        if bad:
+            raise NonFiniteLoss(
+                f"loss is {float(loss.detach())} at epoch {progress.epoch}, batch "
+                f"{progress.batches + 1}; images: {', '.join(ids)}. Check these images and "
+                "labels, or lower --lr. The last good checkpoints are kept.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        progress.loss_sum += loss_sum
+        progress.count += int(count)
         progress.batches += 1
         bar.set_postfix(loss=f"{progress.mean_loss:.4f}")
         if on_step is not None:
@@ -270,27 +323,38 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval"
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval",
+             precision: Precision = Precision(), ctx: Dist = Dist()
              ) -> tuple[float, np.ndarray, np.ndarray, list[str]]:
-    """Loss and probabilities over `loader`, in its (unshuffled) order.
+    """Loss and probabilities over `loader`, in its (unshuffled) order; under torchrun, over
+    every process's shard, gathered in order, so each image counts exactly once.
 
     Returns:
-        (mean loss, probabilities (N, K), targets (N, K) with NaN = masked, image ids (N,))
+        (mean loss per labelled entry, probabilities (N, K), targets (N, K) with NaN = masked,
+         image ids (N,))
     """
     model.eval()
     total, count = 0.0, 0
     probs, targets_all, ids = [], [], []
     for images, targets, image_ids in tqdm(loader, desc=desc, unit="batch", leave=False,
-                                           dynamic_ncols=True):
+                                           dynamic_ncols=True, disable=not ctx.main):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
+        with autocast(device, precision.amp):
+            logits = model(precision.prepare(images)).float()
         total += float(masked_bce_with_logits(logits, targets, reduction="sum"))
         count += int((~torch.isnan(targets)).sum())
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs.append(torch.sigmoid(logits).cpu().numpy())
         targets_all.append(targets.cpu().numpy())
         ids.extend(image_ids)
-    return total / max(count, 1), np.concatenate(probs), np.concatenate(targets_all), ids
+    total, count = all_sum([total, count], ctx, device)
+    k = len(loader.dataset.dataset.findings) if isinstance(loader.dataset, Subset) else \
+        len(loader.dataset.findings)
+    local = (np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
+             np.concatenate(targets_all) if targets_all else np.zeros((0, k), np.float32), ids)
+    parts = gather_in_order(local, ctx)
+    return (total / max(count, 1), np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]), [i for p in parts for i in p[2]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,12 +417,15 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, ctx: Dist = Dist()) -> torch.device:
+    """`auto`: this process's CUDA GPU when there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and ctx.enabled:
+        name = f"cuda:{ctx.local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: no CUDA GPU is available here; use --device cpu.")
+        raise DataError(f"--device {name}: no CUDA GPU is available here; use --device cpu.")
     return device
 
 
@@ -471,8 +538,10 @@ def save_last(path: Path, state: dict) -> None:
 
 def fit(cfg: TrainConfig) -> Path:
     """Train, keep the best checkpoint, predict the test fold, write every output. Returns the
-    run folder."""
-    device = pick_device(cfg.device)
+    run folder. Under torchrun, every process trains and only rank 0 prints and writes."""
+    ctx = init_distributed(cfg.device)
+    device = pick_device(cfg.device, ctx)
+    say = print if ctx.main else (lambda *a, **k: None)
     table, findings, skipped = load_tables(cfg)
     cfg.findings = list(findings)
     run_dir = cfg.run_dir
@@ -483,80 +552,117 @@ def fit(cfg: TrainConfig) -> Path:
     if not cfg.resume and last_path.is_file():
         raise DataError(f"{run_dir} already holds a run. Pass --resume to continue it, or "
                         "choose another --name.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     data = data_record(cfg, table)
 
     counts = table["fold"].value_counts()
-    print(f"{cfg.dataset}: {len(table)} images (train {counts.get('train', 0)}, "
-          f"val {counts.get('val', 0)}, test {counts.get('test', 0)}), {len(findings)} findings")
-    if skipped:
+    say(f"{cfg.dataset}: {len(table)} images (train {counts.get('train', 0)}, "
+        f"val {counts.get('val', 0)}, test {counts.get('test', 0)}), {len(findings)} findings")
+    if skipped and ctx.main:
         atomic_write_text("\n".join(skipped) + "\n", run_dir / "skipped.txt")
-        print(f"skipped {len(skipped)} listed images not found on disk "
-              f"(ids in {run_dir / 'skipped.txt'})")
+        say(f"skipped {len(skipped)} listed images not found on disk "
+            f"(ids in {run_dir / 'skipped.txt'})")
     if device.type == "cpu":
-        print("Training on CPU: fine for the demo and tests. A full NIH epoch at 224 px takes "
-              "days on a CPU; use a CUDA GPU (--device cuda) for real runs.")
+        say("Training on CPU: fine for the demo and tests. A full NIH epoch at 224 px takes "
+            "days on a CPU; use a CUDA GPU (--device cuda) for real runs.")
+    if ctx.enabled:
+        say(f"torchrun: {ctx.world} processes, {cfg.batch_size // max(ctx.world, 1)} images "
+            "each per step")
 
+    precision = Precision(resolve_amp(cfg.amp, device), cfg.channels_last)
     seed_everything(cfg.seed)
-    model = build_model(len(findings), cfg.weights).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    net = build_model(len(findings), cfg.weights, cfg.memory_efficient).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    state = load_checkpoint(last_path) if cfg.resume else None
+    if cfg.batch_size == -1:
+        if state is not None:
+            cfg.batch_size, cfg.lr = state["config"]["batch_size"], state["config"]["lr"]
+        else:
+            batch = probe_batch_size(net, cfg.image_size, len(findings), device,
+                                     precision.amp, cfg.channels_last)
+            batch -= batch % ctx.world
+            cfg.batch_size, cfg.lr = batch, scaled_lr(cfg.lr, batch)
+            say(f"--batch-size auto: {batch} (the largest that fits, with a 20% margin); lr "
+                f"scaled linearly to {cfg.lr:g}")
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     schedule = PlateauSchedule(optimizer, cfg.lr_decay, cfg.patience)
+    scaler = grad_scaler(device, precision.amp)
     history: list[dict] = []
     start_epoch, partial = 1, None
-    if cfg.resume:
-        state = load_checkpoint(last_path)
+    if state is not None:
         diff = config_diff(state["config"], dataclasses.asdict(cfg))
         if state.get("data") != data:
             diff["data"] = (state.get("data"), data)
         if diff and not cfg.force:
             raise DataError(f"{last_path} was written with other settings or data: {diff}. "
                             "Resume with the same settings and data, or pass --force.")
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = state["history"]
         set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
         if state.get("in_epoch"):
             partial = EpochProgress(**state["in_epoch"])
-            print(f"resuming {run_dir} in epoch {partial.epoch} after batch {partial.batches}")
+            say(f"resuming {run_dir} in epoch {partial.epoch} after batch {partial.batches}")
         else:
-            print(f"resuming {run_dir} after epoch {state['epoch']}")
-        print(f"  best val loss so far {schedule.best_loss:.4f} (epoch {schedule.best_epoch})")
+            say(f"resuming {run_dir} after epoch {state['epoch']}")
+        say(f"  best val loss so far {schedule.best_loss:.4f} (epoch {schedule.best_epoch})")
         if state.get("stopped"):
-            print("that run had already stopped early; going straight to the test predictions")
+            say("that run had already stopped early; going straight to the test predictions")
             start_epoch = cfg.epochs + 1
-    atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
-                      run_dir / "config.json")
-    record = {"environment": environment_record(), "data": data, "seed": cfg.seed}
-    atomic_write_text(json.dumps(record, indent=2) + "\n", run_dir / "run_record.json")
+    if ctx.main:
+        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
+                          run_dir / "config.json")
+        record = {"environment": environment_record(), "data": data, "seed": cfg.seed,
+                  "processes": ctx.world}
+        atomic_write_text(json.dumps(record, indent=2) + "\n", run_dir / "run_record.json")
 
-    loaders = make_loaders(cfg, table, findings, device)
+    model: nn.Module = net
+    if ctx.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = maybe_compile(model, cfg.compile, say)
+
+    loaders = make_loaders(cfg, table, findings, device, ctx)
     sampler: EpochSampler = loaders["train"].sampler
+    steps_per_epoch = math.ceil(len(loaders["train"].dataset) / cfg.batch_size)
 
     def last_state(epoch_done: int, in_epoch: EpochProgress | None, stopped: bool) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "epoch": epoch_done, "history": history,
+        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch_done, "history": history,
                 "in_epoch": dataclasses.asdict(in_epoch) if in_epoch else None,
                 "rng": rng_state(), "config": dataclasses.asdict(cfg), "data": data,
                 "findings": list(findings), "stopped": stopped}
 
-    steps = sum(len(loaders["train"]) for _ in history) + (partial.batches if partial else 0)
+    steps = steps_per_epoch * len(history) + (partial.batches if partial else 0)
 
     with StopRequest() as stop:
+        def stop_requested() -> bool:
+            """A signal reached any process (torchrun forwards them to all)."""
+            return bool(all_sum([float(stop.signum is not None)], ctx, device)[0])
+
         def on_step(progress: EpochProgress) -> None:
             nonlocal steps
             steps += 1
             if steps == _KILL_AT_STEP:
                 os.kill(os.getpid(), _KILL_SIGNAL)
-            if stop.signum is not None or (cfg.save_every and steps % cfg.save_every == 0):
-                snapshot = dataclasses.replace(
-                    progress, seconds=progress.seconds + time.perf_counter() - t0)
-                save_last(last_path, last_state(progress.epoch - 1, snapshot, False))
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, f"in epoch {progress.epoch} after batch "
-                                      f"{progress.batches}; saved {last_path}")
+            halt = stop_requested()
+            if halt or (cfg.save_every and steps % cfg.save_every == 0):
+                if ctx.main:
+                    snapshot = dataclasses.replace(
+                        progress, seconds=progress.seconds + time.perf_counter() - t0)
+                    save_last(last_path, last_state(progress.epoch - 1, snapshot, False))
+                if halt:
+                    raise Interrupted(stop.signum or signal.SIGTERM, f"in epoch "
+                                      f"{progress.epoch} after batch {progress.batches}; "
+                                      f"saved {last_path}")
 
         stopped = False
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -566,8 +672,10 @@ def fit(cfg: TrainConfig) -> Path:
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
             train_loss = train_one_epoch(model, loaders["train"], optimizer, device, progress,
-                                         cfg.seed, on_step, f"epoch {epoch} train")
-            val_loss, *_ = evaluate(model, loaders["val"], device, f"epoch {epoch} val")
+                                         cfg.seed, on_step, f"epoch {epoch} train", precision,
+                                         scaler, ctx)
+            val_loss, *_ = evaluate(model, loaders["val"], device, f"epoch {epoch} val",
+                                    precision, ctx)
             seconds = progress.seconds + time.perf_counter() - t0
             step = schedule.step(val_loss)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
@@ -575,29 +683,37 @@ def fit(cfg: TrainConfig) -> Path:
             n_train = len(loaders["train"].dataset)
             note = "best" if step["improved"] else (
                 f"no improvement, lr -> {optimizer.param_groups[0]['lr']:.2e}")
-            print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                  f"lr {lr:.2e}, {seconds:.0f} s ({n_train / seconds:.1f} img/s) [{note}]",
-                  flush=True)
-            if step["improved"]:
-                atomic_torch_save({"model": model.state_dict(), "epoch": epoch,
-                                   "val_loss": val_loss, "config": dataclasses.asdict(cfg),
-                                   "findings": list(findings)}, best_path)
+            say(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                f"lr {lr:.2e}, {seconds:.0f} s ({n_train / seconds:.1f} img/s) [{note}]",
+                flush=True)
             stopped = step["stop"]
-            save_last(last_path, last_state(epoch, None, stopped))
-            atomic_write_text(pd.DataFrame(history).to_csv(index=False),
-                              run_dir / "log_train.csv")
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, f"after epoch {epoch}; saved {last_path}")
+            if ctx.main:
+                if step["improved"]:
+                    atomic_torch_save({"model": net.state_dict(), "epoch": epoch,
+                                       "val_loss": val_loss, "config": dataclasses.asdict(cfg),
+                                       "findings": list(findings)}, best_path)
+                save_last(last_path, last_state(epoch, None, stopped))
+                atomic_write_text(pd.DataFrame(history).to_csv(index=False),
+                                  run_dir / "log_train.csv")
+            if stop_requested():
+                raise Interrupted(stop.signum or signal.SIGTERM,
+                                  f"after epoch {epoch}; saved {last_path}")
             if stopped:
-                print(f"no improvement in {cfg.patience} epochs: stopping "
-                      f"(best epoch {schedule.best_epoch})")
+                say(f"no improvement in {cfg.patience} epochs: stopping "
+                    f"(best epoch {schedule.best_epoch})")
                 break
 
-    best = load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
-    _, probs, targets, ids = evaluate(model, loaders["test"], device, "test")
-    write_predictions(run_dir, cfg, findings, ids, probs, targets)
+    barrier(ctx)  # rank 0 has written checkpoint.pt
+    net.load_state_dict(load_checkpoint(best_path)["model"])
+    _, probs, targets, ids = evaluate(model, loaders["test"], device, "test", precision, ctx)
+    if ctx.main:
+        write_predictions(run_dir, cfg, findings, ids, probs, targets)
     return run_dir
+
+
+def barrier(ctx: Dist) -> None:
+    if ctx.enabled:
+        torch.distributed.barrier()
 
 
 def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], ids: list[str],
@@ -623,6 +739,16 @@ def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], 
     return table
 
 
+def batch_size_arg(text: str) -> int:
+    """argparse type for --batch-size: a positive integer, or 'auto' (stored as -1)."""
+    if text == "auto":
+        return -1
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("batch size must be positive, or 'auto'")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__,
@@ -635,7 +761,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--name", default=d.name, help="run name: outputs go to OUT/NAME/")
     p.add_argument("--out", default=d.out)
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=batch_size_arg, default=d.batch_size,
+                   help="global batch (reference: 16), or 'auto': the largest that fits the "
+                   "GPU, with the lr scaled linearly (lr x batch / 16)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -646,6 +774,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without improvement")
     p.add_argument("--weights", default=d.weights, help="imagenet | none | PATH")
+    p.add_argument("--amp", choices=AMP_CHOICES, default=d.amp,
+                   help="mixed precision: auto = bf16 where supported, fp16 + GradScaler on "
+                   "older GPUs, off on CPU; off = the faithful fp32 recipe (default)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster "
+                   "convolutions on tensor-core GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back "
+                   "with a message where unavailable)")
+    p.add_argument("--memory-efficient", action="store_true", help="checkpointed DenseNet "
+                   "layers: less GPU memory (6 GB cards), ~20%% slower")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes "
                    "(-1: auto)")
@@ -682,6 +819,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as err:
         print(f"{err}. Run the same command with --resume to continue.", file=sys.stderr)
         return 128 + err.signum
+    finally:
+        shutdown_distributed()
+    if int(os.environ.get("RANK", "0")):
+        return 0
     print(f"results in {run_dir}/ (config.json, run_record.json, log_train.csv, checkpoint.pt, "
           "last.pt, preds.csv, aucs.csv)")
     return 0

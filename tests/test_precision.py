@@ -1,0 +1,106 @@
+"""AMP, channels_last, compile fallback and batch-size search: the CPU-testable code paths."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import retrain
+import runtime
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
+        "--workers", "0", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    from demo_data import make_nih_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_nih_demo(root, n_images=40, size=40, seed=4)
+    return root
+
+
+def train(root, out, name, *extra):
+    code = retrain.main(["--dataset", "demo", "--data", str(root), "--out", str(out), "--name",
+                         name, *FAST, *extra])
+    return code, out / name
+
+
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert runtime.resolve_amp("auto", cpu) is None
+    assert runtime.resolve_amp("off", cpu) is None
+    assert runtime.resolve_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        runtime.resolve_amp("fp16", cpu)
+    assert not runtime.grad_scaler(cpu, torch.bfloat16).is_enabled()
+
+
+def test_bf16_autocast_and_channels_last_train_close_to_fp32(demo_root, tmp_path):
+    code, ref = train(demo_root, tmp_path, "fp32")
+    assert code == 0
+    code, amp = train(demo_root, tmp_path, "bf16", "--amp", "bf16")
+    assert code == 0
+    code, nhwc = train(demo_root, tmp_path, "nhwc", "--channels-last")
+    assert code == 0
+    a, b, c = (pd.read_csv(r / "log_train.csv") for r in (ref, amp, nhwc))
+    # bf16 keeps 8 bits of mantissa: same trajectory to within a few percent after one epoch.
+    assert b["val_loss"][0] == pytest.approx(a["val_loss"][0], rel=0.05)
+    assert b["val_loss"][0] != a["val_loss"][0]  # autocast really ran
+    # Layout only: other conv kernels, so float rounding differs and compounds over an epoch.
+    assert c["val_loss"][0] == pytest.approx(a["val_loss"][0], rel=0.05)
+    state = torch.load(nhwc / "checkpoint.pt", weights_only=True)
+    assert state["config"]["channels_last"] is True
+
+
+def test_channels_last_forward_equals_nchw():
+    torch.manual_seed(0)
+    net = retrain.build_model(14, "none").eval()
+    x = torch.randn(4, 3, 64, 64)
+    ref = net(x)
+    nhwc = retrain.Precision(channels_last=True)
+    out = net.to(memory_format=torch.channels_last)(nhwc.prepare(x))
+    assert nhwc.prepare(x).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_on_cpu_is_refused_clearly(demo_root, tmp_path, capsys):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        train(demo_root, tmp_path, "fp16", "--amp", "fp16")
+
+
+def test_compile_falls_back_with_a_message(demo_root, tmp_path, capsys, monkeypatch):
+    def broken(model):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    code, _ = train(demo_root, tmp_path, "c", "--compile")
+    assert code == 0
+    assert "torch.compile is unavailable here (no C++ compiler); running uncompiled" in \
+        capsys.readouterr().out
+
+
+def test_largest_fitting_batch_and_lr_rule():
+    assert runtime.largest_fitting_batch(lambda b: b <= 200) == 128
+    assert runtime.largest_fitting_batch(lambda b: False) == 16
+    assert runtime.largest_fitting_batch(lambda b: True, limit=512) == 512
+    assert runtime.scaled_lr(0.01, 64) == pytest.approx(0.04)
+
+
+def test_batch_size_auto_on_cpu_keeps_the_reference_batch(demo_root, tmp_path, capsys):
+    code, run = train(demo_root, tmp_path, "auto", "--batch-size", "auto")
+    assert code == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["config"]["batch_size"] == 16 and state["config"]["lr"] == 0.01
+    assert "--batch-size auto: 16" in capsys.readouterr().out
+
+
+def test_memory_efficient_densenet_matches_standard():
+    torch.manual_seed(0)
+    a = retrain.build_model(14, "none")
+    b = retrain.build_model(14, "none", memory_efficient=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    a.eval(), b.eval()
+    torch.testing.assert_close(a(x), b(x))
