@@ -1,0 +1,236 @@
+"""predict.py: PNG and DICOM inputs give the dataset path's probabilities; DICOM windowing and
+MONOCHROME1; heatmaps; unreadable inputs refused by name.
+
+DICOM files are generated with pydicom so that their windowed 8-bit image equals a known 8-bit
+image G exactly: stored P = low + 10 * G with Window Width 2550 (10 units per grey level).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import predict
+from conftest import shared
+from cxr_dataset import CXRDataset, build_transform, load_xray
+from labels import NIH_FINDINGS
+from model import build_model
+
+pydicom = pytest.importorskip("pydicom")
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import (  # noqa: E402
+    ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid,
+)
+
+SIZE = 64
+CENTER, WIDTH = 2001, 2550          # window [726, 3276]: 10 stored units per grey level
+LOW = CENTER - WIDTH // 2
+MAX12 = 2**12 - 1                   # Bits Stored 12
+
+
+def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
+                window: tuple[float, float] | None = None,
+                rescale: tuple[float, float] | None = None, frames: int = 1,
+                bits_stored: int = 12) -> None:
+    """A minimal single- or multi-frame DICOM file; pixels (frames?, H, W[, 3]) uint16/uint8."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    color = photometric == "RGB"
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if color else pixels.shape[-2:]
+    ds.SamplesPerPixel = 3 if color else 1
+    if color:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored if not color else 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def dicom_twins(tmp_path, gray: np.ndarray, name: str) -> tuple:
+    """The 8-bit image `gray` as (MONOCHROME2 with rescale, MONOCHROME1 inverted) DICOMs."""
+    modality = LOW + 10 * gray.astype(np.int64)        # values after the modality LUT
+    mono2, mono1 = tmp_path / f"{name}_m2.dcm", tmp_path / f"{name}_m1.dcm"
+    # Stored with slope 2, intercept -1000, so the rescale has to be applied first.
+    write_dicom(mono2, ((modality + 1000) // 2).astype(np.uint16), "MONOCHROME2",
+                window=(CENTER, WIDTH), rescale=(2, -1000))
+    assert ((modality + 1000) % 2 == 0).all()
+    # MONOCHROME1: same anatomy, stored inverted, window inverted with it.
+    write_dicom(mono1, (MAX12 - modality).astype(np.uint16), "MONOCHROME1",
+                window=(MAX12 - CENTER, WIDTH))
+    return mono2, mono1
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple:
+    """A random-initialised model saved as a project checkpoint (image size 64)."""
+    torch.manual_seed(0)
+    model = build_model(len(NIH_FINDINGS), "none").eval()
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "epoch": 1, "val_loss": 0.5,
+                "config": {"image_size": SIZE, "dataset": "nih"},
+                "findings": list(NIH_FINDINGS)}, path)
+    return model, path
+
+
+def dataset_probs(model: nn.Module, png) -> torch.Tensor:
+    """Probabilities through the training/evaluation data path, for reference. (K,)"""
+    ds = CXRDataset([str(png)], np.zeros((1, len(NIH_FINDINGS))), ["x"], NIH_FINDINGS,
+                    build_transform(SIZE, train=False))
+    with torch.inference_mode():
+        return torch.sigmoid(model(ds[0][0][None]))[0]
+
+
+def predict_file(model: nn.Module, path) -> torch.Tensor:
+    return predict.predict_probs(model, predict.preprocess(predict.load_any(path), SIZE))[0]
+
+
+def random_gray(seed: int = 0, shape=(48, 40)) -> np.ndarray:
+    """A smooth-ish random image, so that the model's output depends on its content."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 5)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize(shape[::-1], Image.BILINEAR), np.int64)
+    return np.clip(img + rng.integers(-20, 21, shape), 0, 255).astype(np.uint8)
+
+
+def test_dicom_equals_png_path_and_monochrome1_equals_monochrome2(tmp_path, trained):
+    model, _ = trained
+    gray = random_gray()
+    png = tmp_path / "x.png"
+    Image.fromarray(gray, mode="L").save(png)
+    mono2, mono1 = dicom_twins(tmp_path, gray, "x")
+    for dcm in (mono2, mono1):
+        np.testing.assert_array_equal(np.asarray(predict.load_dicom(dcm)), gray)
+    expected = dataset_probs(model, png)
+    torch.testing.assert_close(predict_file(model, png), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(predict_file(model, mono2), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(predict_file(model, mono1), predict_file(model, mono2),
+                               rtol=0, atol=1e-6)
+    # The comparison has power: an un-inverted MONOCHROME1 image would change the outputs.
+    Image.fromarray(255 - gray, mode="L").save(tmp_path / "neg.png")
+    assert (dataset_probs(model, tmp_path / "neg.png") - expected).abs().max() > 1e-4
+
+
+def test_real_nih_png_and_its_dicom(tmp_path, trained):
+    pngs = sorted(shared("nih", "images").glob("*.png"))
+    if not pngs:
+        pytest.skip("no NIH PNG in the shared data")
+    model, _ = trained
+    png = pngs[0]
+    expected = dataset_probs(model, png)
+    torch.testing.assert_close(predict_file(model, png), expected, rtol=0, atol=1e-6)
+    gray = np.asarray(load_xray(png))
+    mono2, mono1 = dicom_twins(tmp_path, gray, png.stem)
+    torch.testing.assert_close(predict_file(model, mono2), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(predict_file(model, mono1), expected, rtol=0, atol=1e-6)
+
+
+def test_window_maps_edges_to_0_and_255(tmp_path):
+    values = np.array([[LOW - 300, LOW, CENTER, LOW + WIDTH, LOW + WIDTH + 300, LOW + 1275]])
+    np.testing.assert_array_equal(predict.window_to_uint8(values, CENTER, WIDTH),
+                                  [[0, 0, 128, 255, 255, 128]])
+    path = tmp_path / "w.dcm"
+    write_dicom(path, values.astype(np.uint16), window=(CENTER, WIDTH))
+    np.testing.assert_array_equal(np.asarray(predict.load_dicom(path)),
+                                  [[0, 0, 128, 255, 255, 128]])
+    # MONOCHROME1: the low end of the window is white (the centre, 127.5, rounds to even).
+    write_dicom(path, values.astype(np.uint16), "MONOCHROME1", window=(CENTER, WIDTH))
+    np.testing.assert_array_equal(np.asarray(predict.load_dicom(path)),
+                                  [[255, 255, 128, 0, 0, 128]])
+
+
+def test_dicom_without_window_is_stretched_min_max(tmp_path):
+    values = np.array([[100, 600, 1100]], dtype=np.uint16)
+    path = tmp_path / "nowin.dcm"
+    write_dicom(path, values)
+    np.testing.assert_array_equal(np.asarray(predict.load_dicom(path)), [[0, 128, 255]])
+
+
+def test_dicom_is_recognised_by_content(tmp_path):
+    path = tmp_path / "image_without_suffix"
+    write_dicom(path, (LOW + 10 * random_gray(1).astype(np.uint16)), window=(CENTER, WIDTH))
+    assert predict.is_dicom(path)
+    np.testing.assert_array_equal(np.asarray(predict.load_any(path)), random_gray(1))
+
+
+def test_cli_table_heatmaps_and_refusals(tmp_path, trained, capsys):
+    _, ckpt = trained
+    gray = random_gray(2)
+    png = tmp_path / "a.png"
+    Image.fromarray(gray, mode="L").save(png)
+    mono2, mono1 = dicom_twins(tmp_path, gray, "a")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png.read_bytes()[:60])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    multi = tmp_path / "multi.dcm"
+    write_dicom(multi, np.zeros((2, 8, 8), np.uint16), frames=2)
+    rgb = tmp_path / "colour.dcm"
+    write_dicom(rgb, np.zeros((8, 8, 3), np.uint8), "RGB")
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"\x00" * 10)
+    bad = {tmp_path / "absent.png": "not found", truncated: "not a readable",
+           text: "not a readable", multi: "multi-frame", rgb: "colour", garbage: "DICOM"}
+    heat = tmp_path / "heat"
+
+    code = predict.main([str(png), *map(str, bad), str(mono2), str(mono1),
+                         "--checkpoint", str(ckpt), "--heatmap", str(heat)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    for path, words in bad.items():
+        line = next((ln for ln in err.splitlines() if str(path) in ln), "")
+        assert words in line, (path, err)
+    # One table per readable image; the same pixels give the same table.
+    blocks = re.findall(r"^(\S+)\n((?:  .*\n)+)", out, re.M)
+    tables = {name: re.sub(r"  heatmap.*\n", "", block) for name, block in blocks}
+    assert set(tables) == {str(png), str(mono2), str(mono1)}
+    assert tables[str(png)] == tables[str(mono2)] == tables[str(mono1)]
+    rows = [ln.split() for ln in tables[str(png)].splitlines()]
+    assert len(rows) == len(NIH_FINDINGS)
+    probs = [float(p) for _, p in rows]
+    assert probs == sorted(probs, reverse=True)
+    top = rows[0][0]
+    written = sorted(p.name for p in heat.iterdir())
+    assert written == sorted(f"{stem}_{top}.png" for stem in ("a", "a_m2", "a_m1"))
+    assert Image.open(heat / f"a_{top}.png").size[0] > 200
+
+    assert predict.main([str(png), "--checkpoint", str(ckpt), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 + 3
+
+
+def test_missing_or_foreign_checkpoint(tmp_path, monkeypatch, capsys):
+    png = tmp_path / "a.png"
+    Image.fromarray(random_gray(3), mode="L").save(png)
+    monkeypatch.setattr(predict, "DEFAULT_CHECKPOINT", tmp_path / "pretrained" / "checkpoint.pt")
+    assert predict.main([str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "pretrained" in err and "--checkpoint" in err and "retrain.py" in err
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": nn.Linear(2, 2)}, pickled)
+    assert predict.main([str(png), "--checkpoint", str(pickled)]) == 2
+    err = capsys.readouterr().err
+    assert str(pickled) in err and "convert_checkpoint.py" in err
+
+    assert predict.main([str(png), "--checkpoint", str(png)]) == 2
+    assert f"{png}: not a PyTorch checkpoint" in capsys.readouterr().err
