@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from cxr_cache import cache_loaders
 from cxr_dataset import (
     CXRDataset, DataError, build_transform, chexphoto_table, nih_table, DEFAULT_NIH_LABELS,
 )
@@ -53,7 +54,7 @@ from runtime import (
 DATASETS = ("nih", "chexphoto", "demo")
 # Settings that may differ when a run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "force", "save_every",
-                     "eval_batch_size"}
+                     "eval_batch_size", "cache"}
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = -1                   # -1: auto (min(8, cores) on GPU, 1 on CPU)
     seed: int = 0
+    cache: str = "auto"                 # auto | on | off: read prepare_data.py's uint8 cache
     save_every: int = 1000              # also write last.pt every N optimizer steps (0: per epoch)
     missing: str = "error"              # error | skip: images listed but absent on disk
     uncertainty: str = "zeros"          # CheXphoto: zeros | ones | ignore
@@ -629,7 +631,18 @@ def fit(cfg: TrainConfig) -> Path:
             net, device_ids=[device.index] if device.type == "cuda" else None)
     model = maybe_compile(model, cfg.compile, say)
 
-    loaders = make_loaders(cfg, table, findings, device, ctx)
+    loaders = None
+    if cfg.cache != "off":
+        loaders = cache_loaders(
+            cfg, table, findings, device, flip=False, rank=ctx.rank, world=ctx.world,
+            train_sampler=lambda n: EpochSampler(n, cfg.seed, ctx.rank, ctx.world))
+        if loaders is None and cfg.cache == "on":
+            raise DataError(f"--cache on: no valid {cfg.image_size} px cache under {cfg.data}. "
+                            f"Build it with: python prepare_data.py "
+                            f"{'chexphoto' if cfg.dataset == 'chexphoto' else 'nih'} --root "
+                            f"{cfg.data} --size {cfg.image_size}")
+    if loaders is None:
+        loaders = make_loaders(cfg, table, findings, device, ctx)
     sampler: EpochSampler = loaders["train"].sampler
     steps_per_epoch = math.ceil(len(loaders["train"].dataset) / cfg.batch_size)
 
@@ -787,6 +800,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes "
                    "(-1: auto)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--cache", choices=("auto", "on", "off"), default=d.cache,
+                   help="read images from prepare_data.py's uint8 cache: auto = when a valid "
+                   "one exists for --image-size (the batches are identical either way)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="write last.pt every N "
                    "optimizer steps as well as after every epoch (0: only after epochs)")
     p.add_argument("--missing", choices=("error", "skip"), default=d.missing,

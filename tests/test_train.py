@@ -134,3 +134,52 @@ def test_real_nih_sample_trains_end_to_end(tmp_path, capsys):
     aucs = pd.read_csv(run / "aucs.csv")
     assert {"CheXNet paper", "reproduce-chexnet"} <= set(aucs.columns)
     assert "own test splits" in capsys.readouterr().out
+
+
+def test_demo_run_through_the_cache_equals_the_png_run(demo_root, tmp_path, capsys):
+    """prepare_data.py once, then retrain reads the uint8 cache: bitwise the same run."""
+    import shutil
+
+    import prepare_data
+
+    root = tmp_path / "demo"
+    shutil.copytree(demo_root, root)
+    png = train(root, tmp_path, "png", "--epochs", "2", "--cache", "off")
+    assert prepare_data.main(["nih", "--root", str(root), "--size", "32", "--labels",
+                              str(root / "Data_Entry_2017.csv"), "--workers", "1"]) == 0
+    capsys.readouterr()
+    cached = train(root, tmp_path, "cached", "--epochs", "2", "--cache", "on")
+    assert "reading images from the uint8 cache" in capsys.readouterr().out
+    a = torch.load(png / "last.pt", weights_only=True)["model"]
+    b = torch.load(cached / "last.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (png / "preds.csv").read_text() == (cached / "preds.csv").read_text()
+
+
+def test_cache_on_without_a_cache_says_how_to_build_it(demo_root, tmp_path, capsys):
+    args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name", "x",
+            *FAST, "--epochs", "1", "--cache", "on"]
+    assert retrain.main(args) == 2
+    assert "python prepare_data.py nih --root" in capsys.readouterr().err
+
+
+def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
+    import prepare_data
+
+    images = shared("nih", "images")
+    entry = shared("nih", "Data_Entry_2017_v2020.csv.gz")
+    root = tmp_path / "nih"
+    root.mkdir()
+    (root / "images").symlink_to(images)  # the shared folder is read-only; the cache is not
+    assert prepare_data.main(["nih", "--root", str(root), "--size", "32", "--labels", str(entry),
+                              "--skip-bad", "--workers", "1"]) == 0
+    capsys.readouterr()
+    args = ["--dataset", "nih", "--data", str(root), "--missing", "skip", "--out", str(tmp_path),
+            "--name", "run", *FAST, "--epochs", "1", "--cache", "on"]
+    assert retrain.main(args) == 0
+    out = capsys.readouterr().out
+    assert "reading images from the uint8 cache" in out
+    assert "nih: 120 images" in out
+    assert len(pd.read_csv(tmp_path / "run" / "preds.csv")) == len(
+        retrain.load_tables(retrain.parse_args(args))[0].query("fold == 'test'"))

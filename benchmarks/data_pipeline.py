@@ -1,0 +1,229 @@
+"""Data pipeline benchmark: the reference per-image pipeline against the uint8 cache.
+
+    python benchmarks/data_pipeline.py                      # the 120 NIH PNGs in ../shared/data
+    python benchmarks/data_pipeline.py --images DIR --repeats 7
+    python benchmarks/data_pipeline.py --quick              # 8 generated images, 1 repeat (tests)
+
+Side by side, in one run, on the same images (median of --repeats after a warm-up):
+  (a) reference: per image, PIL open, convert RGB, torchvision Resize 224, CenterCrop 224,
+      ToTensor, Normalize; one process (what one DataLoader worker does).
+  floor: a plain full decode of each PNG (Pillow; OpenCV too when importable, the faster counts).
+  (b) cache build (`cxr_cache.build_cache`, every core): cost per image per core =
+      wall time x workers / images, compared with the decode floor.
+  (c) one epoch read from the cache: CacheLoader (shuffled, batch 64) + batch_transform
+      (train: flips, normalisation) on the CPU, over the cached images repeated to
+      --read-images per epoch.
+torch runs on one thread throughout, so (a) and (c) each use one core. Prints a markdown table;
+the last line is `read/reference ratio: N.Nx`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision import transforms as v1  # noqa: E402
+
+from cxr_cache import (  # noqa: E402
+    CacheLoader, batch_transform, build_cache, cache_dir, default_workers, labels_sha256,
+    open_cache, peak_rss_mb,
+)
+from labels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (pool workers), user + system."""
+    me, kids = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                     resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, float]:
+    """Median (wall seconds, CPU seconds) of `fn()` over `repeats` runs after `warmup` runs.
+
+    CPU time counts every process involved, so on a machine shared with other jobs it still
+    measures the work done, while wall time also measures the waiting for a core.
+    """
+    for _ in range(warmup):
+        fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(cpu_seconds() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def reference_pipeline(paths: Sequence[Path], size: int) -> Callable[[], None]:
+    """reproduce-chexnet's per-image preprocessing (torchvision v1 transforms on RGB)."""
+    transform = v1.Compose([v1.Resize(size), v1.CenterCrop(size), v1.ToTensor(),
+                            v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def run() -> None:
+        for p in paths:
+            with Image.open(p) as img:
+                transform(img.convert("RGB"))
+    return run
+
+
+def decode_floors(paths: Sequence[Path]) -> dict[str, Callable[[], None]]:
+    """Plain full decodes: Pillow, and OpenCV when it is installed."""
+    def pillow() -> None:
+        for p in paths:
+            with Image.open(p) as img:
+                img.load()
+    floors = {"Pillow": pillow}
+    try:
+        import cv2  # optional: opencv-python-headless
+    except ImportError:
+        return floors
+
+    def opencv() -> None:
+        for p in paths:
+            cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+    floors["OpenCV"] = opencv
+    return floors
+
+
+def make_images(folder: Path, n: int, side: int) -> None:
+    """n grey PNGs with X-ray-like smooth content (for --quick)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for i in range(n):
+        img = 80 + 100 * np.exp(-((yy - rng.uniform(.3, .7)) ** 2 + (xx - .5) ** 2) / .05)
+        img = img + 30 * np.sin(9 * xx + i) + rng.normal(0, 5, img.shape)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:08d}_000.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=Path, help=f"folder of PNGs (default {DEFAULT_IMAGES})")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--workers", type=int, default=default_workers(), help="cache build processes")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--read-images", type=int, default=4096,
+                   help="images per timed cache-read epoch (the cache is cycled)")
+    p.add_argument("--quick", action="store_true",
+                   help="8 generated 256 px images, size 64, 1 repeat, 1 worker: a smoke test")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    warmup = 1
+    if args.quick:
+        args.repeats, args.size, args.workers, args.read_images, warmup = 1, 64, 1, 256, 0
+
+    with tempfile.TemporaryDirectory(prefix="cxr_bench_") as tmp:
+        work = Path(tmp)
+        if args.quick and args.images is None:
+            images_dir = work / "generated"
+            make_images(images_dir, 8, 256)
+        else:
+            images_dir = args.images or DEFAULT_IMAGES
+        paths = sorted(p for p in Path(images_dir).glob("*") if p.suffix.lower() in
+                       (".png", ".jpg", ".jpeg"))
+        if not paths:
+            print(f"error: no PNG/JPEG images in {images_dir}", file=sys.stderr)
+            return 2
+        n = len(paths)
+        ids = [p.name for p in paths]
+        labels_file = work / "labels.txt"  # stands in for the labels file the cache is keyed to
+        labels_file.write_text("\n".join(ids) + "\n")
+        sha = labels_sha256(labels_file)
+        folder = cache_dir(work, args.size)
+        rss_start = peak_rss_mb()["self"]
+
+        # (b) first: the pool forks before torch has started any threads in this process.
+        def build(workers: int) -> Callable[[], None]:
+            def run() -> None:
+                if folder.exists():
+                    shutil.rmtree(folder)
+                build_cache(folder, ids, paths, args.size, sha, workers=workers, progress=False)
+            return run
+        build_s, build_cpu_s = median_time(build(args.workers), args.repeats, warmup)
+        rss_build = peak_rss_mb()
+        # One worker runs in this process: its wall time per image is the cost per core with
+        # no pool and no competition for cores, directly comparable with the decode floor.
+        build1_s = (median_time(build(1), args.repeats, warmup)[0] if args.workers > 1
+                    else build_s)
+
+        floors = {name: median_time(fn, args.repeats, warmup)
+                  for name, fn in decode_floors(paths).items()}
+        floor_name = min(floors, key=lambda k: floors[k][1])
+        floor_s, floor_cpu_s = (t / n for t in floors[floor_name])
+        ref_s = median_time(reference_pipeline(paths, args.size), args.repeats, warmup)[0] / n
+
+        cache = open_cache(work, args.size, labels_file)
+        if cache is None:
+            print("error: the cache just built did not open", file=sys.stderr)
+            return 1
+        reps = -(-args.read_images // n)
+        rows = np.tile(np.arange(n), reps)
+        loader = CacheLoader(cache, rows, np.zeros((len(rows), 14), np.float32),
+                             [ids[r] for r in rows], args.batch_size, shuffle=True,
+                             generator=torch.Generator().manual_seed(0))
+
+        def read_epoch() -> None:
+            for x, _, _ in loader:
+                batch_transform(x, True, args.size, loader.generator, "cpu")
+        read_s = median_time(read_epoch, args.repeats, max(warmup, 1))[0] / len(rows)
+        rss = peak_rss_mb()
+
+    build_per_core_s = build_s * args.workers / n
+    build_cpu_per_image = build_cpu_s / n
+    ref_ips, read_ips = 1 / ref_s, 1 / read_s
+    print(f"images: {n} from {images_dir}; size {args.size}; torch threads 1; "
+          f"build workers {args.workers} of {os.cpu_count()} cores; batch {args.batch_size}; "
+          f"median of {args.repeats} after {warmup} warm-up; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    print()
+    print("| stage | img/s | ms/img (wall) | ms/img (CPU) | notes |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    print(f"| (a) reference per-image pipeline | {ref_ips:.1f} | {1000 * ref_s:.2f} | | "
+          "PIL RGB + Resize/CenterCrop/ToTensor/Normalize, 1 process |")
+    for name, (wall, cpu) in floors.items():
+        print(f"| decode floor: {name} | {n / wall:.1f} | {1000 * wall / n:.2f} | "
+              f"{1000 * cpu / n:.2f} | full decode, 1 process |")
+    print(f"| (b) cache build, per core | {1 / build_per_core_s:.1f} | "
+          f"{1000 * build_per_core_s:.2f} | {1000 * build_cpu_per_image:.2f} | wall "
+          f"{build_s:.2f} s x {args.workers} workers / {n} images; CPU: all processes |")
+    print(f"| (b) cache build, all workers | {n / build_s:.1f} | {1000 * build_s / n:.2f} | | "
+          f"{args.workers} workers |")
+    if args.workers > 1:
+        print(f"| (b) cache build, 1 worker | {n / build1_s:.1f} | {1000 * build1_s / n:.2f} | | "
+              "in this process, no pool |")
+    print(f"| (c) cache read + batch_transform | {read_ips:.0f} | {1000 * read_s:.4f} | | "
+          f"{len(rows)} images/epoch, shuffled, flips + normalise, CPU |")
+    print()
+    print(f"build/reference ratio (per core, wall): {ref_s / build_per_core_s:.2f}x")
+    one_worker = f"{build1_s / n / floor_s:.2f}x wall (1 worker), " if args.workers > 1 else ""
+    print(f"build cost / decode floor ({floor_name}), per image per core: "
+          f"{build_per_core_s / floor_s:.2f}x wall ({args.workers} workers), {one_worker}"
+          f"{build_cpu_per_image / floor_cpu_s:.2f}x CPU ({args.workers} workers)")
+    workers_rss = (f", {rss_build['children']:.0f} MiB largest build worker"
+                   if args.workers > 1 else "")
+    print(f"peak RSS: {rss_start:.0f} MiB after imports; {rss_build['self']:.0f} MiB main after "
+          f"build{workers_rss}; {rss['self']:.0f} MiB at the end")
+    print(f"read/reference ratio: {read_ips / ref_ips:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""cxr_cache: batch_transform against the reference preprocessing, the batch loader, the
+loaders retrain.py gets, the real NIH sample, and the benchmark's smoke run."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import cxr_cache
+import prepare_data
+from conftest import ROOT, shared
+from cxr_cache import (
+    CacheLoader, batch_transform, cache_dir, open_cache, resize_center_crop,
+)
+from cxr_dataset import build_transform, load_xray
+from labels import IMAGENET_MEAN, IMAGENET_STD, NIH_FINDINGS
+from test_prepare import make_nih, xray_like
+
+
+def reference_batch(images: list[Image.Image], size: int) -> torch.Tensor:
+    """build_transform(size, train=False) of each image, stacked: (B, 3, S, S)."""
+    transform = build_transform(size, train=False)
+    return torch.stack([transform(img) for img in images])
+
+
+def cached(images: list[Image.Image], size: int) -> torch.Tensor:
+    """What the cache holds for these images: (B, 1, S, S) uint8."""
+    return torch.stack([torch.from_numpy(resize_center_crop(img, size)) for img in images])[:, None]
+
+
+@pytest.fixture
+def generated_cache(tmp_path):
+    """A 10-image cache (24 px) whose image i is filled with grey level 10 * i + 5, so a batch's
+    pixels tell which rows it holds; labels.txt is the file it is keyed to."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ids = [f"img{i}.png" for i in range(10)]
+    for i, name in enumerate(ids):
+        Image.fromarray(np.full((30, 30), 10 * i + 5, np.uint8)).save(folder / name)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(ids))
+    cxr_cache.build_cache(cache_dir(tmp_path, 24), ids, [folder / i for i in ids], 24,
+                          cxr_cache.labels_sha256(labels), workers=1, progress=False)
+    cache = open_cache(tmp_path, 24, labels)
+    assert cache is not None
+    return cache
+
+
+# --------------------------------------------------------------------------------------------
+# batch_transform
+# --------------------------------------------------------------------------------------------
+def test_batch_transform_is_the_reference_when_sizes_match():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L")
+              for _ in range(5)]
+    x = torch.stack([torch.from_numpy(np.array(img)) for img in images])[:, None]
+    out = batch_transform(x, train=False, out_size=32, generator=None)
+    assert out.shape == (5, 3, 32, 32) and out.dtype == torch.float32
+    assert torch.equal(out, reference_batch(images, 32))  # bit for bit
+
+
+def test_cache_then_batch_transform_is_the_reference_from_larger_originals():
+    """Originals of several shapes -> cache at S -> batch_transform(S): exactly the reference."""
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(xray_like(rng, h, w), "L")
+              for h, w in [(1024, 1024), (300, 260), (260, 300), (20, 24)]]
+    out = batch_transform(cached(images, 64), train=False, out_size=64, generator=None)
+    assert torch.equal(out, reference_batch(images, 64))
+
+
+def assert_resize_close(images: list[Image.Image]) -> None:
+    """A 256 px cache resized to 224 on the fly vs the reference Resize 224 of the original.
+
+    Two resizes differ from one only by interpolation: small on average, larger at sharp edges
+    (burned-in markers), where it reaches ~0.7 normalised units (~40 grey levels) on NIH.
+    """
+    out = batch_transform(cached(images, 256), train=False, out_size=224, generator=None)
+    diff = (out - reference_batch(images, 224)).abs()
+    assert out.shape == (len(images), 3, 224, 224)
+    assert diff.mean() < 0.02, diff.mean()
+    assert torch.quantile(diff.flatten()[::5], 0.999) < 0.2
+    assert diff.max() < 1.0, diff.max()
+
+
+def test_resized_cache_stays_close_to_the_reference():
+    rng = np.random.default_rng(2)
+    assert_resize_close([Image.fromarray(xray_like(rng, 1024, 1024), "L") for _ in range(3)])
+
+
+def test_resized_cache_of_real_nih_images_stays_close_to_the_reference():
+    paths = sorted(shared("nih", "images").glob("*.png"))[:6]
+    assert_resize_close([load_xray(p) for p in paths])
+
+
+def test_normalisation_shapes_and_dtype():
+    x = torch.stack([torch.zeros(1, 8, 8, dtype=torch.uint8),
+                     torch.full((1, 8, 8), 255, dtype=torch.uint8)])
+    out = batch_transform(x, train=False, out_size=8, generator=None)
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32 and out.is_contiguous()
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(out[0, :, 0, 0], -mean / std)
+    torch.testing.assert_close(out[1, :, 0, 0], (1 - mean) / std)
+    assert x.dtype == torch.uint8 and int(x[1].min()) == 255  # the input is left alone
+
+
+def test_flips_follow_the_generator():
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.integers(0, 256, (64, 1, 16, 16), dtype=np.uint8))
+    plain = batch_transform(x, train=False, out_size=16, generator=None)
+    a = batch_transform(x, True, 16, torch.Generator().manual_seed(7))
+    b = batch_transform(x, True, 16, torch.Generator().manual_seed(7))
+    c = batch_transform(x, True, 16, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    flipped = torch.tensor([torch.equal(a[i], plain[i].flip(-1)) for i in range(64)])
+    unflipped = torch.tensor([torch.equal(a[i], plain[i]) for i in range(64)])
+    assert (flipped ^ unflipped).all()       # every image is itself or its mirror
+    assert 16 <= int(flipped.sum()) <= 48    # p = 0.5
+    assert not torch.equal(a, c)
+    expected = torch.rand(64, generator=torch.Generator().manual_seed(7)) < 0.5
+    assert torch.equal(flipped, expected)    # the flips are the generator's draws
+
+
+def test_random_crops_come_from_a_larger_cache():
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.integers(0, 256, (6, 1, 20, 20), dtype=np.uint8))
+    out = batch_transform(x, True, 12, torch.Generator().manual_seed(0))
+    again = batch_transform(x, True, 12, torch.Generator().manual_seed(0))
+    assert out.shape == (6, 3, 12, 12) and torch.equal(out, again)
+    full = batch_transform(x, False, 20, None)
+    windows = set()
+    for i in range(6):
+        found = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
+                 if torch.equal(out[i], (full[i, :, t:t + 12, l:l + 12].flip(-1) if f else
+                                         full[i, :, t:t + 12, l:l + 12]))]
+        assert found, f"image {i} is not a crop of its source"
+        windows.add(found[0][:2])
+    assert len(windows) > 1  # offsets vary per image
+
+
+# --------------------------------------------------------------------------------------------
+# CacheLoader
+# --------------------------------------------------------------------------------------------
+def loader_for(cache, rows, **kw) -> CacheLoader:
+    rows = np.asarray(rows)
+    targets = np.stack([rows, -rows], axis=1).astype(np.float32)  # (N, 2): row, -row
+    return CacheLoader(cache, rows, targets, [cache.ids[r] for r in rows], **kw)
+
+
+def check_batch(cache, images, targets, ids) -> list[int]:
+    """Pixels, targets and ids of a batch agree; returns its rows."""
+    assert images.dtype == torch.uint8 and images.shape[1:] == (1, 24, 24)
+    rows = [(int(v) - 5) // 10 for v in images[:, 0, 0, 0]]
+    assert rows == [int(t) for t in targets[:, 0]] == [cache.ids.index(i) for i in ids]
+    assert (images == images[:, :, :1, :1]).all()  # each image is one flat grey
+    return rows
+
+
+def test_loader_covers_every_image_once_per_epoch(generated_cache):
+    loader = loader_for(generated_cache, range(10), batch_size=4, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    assert len(loader) == 3 and len(loader.dataset) == 10
+    rows = [r for batch in loader for r in check_batch(generated_cache, *batch)]
+    assert sorted(rows) == list(range(10))
+    dropped = loader_for(generated_cache, range(10), batch_size=4, shuffle=True, drop_last=True,
+                         generator=torch.Generator().manual_seed(0))
+    assert len(dropped) == 2 and sum(len(b[2]) for b in dropped) == 8
+
+
+def test_loader_shuffle_is_set_by_the_generator(generated_cache):
+    def epoch(seed):
+        loader = loader_for(generated_cache, range(10), batch_size=3, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        return [tuple(ids) for _, _, ids in loader]
+
+    assert epoch(1) == epoch(1)
+    assert epoch(1) != epoch(2)
+    loader = loader_for(generated_cache, range(10), batch_size=3, shuffle=True,
+                        generator=torch.Generator())
+    loader.generator.manual_seed(1)   # what retrain does before each epoch
+    first = [tuple(ids) for _, _, ids in loader]
+    loader.generator.manual_seed(1)
+    assert [tuple(ids) for _, _, ids in loader] == first == epoch(1)
+    # Batch membership is the drawn permutation, split in batch_size pieces.
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
+    assert [set(b) for b in first] == [{f"img{r}.png" for r in order[i:i + 3]}
+                                       for i in range(0, 10, 3)]
+
+
+def test_unshuffled_loader_keeps_the_given_order(generated_cache):
+    rows = [7, 2, 9, 0, 5, 5]
+    loader = loader_for(generated_cache, rows, batch_size=4, shuffle=False)
+    got = [r for batch in loader for r in check_batch(generated_cache, *batch)]
+    assert got == rows
+
+
+def test_prefetching_gives_the_same_batches_and_stops_cleanly(generated_cache):
+    def batches(prefetch):
+        loader = loader_for(generated_cache, range(10), batch_size=3, shuffle=True,
+                            prefetch=prefetch, generator=torch.Generator().manual_seed(3))
+        return [(x.clone(), ids) for x, _, ids in loader]
+
+    plain, ahead = batches(0), batches(2)
+    assert [ids for _, ids in plain] == [ids for _, ids in ahead]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, ahead))
+    loader = loader_for(generated_cache, range(10), batch_size=1, shuffle=False, prefetch=1)
+    for k, _ in enumerate(loader):
+        if k == 1:
+            break  # the prefetch thread must end with the consumer (the generator is closed)
+    assert not any(t.name == "cache-prefetch" and t.is_alive()
+                   for t in threading.enumerate())
+
+
+def test_loader_rejects_rows_outside_the_cache(generated_cache):
+    with pytest.raises(ValueError, match="rows"):
+        CacheLoader(generated_cache, np.array([0, 10]), np.zeros((2, 1), np.float32),
+                    ["a", "b"], batch_size=2, shuffle=False)
+
+
+# --------------------------------------------------------------------------------------------
+# cache_loaders: what retrain.py calls
+# --------------------------------------------------------------------------------------------
+def test_cache_loaders_serve_what_the_reference_loaders_serve(tmp_path, capsys):
+    """With retrain's EpochSampler and its own flips, every batch equals make_loaders' batch,
+    mid-epoch starts included, and retrain's training and evaluation loops accept them."""
+    import retrain
+    from torch import nn
+
+    make_nih(tmp_path, n=12, shapes=[("L", 40, 40), ("RGBA", 50, 40)], folds=True)
+    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path),
+                              labels=str(tmp_path / "labels.csv"), image_size=32, batch_size=2,
+                              eval_batch_size=5, workers=0, seed=3)
+    table, findings, _ = retrain.load_tables(cfg)
+    device = torch.device("cpu")
+    sampler = lambda n: retrain.EpochSampler(n, cfg.seed)  # noqa: E731
+    assert cxr_cache.cache_loaders(cfg, table, findings, device, sampler, flip=False) is None
+
+    prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
+                             progress=False)
+    cfg.labels = None  # the same labels now sit in DATA/nih_labels.csv, which is the default
+    table, findings, _ = retrain.load_tables(cfg)
+    ours = cxr_cache.cache_loaders(cfg, table, findings, device, sampler, flip=False)
+    assert "uint8 cache" in capsys.readouterr().out
+    theirs = retrain.make_loaders(cfg, table, findings, device)
+    for epoch, start in [(1, 0), (2, 4)]:
+        for loaders in (ours, theirs):
+            loaders["train"].sampler.set_epoch(epoch, start)
+        assert len(ours["train"]) == len(theirs["train"]) == (6 - start) // 2
+    for fold in ("train", "val", "test"):
+        a_batches, b_batches = list(ours[fold]), list(theirs[fold])
+        assert [ids for *_, ids in a_batches] == [list(ids) for *_, ids in b_batches]
+        for (a, ta, _), (b, tb, _) in zip(a_batches, b_batches):
+            assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert len(ours["train"].dataset) == (table["fold"] == "train").sum() == 6
+
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, len(findings)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ours["train"].sampler.set_epoch(1)
+    loss = retrain.train_one_epoch(model, ours["train"], optimizer, device,
+                                   retrain.EpochProgress(1), cfg.seed)
+    assert np.isfinite(loss)
+    _, probs, targets, ids = retrain.evaluate(model, ours["test"], device)
+    assert ids == table.loc[table["fold"] == "test", "image_id"].tolist()
+    assert probs.shape == targets.shape == (3, len(NIH_FINDINGS))
+
+
+def test_cache_loaders_own_shuffle_and_flips_follow_the_generator(tmp_path):
+    import retrain
+
+    make_nih(tmp_path, n=12, shapes=[("L", 40, 40)], folds=True)
+    prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
+                             progress=False)
+    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4)
+    table, findings, _ = retrain.load_tables(cfg)
+    train = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))["train"]
+    assert train.sampler is None and len(train) == 2 and len(train.dataset) == 6
+
+    def epoch(seed):
+        train.generator.manual_seed(seed)  # retrain's old per-epoch reseeding
+        return [(x, ids) for x, _, ids in train]
+
+    first, again, other = epoch(5), epoch(5), epoch(6)
+    assert all(torch.equal(a, b) and i == j for (a, i), (b, j) in zip(first, again))
+    assert [i for _, i in first] != [i for _, i in other]
+
+
+def test_cache_loaders_split_evaluation_over_processes(tmp_path):
+    import retrain
+
+    make_nih(tmp_path, n=16, shapes=[("L", 40, 40)], folds=True)
+    prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
+                             progress=False)
+    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4,
+                              eval_batch_size=2)
+    table, findings, _ = retrain.load_tables(cfg)
+    full = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
+    parts = [cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"), rank=r, world=2)
+             for r in (0, 1)]
+    for fold in ("val", "test"):
+        whole = [i for *_, ids in full[fold] for i in ids]
+        assert [i for p in parts for *_, ids in p[fold] for i in ids] == whole
+    assert all(p["train"].loader.batch_size == 2 for p in parts)
+    assert parts[0]["val"].dataset.findings == tuple(NIH_FINDINGS)
+
+
+def test_stale_cache_is_not_used(tmp_path, capsys):
+    import retrain
+
+    make_nih(tmp_path, n=8, shapes=[("L", 40, 40)], folds=True)
+    prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
+                             progress=False)
+    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32)
+    table, findings, _ = retrain.load_tables(cfg)
+    assert cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu")) is not None
+    labels = pd.read_csv(tmp_path / "nih_labels.csv")
+    labels.loc[0, "Hernia"] = 1 - labels.loc[0, "Hernia"]
+    labels.to_csv(tmp_path / "nih_labels.csv", index=False)
+    table, findings, _ = retrain.load_tables(cfg)
+    capsys.readouterr()
+    assert cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu")) is None
+    assert "another labels file" in capsys.readouterr().out
+    cfg.image_size = 24
+    assert cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu")) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The real NIH sample, and the benchmark
+# --------------------------------------------------------------------------------------------
+def test_real_nih_sample_builds_and_reads_back_as_the_reference(tmp_path):
+    images = shared("nih", "images")
+    (tmp_path / "images").symlink_to(images, target_is_directory=True)
+    names = sorted(p.name for p in images.glob("*.png"))
+    committed = pd.read_csv(ROOT / "nih_labels.csv")
+    committed[committed["Image Index"].isin(names)].to_csv(tmp_path / "labels.csv", index=False)
+    result = prepare_data.prepare_nih(tmp_path, 224, str(tmp_path / "labels.csv"), workers=2,
+                                      progress=False)
+    assert result.count == len(names) == 120 and result.complete and not result.skipped
+    cache = open_cache(tmp_path, 224, tmp_path / "nih_labels.csv")
+    loader = CacheLoader(cache, np.arange(len(cache)), np.zeros((len(cache), 14), np.float32),
+                         cache.ids, batch_size=32, shuffle=False)
+    transform = build_transform(224, train=False)
+    for x, _, ids in loader:
+        out = batch_transform(x, False, 224, None)
+        expected = torch.stack([transform(load_xray(images / i)) for i in ids])
+        assert torch.equal(out, expected)
+
+
+def test_benchmark_quick_smoke(capsys):
+    spec = importlib.util.spec_from_file_location("data_pipeline",
+                                                  ROOT / "benchmarks" / "data_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"read/reference ratio: \d+\.\dx", lines[-1]), lines[-1]
+    assert any(line.startswith("| (a) reference") for line in lines)
+    assert any(line.startswith("| (c) cache read") for line in lines)

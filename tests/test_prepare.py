@@ -1,0 +1,362 @@
+"""prepare_data.py: label files, a cache equal to the reference preprocessing, resume, rebuild,
+bad images, the official split and CheXphoto."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import cxr_cache
+import prepare_data
+from conftest import ROOT
+from cxr_cache import DONE, cache_dir, labels_sha256, open_cache
+from cxr_dataset import DEFAULT_NIH_LABELS, build_transform, load_xray
+from labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS
+
+ENTRY_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
+                 "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
+                 "OriginalImagePixelSpacing[x", "y]"]
+# (mode, width, height): every mode load_xray handles, square and not, smaller than S too.
+SHAPES = [("L", 300, 300), ("RGB", 300, 260), ("RGBA", 260, 300), ("P", 300, 300),
+          ("LA", 120, 90), ("I;16", 300, 300), ("L", 20, 24), ("L", 1024, 1024)]
+
+
+def xray_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A smooth grey image with some texture: (h, w) uint8."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    blob = np.exp(-((yy - rng.uniform(.3, .7)) ** 2 + (xx - rng.uniform(.3, .7)) ** 2) / .05)
+    img = 60 + 120 * blob + 40 * np.sin(8 * xx + rng.uniform(0, 6)) + rng.normal(0, 6, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def save_image(path: Path, mode: str, w: int, h: int, rng: np.random.Generator) -> None:
+    arr = xray_like(rng, h, w)
+    if mode == "I;16":
+        Image.fromarray(arr.astype(np.uint16) * 16).save(path)   # a 12-bit range
+    else:
+        Image.fromarray(arr, "L").convert(mode).save(path)
+
+
+def make_nih(root: Path, n: int = 8, shapes=SHAPES, seed: int = 0, folds: bool = False
+             ) -> pd.DataFrame:
+    """n NIH-named PNGs in root/images (modes and sizes cycled from `shapes`), and a labels
+    file: Data_Entry_2017.csv (one patient per image), or with `folds` a nih_labels-style
+    labels.csv whose folds cycle train, train, val, test. Returns the entries written."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names = [f"{i + 1:08d}_000.png" for i in range(n)]
+    for i, name in enumerate(names):
+        save_image(root / "images" / name, *shapes[i % len(shapes)], rng)
+    findings = [["No Finding"], ["Effusion", "Mass"], ["Hernia"], ["Atelectasis"]]
+    entries = pd.DataFrame({
+        "Image Index": names, "Finding Labels": ["|".join(findings[i % 4]) for i in range(n)],
+        "Follow-up #": 0, "Patient ID": np.arange(1, n + 1), "Patient Age": 50,
+        "Patient Gender": "M", "View Position": "PA", "OriginalImage[Width": 1024,
+        "Height]": 1024, "OriginalImagePixelSpacing[x": 0.14, "y]": 0.14})
+    if folds:
+        table = pd.DataFrame({"Image Index": names, "Patient ID": np.arange(1, n + 1)})
+        for f in NIH_FINDINGS:
+            table[f] = [int(f in findings[i % 4]) for i in range(n)]
+        table["fold"] = [("train", "train", "val", "test")[i % 4] for i in range(n)]
+        table.to_csv(root / "labels.csv", index=False)
+    else:
+        entries[ENTRY_COLUMNS].to_csv(root / "Data_Entry_2017.csv", index=False)
+    return entries
+
+
+def reference(path: str | Path, size: int) -> torch.Tensor:
+    """The reference preprocessing of one file: (3, S, S) normalised."""
+    return build_transform(size, train=False)(load_xray(path))
+
+
+def assert_cache_is_reference(folder: Path, root: Path, size: int) -> None:
+    """Every usable cached row, through batch_transform, is bit-identical to the reference."""
+    index = pd.read_csv(folder / "index.csv", dtype={"image_id": str})
+    images = np.memmap(folder / "images.u8", np.uint8, "r", shape=(len(index), size, size))
+    paths = {p.name: p for p in (root / "images").iterdir()}
+    done = np.load(folder / "done.npy")
+    for row, image_id in zip(index["row"], index["image_id"]):
+        if done[row] != DONE:
+            continue
+        got = cxr_cache.batch_transform(torch.from_numpy(np.array(images[row]))[None, None],
+                                        train=False, out_size=size, generator=None)[0]
+        assert torch.equal(got, reference(paths[image_id], size)), image_id
+
+
+class CountDecodes:
+    """Stands in for cxr_cache.load_xray (one-worker builds run in this process)."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def __call__(self, path):
+        self.names.append(Path(path).name)
+        return load_xray(path)
+
+
+# --------------------------------------------------------------------------------------------
+def test_nih_cache_equals_reference_preprocessing(tmp_path):
+    make_nih(tmp_path, n=8)
+    result = prepare_data.prepare_nih(tmp_path, size=32, labels=tmp_path / "Data_Entry_2017.csv",
+                                      workers=2, chunk_size=3, progress=False)
+    folder = cache_dir(tmp_path, 32)
+    assert result.dir == folder and result.count == 8 and result.decoded == 8 and result.complete
+    labels = pd.read_csv(tmp_path / "nih_labels.csv")
+    assert list(labels.columns) == ["Image Index", "Patient ID", *NIH_FINDINGS, "fold"]
+    assert labels.loc[1, "Effusion"] == 1 and labels.loc[1, "Mass"] == 1
+    assert labels.loc[0, list(NIH_FINDINGS)].sum() == 0
+    index = pd.read_csv(folder / "index.csv")
+    assert list(index["image_id"]) == list(labels["Image Index"])
+    assert (folder / "images.u8").stat().st_size == 8 * 32 * 32
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["version"] == cxr_cache.CACHE_VERSION and manifest["size"] == 32
+    assert manifest["count"] == 8 and manifest["complete"] and manifest["skipped"] == []
+    assert manifest["labels_sha256"] == labels_sha256(tmp_path / "nih_labels.csv")
+    assert manifest["source_root"] == str(tmp_path.resolve()) and manifest["layout"] == ["images"]
+    assert manifest["created"] and manifest["dataset"] == "nih"
+    assert (np.load(folder / "done.npy") == DONE).all()
+    assert_cache_is_reference(folder, tmp_path, 32)
+    cache = open_cache(tmp_path, 32, tmp_path / "nih_labels.csv")
+    assert cache is not None and cache.ids == list(labels["Image Index"])
+
+
+def test_default_split_is_the_committed_file_and_missing_images_stop(tmp_path, capsys):
+    committed = pd.read_csv(DEFAULT_NIH_LABELS, nrows=4)
+    first_absent, committed = committed["Image Index"].iloc[3], committed.iloc[:3]
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for name in committed["Image Index"]:
+        save_image(tmp_path / "images" / name, "L", 64, 64, rng)
+    args = ["nih", "--root", str(tmp_path), "--size", "16", "--workers", "1"]
+    assert prepare_data.main(args) == 2
+    err = capsys.readouterr().err
+    assert "not under the data folder" in err and "--skip-bad" in err
+    assert first_absent in err
+
+    assert prepare_data.main(args + ["--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 112117 listed images" in out
+    assert (tmp_path / "nih_labels.csv").read_bytes() == DEFAULT_NIH_LABELS.read_bytes()
+    folder = cache_dir(tmp_path, 16)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["count"] == 3 and manifest["skipped_count"] == 112_117
+    assert first_absent in (folder / "skip.txt").read_text()
+    cache = open_cache(tmp_path, 16, tmp_path / "nih_labels.csv")
+    assert cache is not None and cache.ids == list(committed["Image Index"])
+
+
+def test_official_folds_follow_the_lists_and_are_patient_disjoint():
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(200), rng.integers(1, 6, 200))
+    ids = [f"{p:08d}_{k:03d}.png" for p, k in zip(patients, range(len(patients)))]
+    table = pd.DataFrame({"Image Index": ids, "Patient ID": patients, "fold": "train"})
+    test_patients = set(range(150, 200))
+    test = [i for i, p in zip(ids, patients) if p in test_patients]
+    train_val = [i for i, p in zip(ids, patients) if p not in test_patients][:-3]  # 3 unlisted
+    out = prepare_data.official_folds(table, train_val, test, seed=0)
+    assert len(out) == len(ids) - 3
+    assert set(out.loc[out["fold"] == "test", "Image Index"]) == set(test)
+    assert out.groupby("Patient ID")["fold"].nunique().max() == 1
+    tv = out[out["fold"] != "test"]
+    assert (tv["fold"] == "val").mean() == pytest.approx(0.125, abs=0.04)
+    with pytest.raises(prepare_data.DataError, match="both"):
+        prepare_data.official_folds(table, train_val, test + train_val[:1])
+
+
+def test_official_split_on_the_command_line(tmp_path):
+    make_nih(tmp_path, n=8, shapes=[("L", 40, 40)])
+    names = [f"{i + 1:08d}_000.png" for i in range(8)]
+    (tmp_path / "test_list.txt").write_text("\n".join(names[:2]) + "\n")
+    (tmp_path / "train_val_list.txt").write_text("\n".join(names[2:]) + "\n")
+    assert prepare_data.main(["nih", "--root", str(tmp_path), "--size", "16", "--workers", "1",
+                              "--labels", str(tmp_path / "Data_Entry_2017.csv"),
+                              "--split", "official"]) == 0
+    labels = pd.read_csv(tmp_path / "nih_labels.csv")
+    assert set(labels.loc[labels["fold"] == "test", "Image Index"]) == set(names[:2])
+    assert set(labels["fold"]) <= {"train", "val", "test"} and len(labels) == 8
+    (tmp_path / "test_list.txt").unlink()
+    with pytest.raises(prepare_data.DataError, match="test_list.txt"):
+        prepare_data.prepare_nih(tmp_path, 16, str(tmp_path / "Data_Entry_2017.csv"), "official")
+
+
+def test_interrupted_build_resumes_without_redoing_images(tmp_path, monkeypatch, capsys):
+    make_nih(tmp_path, n=8)
+    labels = tmp_path / "Data_Entry_2017.csv"
+    first = CountDecodes()
+    monkeypatch.setattr(cxr_cache, "load_xray", first)
+    result = prepare_data.prepare_nih(tmp_path, 32, labels, workers=1, chunk_size=2,
+                                      max_chunks=2, progress=False)
+    assert not result.complete and result.decoded == 4 and len(first.names) == 4
+    assert open_cache(tmp_path, 32, tmp_path / "nih_labels.csv") is None
+    assert "incomplete (4 of 8 images done)" in capsys.readouterr().out
+
+    second = CountDecodes()
+    monkeypatch.setattr(cxr_cache, "load_xray", second)
+    result = prepare_data.prepare_nih(tmp_path, 32, labels, workers=1, chunk_size=2,
+                                      progress=False)
+    assert result.complete and result.decoded == 4
+    assert sorted(first.names + second.names) == sorted(p.name for p in
+                                                        (tmp_path / "images").iterdir())
+    assert "resuming, 4 of 8 images already cached" in capsys.readouterr().out
+    assert_cache_is_reference(cache_dir(tmp_path, 32), tmp_path, 32)
+    third = CountDecodes()
+    monkeypatch.setattr(cxr_cache, "load_xray", third)
+    assert prepare_data.prepare_nih(tmp_path, 32, labels, workers=1).decoded == 0
+    assert third.names == []
+
+
+def test_killed_build_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """SIGKILL after two chunks (no cleanup at all); the rerun decodes only the rest."""
+    make_nih(tmp_path, n=8, shapes=[("L", 64, 64), ("RGB", 64, 48)])
+    labels = tmp_path / "Data_Entry_2017.csv"
+    code = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import prepare_data\n"
+        "kill = lambda k: os.kill(os.getpid(), signal.SIGKILL) if k == 2 else None\n"
+        "prepare_data.prepare_nih(sys.argv[2], 32, sys.argv[3], workers=1, chunk_size=2, "
+        "on_chunk=kill, progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path), str(labels)],
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    folder = cache_dir(tmp_path, 32)
+    assert int((np.load(folder / "done.npy") == DONE).sum()) == 4
+    assert not json.loads((folder / "manifest.json").read_text())["complete"]
+
+    counter = CountDecodes()
+    monkeypatch.setattr(cxr_cache, "load_xray", counter)
+    result = prepare_data.prepare_nih(tmp_path, 32, labels, workers=1, chunk_size=2,
+                                      progress=False)
+    assert result.complete and len(counter.names) == 4
+    assert_cache_is_reference(folder, tmp_path, 32)
+
+
+def test_changed_labels_or_size_rebuild_with_a_message(tmp_path, monkeypatch, capsys):
+    make_nih(tmp_path, n=4, shapes=[("L", 64, 64)])
+    labels = tmp_path / "Data_Entry_2017.csv"
+    prepare_data.prepare_nih(tmp_path, 24, labels, workers=1, progress=False)
+    nih_labels = tmp_path / "nih_labels.csv"
+    assert open_cache(tmp_path, 24, nih_labels) is not None
+    capsys.readouterr()
+
+    entries = pd.read_csv(labels)
+    entries.loc[0, "Finding Labels"] = "Pneumonia"
+    entries.to_csv(labels, index=False)
+    old = nih_labels.read_bytes()
+    prepare_data.write_nih_labels(tmp_path, labels)  # the new labels, cache not rebuilt yet
+    assert open_cache(tmp_path, 24, nih_labels) is None
+    assert "built from another labels file" in capsys.readouterr().out
+    assert (tmp_path / "nih_labels.csv.bak").read_bytes() == old
+
+    counter = CountDecodes()
+    monkeypatch.setattr(cxr_cache, "load_xray", counter)
+    prepare_data.prepare_nih(tmp_path, 24, labels, workers=1, progress=False)
+    out = capsys.readouterr().out
+    assert "labels file changed" in out and "Rebuilding" in out
+    assert len(counter.names) == 4
+    assert open_cache(tmp_path, 24, nih_labels) is not None
+
+    assert open_cache(tmp_path, 28, nih_labels) is None  # another size: its own, absent cache
+    manifest_path = cache_dir(tmp_path, 24) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["size"] = 28
+    manifest_path.write_text(json.dumps(manifest))
+    assert open_cache(tmp_path, 24, nih_labels) is None
+    assert "size 28, not 24" in capsys.readouterr().out
+    counter.names.clear()
+    prepare_data.prepare_nih(tmp_path, 24, labels, workers=1, progress=False)
+    assert "Rebuilding" in capsys.readouterr().out and len(counter.names) == 4
+    assert_cache_is_reference(cache_dir(tmp_path, 24), tmp_path, 24)
+
+
+def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
+    import retrain
+
+    make_nih(tmp_path, n=12, shapes=[("L", 48, 48)], folds=True)
+    bad = tmp_path / "images" / "00000005_000.png"
+    bad.write_bytes(bad.read_bytes()[:80])
+    args = ["nih", "--root", str(tmp_path), "--size", "24", "--workers", "1",
+            "--labels", str(tmp_path / "labels.csv")]
+    assert prepare_data.main(args) == 2
+    err = capsys.readouterr().err
+    assert "00000005_000.png" in err and "cannot be decoded" in err and "--skip-bad" in err
+
+    assert prepare_data.main(args + ["--skip-bad"]) == 0
+    assert "skipped 1 listed images" in capsys.readouterr().out
+    folder = cache_dir(tmp_path, 24)
+    assert (folder / "skip.txt").read_text().startswith("00000005_000.png\t")
+    assert json.loads((folder / "manifest.json").read_text())["skipped"] == ["00000005_000.png"]
+
+    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=24, batch_size=4,
+                              eval_batch_size=4)
+    table, findings, _ = retrain.load_tables(cfg)
+    with pytest.raises(retrain.DataError, match="00000005_000.png"):
+        cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
+    cfg.missing = "skip"
+    loaders = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
+    ids = [i for fold in loaders.values() for _, _, batch_ids in fold for i in batch_ids]
+    assert sorted(ids) == sorted(set(table["image_id"]) - {"00000005_000.png"})
+
+
+def write_chexphoto(base: Path, rng: np.random.Generator) -> Path:
+    """A tiny CheXphoto-v1.1 folder: train.csv and valid.csv, JPEG photos of several kinds."""
+    root = base / "CheXphoto-v1.1"
+    specs = [("train", "natural", 1, "frontal"), ("train", "natural", 1, "lateral"),
+             ("train", "synthetic/digital", 2, "frontal"), ("train", "natural", 3, "frontal"),
+             ("train", "synthetic/photographic", 4, "frontal"), ("train", "natural", 5, "frontal"),
+             ("train", "natural", 6, "frontal"),
+             ("valid", "natural", 64552, "frontal"), ("valid", "synthetic/digital", 64553,
+                                                       "frontal")]
+    rows = {"train": [], "valid": []}
+    for k, (split, kind, patient, view) in enumerate(specs):
+        rel = f"{split}/{kind}/patient{patient:05d}/study1/view1_{view}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(xray_like(rng, 120, 100)).convert("RGB").save(root / rel, quality=90)
+        values = rng.choice([1.0, 0.0, -1.0, np.nan], len(CHEXPERT_OBSERVATIONS))
+        if split == "valid":
+            values = np.where(np.isnan(values) | (values < 0), 0.0, values)
+        rows[split].append({"Path": f"CheXphoto-v1.1/{rel}", "Sex": "Male", "Age": 60,
+                            "Frontal/Lateral": view.capitalize(), "AP/PA": "AP",
+                            **dict(zip(CHEXPERT_OBSERVATIONS, values))})
+    for split, r in rows.items():
+        pd.DataFrame(r).to_csv(root / f"{split}.csv", index=False)
+    return root
+
+
+def test_chexphoto_cache_holds_every_row(tmp_path):
+    import retrain
+
+    root = write_chexphoto(tmp_path, np.random.default_rng(0))
+    result = prepare_data.prepare_chexphoto(tmp_path, size=32, workers=1, progress=False)
+    assert result.dir == cache_dir(root, 32) and result.count == 9 and not result.skipped
+    index = pd.read_csv(result.dir / "index.csv")
+    csv_paths = pd.concat([pd.read_csv(root / "train.csv"), pd.read_csv(root / "valid.csv")])
+    assert sorted(index["image_id"]) == sorted(csv_paths["Path"])  # lateral view included
+    images = np.memmap(result.dir / "images.u8", np.uint8, "r", shape=(9, 32, 32))
+    for row, image_id in zip(index["row"], index["image_id"]):
+        expected = reference(root / image_id.split("/", 1)[1], 32)
+        got = cxr_cache.batch_transform(torch.from_numpy(np.array(images[row]))[None, None],
+                                        False, 32, None)[0]
+        assert torch.equal(got, expected)
+    cache = open_cache(root, 32, [root / "train.csv", root / "valid.csv"])
+    assert cache is not None and cache.manifest["dataset"] == "chexphoto"
+
+    cfg = retrain.TrainConfig(dataset="chexphoto", data=str(tmp_path), image_size=32,
+                              batch_size=2, eval_batch_size=2)
+    table, findings, _ = retrain.load_tables(cfg)  # frontal views only (the default)
+    loaders = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
+    seen = {}
+    for fold, loader in loaders.items():
+        for images_, targets, ids in loader:
+            assert images_.shape[1:] == (3, 32, 32) and targets.shape[1] == len(findings)
+            seen.update({i: t for i, t in zip(ids, targets)})
+    assert set(seen) == set(table["image_id"]) and not any("lateral" in i for i in seen)
+    by_id = table.set_index("image_id")[findings]
+    for image_id, target in seen.items():
+        np.testing.assert_array_equal(target.numpy(), by_id.loc[image_id].to_numpy(np.float32))
