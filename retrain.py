@@ -718,6 +718,10 @@ def fit(cfg: TrainConfig) -> Path:
 
     barrier(ctx)  # rank 0 has written checkpoint.pt
     net.load_state_dict(load_checkpoint(best_path)["model"])
+    # Validation predictions too: decision thresholds are chosen there, never on test.
+    _, probs, targets, ids = evaluate(model, loaders["val"], device, "val", precision, ctx)
+    if ctx.main:
+        write_preds_csv(run_dir / "val_preds.csv", cfg, findings, ids, probs, targets)
     _, probs, targets, ids = evaluate(model, loaders["test"], device, "test", precision, ctx)
     if ctx.main:
         write_predictions(run_dir, cfg, findings, ids, probs, targets)
@@ -729,16 +733,22 @@ def barrier(ctx: Dist) -> None:
         torch.distributed.barrier()
 
 
-def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], ids: list[str],
-                      probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
-    """preds.csv (id, prob_<F>..., ground truth <F>...) and aucs.csv; prints the AUC table."""
+def write_preds_csv(path: Path, cfg: TrainConfig, findings: Sequence[str], ids: list[str],
+                    probs: np.ndarray, targets: np.ndarray) -> None:
+    """id column, prob_<F> per finding (reproduce-chexnet's format), then the ground truth."""
     id_col = "Path" if cfg.dataset == "chexphoto" else "Image Index"
     preds = pd.DataFrame({id_col: ids})
     for k, f in enumerate(findings):
         preds[PROB_PREFIX + f] = probs[:, k]
     for k, f in enumerate(findings):
         preds[f] = targets[:, k]
-    atomic_write_text(preds.to_csv(index=False), run_dir / "preds.csv")
+    atomic_write_text(preds.to_csv(index=False), path)
+
+
+def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], ids: list[str],
+                      probs: np.ndarray, targets: np.ndarray) -> pd.DataFrame:
+    """preds.csv and aucs.csv of the test fold; prints the AUC table."""
+    write_preds_csv(run_dir / "preds.csv", cfg, findings, ids, probs, targets)
     table = auc_table(per_label_auc(targets, probs, findings), with_published=cfg.dataset == "nih")
     atomic_write_text(table.to_csv(index=False), run_dir / "aucs.csv")
     print(f"test fold AUC ({len(ids)} images):")

@@ -87,3 +87,52 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert eval_model.main(["--preds", str(tmp_path / "preds.csv"),
                             "--labels", str(tmp_path / "labels.csv")]) == 2
     assert "40 of 40 predicted images have no labels" in capsys.readouterr().err
+
+
+def test_cli_ci_roc_thresholds_and_compare(tmp_path, capsys):
+    """--ci (patients from NIH names), --roc, --thresholds from val_preds.csv, --compare."""
+    rng = np.random.default_rng(5)
+    findings = NIH_FINDINGS[:3]
+
+    def write(name, n, seed, noise):
+        r = np.random.default_rng(seed)
+        truth = r.integers(0, 2, (n, 3))
+        df = pd.DataFrame({"Image Index": [f"{i // 2:08d}_{i % 2:03d}.png" for i in range(n)]})
+        for k, f in enumerate(findings):
+            df[f"prob_{f}"] = np.clip(truth[:, k] * 0.5 + r.random(n) * noise, 0, 1)
+        for k, f in enumerate(findings):
+            df[f] = truth[:, k]
+        df.to_csv(tmp_path / name, index=False)
+        return df
+
+    a = write("preds.csv", 200, 1, 0.9)
+    write("val_preds.csv", 100, 2, 0.9)
+    b = a.copy()
+    for f in findings:  # run B: the same images, noisier scores
+        b[f"prob_{f}"] = np.clip(a[f"prob_{f}"] + rng.normal(0, 0.3, len(a)), 0, 1)
+    b.to_csv(tmp_path / "b.csv", index=False)
+    assert eval_model.main(["--preds", str(tmp_path / "preds.csv"), "--ci", "--n-boot", "200",
+                            "--roc", str(tmp_path / "roc.png"), "--thresholds",
+                            "--compare", str(tmp_path / "b.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "resamples of patients" in out
+    ci = pd.read_csv(tmp_path / "aucs_ci.csv").set_index("label")
+    assert (ci["ci_low"] <= ci["auc"]).all() and (ci["auc"] <= ci["ci_high"]).all()
+    assert (tmp_path / "roc.png").stat().st_size > 10_000
+    thresholds = pd.read_csv(tmp_path / "thresholds.csv")
+    assert len(thresholds) == 2 * len(findings)
+    cmp = pd.read_csv(tmp_path / "compare.csv").set_index("label")
+    assert (cmp["diff"] > 0).all()  # diff = A - B, and B is noisier
+    assert (cmp["diff_ci_low"] <= cmp["diff"]).all() and cmp["delong_p"].between(0, 1).all()
+    assert "DeLong" in out
+    capsys.readouterr()
+    (tmp_path / "val_preds.csv").unlink()
+    assert eval_model.main(["--preds", str(tmp_path / "preds.csv"), "--thresholds"]) == 2
+    assert "never on test" in capsys.readouterr().err
+
+
+def test_patients_of():
+    assert list(eval_model.patients_of(["00000001_000.png", "00000001_001.png"])) == ["00000001"] * 2
+    assert list(eval_model.patients_of(["X/valid/natural/patient00042/study1/view1_frontal.jpg"])) \
+        == ["patient00042"]
+    assert eval_model.patients_of(["a.png"]) is None
