@@ -47,7 +47,8 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from cxr_dataset import (
-    DEFAULT_NIH_LABELS, DataError, ImageReadError, find_chexphoto_root, load_xray,
+    DEFAULT_NIH_LABELS, DataError, ImageReadError, drops_single_image, find_chexphoto_root,
+    load_xray,
 )
 from labels import IMAGENET_MEAN, IMAGENET_STD
 
@@ -781,12 +782,15 @@ def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str], device: tor
         train = fold == "train"
         if not train and world > 1:
             pos = np.array_split(pos, world)[rank]
+        sampler = train_sampler(len(pos)) if train and train_sampler else None
         loader = CacheLoader(
             cache, rows[pos], table[list(findings)].to_numpy(np.float32)[pos],
             table["image_id"].to_numpy()[pos].tolist(),
             cfg.batch_size // world if train else cfg.eval_batch_size, shuffle=train,
             generator=torch.Generator().manual_seed(cfg.seed),
-            sampler=train_sampler(len(pos)) if train and train_sampler else None,
+            sampler=sampler,
+            drop_last=train and drops_single_image(len(sampler) if sampler is not None else
+                                                   len(pos), cfg.batch_size // world),
             findings=findings, prefetch=1 if pin else 0, pin_memory=pin)
         loaders[fold] = TransformedLoader(loader, train, cfg.image_size, device,
                                           flip=flip and train)

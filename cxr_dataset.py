@@ -100,6 +100,16 @@ def build_transform(image_size: int, train: bool) -> Callable[[Image.Image], tor
     return T.Compose(steps)
 
 
+def drops_single_image(n: int, batch: int) -> bool:
+    """Whether an epoch of n images in batches of `batch` would end on a batch of one image.
+
+    That batch is dropped: BatchNorm cannot normalise a single image whose feature map has
+    shrunk to 1x1 (small --image-size), and one image's gradient step is noise anyway. The
+    order is reshuffled every epoch, so no image is left out systematically.
+    """
+    return batch > 1 and n % batch == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from cxr_cache import cache_loaders
 from cxr_dataset import (
-    CXRDataset, DataError, build_transform, chexphoto_table, nih_table, DEFAULT_NIH_LABELS,
+    CXRDataset, DataError, build_transform, chexphoto_table, drops_single_image, nih_table,
+    DEFAULT_NIH_LABELS,
 )
 from eval_model import PROB_PREFIX, auc_table, format_table, per_label_auc
 from labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
@@ -225,9 +226,10 @@ def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
                             "labels file's fold column, or use more images.")
         train = fold == "train"
         if train:
+            sampler = EpochSampler(len(ds), cfg.seed, ctx.rank, ctx.world)
             loaders[fold] = DataLoader(
-                ds, batch_size=cfg.batch_size // ctx.world,
-                sampler=EpochSampler(len(ds), cfg.seed, ctx.rank, ctx.world),
+                ds, batch_size=cfg.batch_size // ctx.world, sampler=sampler,
+                drop_last=drops_single_image(len(sampler), cfg.batch_size // ctx.world),
                 num_workers=workers, pin_memory=device.type == "cuda")
         else:
             part = Subset(ds, shard(len(ds), ctx).tolist()) if ctx.enabled else ds
@@ -644,7 +646,7 @@ def fit(cfg: TrainConfig) -> Path:
     if loaders is None:
         loaders = make_loaders(cfg, table, findings, device, ctx)
     sampler: EpochSampler = loaders["train"].sampler
-    steps_per_epoch = math.ceil(len(loaders["train"].dataset) / cfg.batch_size)
+    steps_per_epoch = len(loaders["train"])
 
     def last_state(epoch_done: int, in_epoch: EpochProgress | None, stopped: bool) -> dict:
         return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),

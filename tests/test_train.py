@@ -183,3 +183,20 @@ def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
     assert "nih: 120 images" in out
     assert len(pd.read_csv(tmp_path / "run" / "preds.csv")) == len(
         retrain.load_tables(retrain.parse_args(args))[0].query("fold == 'test'"))
+
+
+def test_a_final_batch_of_one_image_is_dropped_not_crashing(demo_root, tmp_path):
+    """BatchNorm cannot train on one image whose feature map is 1x1 (32 px input)."""
+    from cxr_dataset import drops_single_image
+
+    assert drops_single_image(33, 16) and not drops_single_image(34, 16)
+    assert not drops_single_image(5, 1)
+    table, _, _ = retrain.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+                                                          str(demo_root)]))
+    batch = int((table["fold"] == "train").sum()) - 1  # the epoch ends on a single image
+    args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name",
+            "one", *FAST, "--epochs", "1", "--batch-size", str(batch)]
+    assert retrain.main(args) == 0
+    cfg = retrain.parse_args(args)
+    loaders = retrain.make_loaders(cfg, *retrain.load_tables(cfg)[:2], torch.device("cpu"))
+    assert len(loaders["train"]) == 1
