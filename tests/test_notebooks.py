@@ -1,0 +1,77 @@
+"""Every notebook runs top to bottom on the demo data (what a user gets from "Run all")."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = ROOT / "notebooks"
+TINY = {"CHEXNET_IMAGE_SIZE": "32", "CHEXNET_EPOCHS": "1", "CHEXNET_WEIGHTS": "none",
+        "CHEXNET_DEMO_IMAGES": "60"}
+
+
+def execute(name, monkeypatch, **env):
+    for key, value in {**TINY, **env}.items():
+        monkeypatch.setenv(key, str(value))
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return nb
+
+
+def text_of(nb):
+    return "\n".join(o.get("text", "") + json.dumps(o.get("data", {}))
+                     for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_notebooks_are_stored_without_outputs():
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") and not c.get("execution_count")
+                   for c in nb.cells if c.cell_type == "code"), path.name
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from demo_data import make_chexphoto_demo, make_nih_demo
+
+    root = tmp_path_factory.mktemp("nbdemo")
+    make_nih_demo(root / "nih", n_images=60, size=40, seed=5)
+    make_chexphoto_demo(root / "chexphoto", n_train=40, n_valid=18, size=40, seed=5)
+    return root
+
+
+def test_retrain_colab_trains_then_resumes_on_rerun(demo, tmp_path, monkeypatch):
+    env = {"CHEXNET_DATA": demo / "nih", "CHEXNET_OUT": tmp_path, "CHEXNET_NAME": "colab"}
+    nb = execute("Retrain_colab.ipynb", monkeypatch, **env)
+    assert (tmp_path / "colab" / "aucs.csv").is_file()
+    assert "continuing" not in text_of(nb)
+    nb = execute("Retrain_colab.ipynb", monkeypatch, **env, CHEXNET_EPOCHS=2)
+    out = text_of(nb)
+    assert "continuing" in out and "resuming" in out
+    import pandas as pd
+    assert list(pd.read_csv(tmp_path / "colab" / "log_train.csv")["epoch"]) == [1, 2]
+
+
+def test_retrain_chexphoto(demo, tmp_path, monkeypatch):
+    execute("Retrain_chexphoto.ipynb", monkeypatch,
+            CHEXNET_DATA=demo / "chexphoto" / "CheXphoto-v1.1", CHEXNET_OUT=tmp_path)
+    import pandas as pd
+    aucs = pd.read_csv(tmp_path / "chexphoto_run" / "aucs.csv")
+    assert len(aucs) == 14  # 13 findings + mean
+
+
+def test_plot(demo, tmp_path, monkeypatch):
+    import retrain
+
+    assert retrain.main(["--dataset", "demo", "--data", str(demo / "nih"), "--out", str(tmp_path),
+                         "--name", "r", "--image-size", "32", "--weights", "none", "--workers",
+                         "0", "--epochs", "2"]) == 0
+    nb = execute("plot.ipynb", monkeypatch, CHEXNET_RUNS=tmp_path / "r")
+    out = text_of(nb)
+    assert "best_epoch" in out and "image/png" in out
