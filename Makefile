@@ -29,14 +29,27 @@ $(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	@touch $@
 
+# The demo runs the real pipeline: generate data in the NIH format, prepare the uint8 cache
+# once, train (reading the cache), then score the test fold with bootstrap CIs.
 demo: $(VENV)/.deps
 	@test -f $(DEMO_DATA)/nih/Data_Entry_2017.csv || $(PY) demo_data.py --out $(DEMO_DATA) --kind nih
+	$(PY) prepare_data.py nih --root $(DEMO_DATA)/nih --labels $(DEMO_DATA)/nih/Data_Entry_2017.csv --size 64
 	rm -rf $(DEMO_OUT)/demo
 	$(PY) retrain.py --dataset demo --data $(DEMO_DATA)/nih --name demo --out $(DEMO_OUT) $(DEMO_FLAGS)
-	@echo "Demo finished: see $(DEMO_OUT)/demo/ (aucs.csv, preds.csv, log_train.csv, checkpoint.pt)"
+	$(PY) eval_model.py --preds $(DEMO_OUT)/demo/preds.csv --ci --roc $(DEMO_OUT)/demo/roc.png --thresholds
+	@echo "Demo finished: results in $(DEMO_OUT)/demo/ (aucs.csv, aucs_ci.csv, roc.png, preds.csv, log_train.csv, checkpoint.pt)"
+	@$(PY) -c "import pandas as pd; t = pd.read_csv('$(DEMO_OUT)/demo/aucs.csv').set_index('label'); print(f'demo test fold mean AUC: {t.loc[\"mean\", \"auc\"]:.4f}')"
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT)/demo
+
+.PHONY: bench-data bench-bootstrap bench-train
+bench-data: $(VENV)/.deps
+	$(PY) benchmarks/data_pipeline.py
+bench-bootstrap: $(VENV)/.deps
+	$(PY) benchmarks/bootstrap.py
+bench-train: $(VENV)/.deps
+	$(PY) benchmarks/train_throughput.py --check-amp --json benchmarks_train.json

@@ -205,6 +205,14 @@ def flip_batch(images: torch.Tensor, seed: int, rank: int = 0, world: int = 1) -
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which saves last.pt before
+    stopping; a Ctrl-C reaches the whole process group, and a worker dying of it first would
+    end the run without that save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
                  device: torch.device, ctx: Dist = Dist()) -> dict[str, DataLoader]:
     """train / val / test loaders for this process.
@@ -230,11 +238,13 @@ def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
             loaders[fold] = DataLoader(
                 ds, batch_size=cfg.batch_size // ctx.world, sampler=sampler,
                 drop_last=drops_single_image(len(sampler), cfg.batch_size // ctx.world),
-                num_workers=workers, pin_memory=device.type == "cuda")
+                num_workers=workers, pin_memory=device.type == "cuda",
+                worker_init_fn=_ignore_stop_signals)
         else:
             part = Subset(ds, shard(len(ds), ctx).tolist()) if ctx.enabled else ds
             loaders[fold] = DataLoader(part, batch_size=cfg.eval_batch_size,
-                                       num_workers=workers, pin_memory=device.type == "cuda")
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       worker_init_fn=_ignore_stop_signals)
     return loaders
 
 
@@ -519,10 +529,12 @@ def environment_record() -> dict:
     }
 
 
-# Testing hooks: send this process a signal (SIGKILL unless named, e.g. "5:SIGTERM") right after
+# Testing hooks: send this process a signal (SIGKILL unless named, e.g. "5:SIGTERM"; with
+# "5:SIGINT:group" its whole process group) right after
 # optimizer step N (counted over the run), or SIGKILL it in the middle of the Nth last.pt write.
 # They let the tests prove that no kill point loses a run.
 _kill_step, _, _kill_sig = os.environ.get("CHEXNET_TEST_KILL_AT_STEP", "0").partition(":")
+_kill_sig, _, _kill_group = _kill_sig.partition(":")  # "5:SIGINT:group": the process group
 _KILL_AT_STEP, _KILL_SIGNAL = int(_kill_step), getattr(signal, _kill_sig or "SIGKILL")
 _KILL_IN_SAVE = int(os.environ.get("CHEXNET_TEST_KILL_IN_SAVE", "0"))
 _saves = 0
@@ -667,7 +679,10 @@ def fit(cfg: TrainConfig) -> Path:
             nonlocal steps
             steps += 1
             if steps == _KILL_AT_STEP:
-                os.kill(os.getpid(), _KILL_SIGNAL)
+                if _kill_group:  # as a terminal's Ctrl-C: the loader workers get it too
+                    os.killpg(os.getpgid(0), _KILL_SIGNAL)
+                else:
+                    os.kill(os.getpid(), _KILL_SIGNAL)
             halt = stop_requested()
             if halt or (cfg.save_every and steps % cfg.save_every == 0):
                 if ctx.main:

@@ -96,3 +96,24 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(demo_root, refer
     finished = run(demo_root, tmp_path, "midwrite", "--resume")
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert_same_weights(weights(reference / "last.pt"), weights(run_dir / "last.pt"))
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_signal_to_the_whole_process_group_with_loader_workers(demo_root, tmp_path, name):
+    """Ctrl-C in a terminal signals the loader workers too; the run must still save last.pt and
+    stop cleanly. (Workers also ignore SIGINT/SIGTERM from other senders, e.g. pkill, which
+    would otherwise kill them before the save; this test cannot tell those senders apart.)"""
+    import signal as sig
+
+    args = [a if a != "0" else "2" for a in ARGS]  # --workers 2 (the only "0" in ARGS)
+    cmd = [sys.executable, str(ROOT / "retrain.py"), "--data", str(demo_root), "--out",
+           str(tmp_path), "--name", "ctrlc", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "CHEXNET_TEST_KILL_AT_STEP": f"2:{name}:group"}
+    # A session of its own, so the signal to the group reaches only training and its workers.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                          start_new_session=True, timeout=600)
+    assert proc.returncode == 128 + getattr(sig, name), proc.stderr[-2000:]
+    assert f"stopped by {name} in epoch 1 after batch 2" in proc.stderr
+    state = torch.load(tmp_path / "ctrlc" / "last.pt", weights_only=True)
+    assert state["in_epoch"]["batches"] == 2
