@@ -1,0 +1,192 @@
+"""report.py: one self-contained HTML file per run (every section, embedded PNGs, no external
+resource), its fallbacks for missing files, the CLI's errors, and a headless Chromium render."""
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import report
+import retrain
+import visualize_prediction
+
+PNG_URI = "data:image/png;base64,"
+# Sections whose content is a figure (the others are tables and notes).
+WITH_IMAGE = ("convergence", "aucs", "roc", "heatmaps", "compare")
+
+
+class ReportParser(HTMLParser):
+    """Collects section ids, their h2 text, their images, and every src/href/script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, dict] = {}
+        self.current: str | None = None
+        self.in_h2 = False
+        self.urls: list[str] = []
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.add(tag)
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v is not None]
+        if tag == "section":
+            self.current = a["id"]
+            self.sections[self.current] = {"h2": "", "images": [], "text": ""}
+        elif tag == "h2":
+            self.in_h2 = True
+        elif tag == "img" and self.current is not None:
+            self.sections[self.current]["images"].append(a.get("src") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "section":
+            self.current = None
+        elif tag == "h2":
+            self.in_h2 = False
+
+    def handle_data(self, data: str) -> None:
+        if self.current is not None:
+            self.sections[self.current]["text"] += data
+            if self.in_h2:
+                self.sections[self.current]["h2"] += data
+
+
+def parse(path: Path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished one-epoch demo run (tiny: 40 images of 32 px)."""
+    from demo_data import make_nih_demo
+
+    base = tmp_path_factory.mktemp("report_run")
+    make_nih_demo(base / "nih", n_images=40, size=32, seed=0)
+    code = retrain.main(["--dataset", "demo", "--data", str(base / "nih"), "--out",
+                         str(base / "results"), "--name", "r", "--image-size", "32",
+                         "--batch-size", "8", "--weights", "none", "--workers", "0",
+                         "--epochs", "1"])
+    assert code == 0
+    return base / "results" / "r"
+
+
+@pytest.fixture(scope="module")
+def report_html(run_dir) -> Path:
+    # Compared with itself: exercises the paired comparison without a second training run.
+    return report.build_report(run_dir, n_boot=50, compare_to=run_dir)
+
+
+def test_report_has_every_section_with_embedded_images(report_html, run_dir):
+    assert report_html == run_dir / "report.html"
+    doc = parse(report_html)
+    assert list(doc.sections) == list(report.SECTIONS)
+    for sid, content in doc.sections.items():
+        assert content["h2"] == report.SECTIONS[sid]
+    for sid in WITH_IMAGE:
+        images = doc.sections[sid]["images"]
+        assert images, f"section {sid} has no image"
+        for src in images:
+            assert src.startswith(PNG_URI)
+            with Image.open(io.BytesIO(base64.b64decode(src[len(PNG_URI):]))) as img:
+                assert img.format == "PNG" and min(img.size) > 50
+    # Self-contained: no scripts, no stylesheet links, only in-page anchors and data URIs.
+    assert not doc.tags & {"script", "link", "iframe", "object", "embed"}
+    for url in doc.urls:
+        assert url.startswith(("#", "data:")), url
+        assert "http" not in url.split(",")[0]
+    assert "http://" not in report_html.read_text() and "https://" not in report_html.read_text()
+
+
+def test_report_contents(report_html):
+    doc = parse(report_html)
+    text = {sid: c["text"] for sid, c in doc.sections.items()}
+    # Environment and settings from run_record.json / config.json.
+    assert "git_commit" in text["config"] and "torch" in text["config"]
+    assert "image_size" in text["config"]
+    assert "best epoch 1 of 1" in text["convergence"]
+    # Published figures for a 14-finding demo run, labelled as other splits.
+    assert "CheXNet paper (own test split)" in text["aucs"]
+    assert "reproduce-chexnet (own test split)" in text["aucs"]
+    assert "0.9248" in text["aucs"]          # CheXNet's Cardiomegaly, from labels.py
+    assert "resamples of the" in text["aucs"] and "patients" in text["aucs"]
+    assert "youden(val)" in text["thresholds"]
+    assert "rendered by" in text["heatmaps"]
+    assert "Paired AUC comparison" in text["compare"]
+
+
+def test_report_without_optional_files(run_dir, tmp_path):
+    """Only preds.csv and config.json: the report still builds, saying what is missing."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("preds.csv", "config.json"):
+        shutil.copy(run_dir / name, bare / name)
+    out = report.build_report(bare, tmp_path / "bare.html", n_boot=20)
+    doc = parse(out)
+    assert "compare" not in doc.sections
+    assert list(doc.sections) == [s for s in report.SECTIONS if s != "compare"]
+    text = {sid: c["text"] for sid, c in doc.sections.items()}
+    assert "run_record.json not found" in text["config"]
+    assert "no training curves" in text["convergence"]
+    assert "val_preds.csv not found" in text["thresholds"]
+    assert "checkpoint.pt not found" in text["heatmaps"]
+    assert doc.sections["roc"]["images"]
+
+
+def test_fallback_gallery_without_visualize_gallery(run_dir, tmp_path, monkeypatch):
+    run = report.read_run(run_dir)
+    label = report.prevalent_findings(run)[0]
+    monkeypatch.delattr(visualize_prediction, "gallery", raising=False)
+    png, how = report.render_gallery(run, label, 2, tmp_path / "g.png", None)
+    assert how == "report.fallback_gallery"
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+        assert np.asarray(img.convert("L")).std() > 5
+
+
+def test_cli_errors_name_the_file(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert str(tmp_path / "empty" / "preds.csv") in capsys.readouterr().err
+
+
+def test_headless_chromium_renders_report(request, tmp_path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    # Asked for only now, so that a machine without chromium skips without training a run.
+    report_html: Path = request.getfixturevalue("report_html")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             # Console messages (JS errors, blocked loads) go to stderr only with this.
+             "--enable-logging=stderr", "--window-size=1200,3000"]
+    url = report_html.resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    # timeout: a guard against a hung browser, not a speed requirement.
+    done = subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for sid, title in report.SECTIONS.items():
+        assert f'<section id="{sid}">' in dom.stdout
+        assert f"<h2>{title}</h2>" in dom.stdout
+    for stderr in (done.stderr, dom.stderr):
+        assert "Uncaught" not in stderr
+        assert "Content Security Policy" not in stderr      # nothing tried to load
+    with Image.open(shot) as img:
+        assert img.format == "PNG" and img.size == (1200, 3000)
+        pixels = np.asarray(img.convert("L"))
+    assert pixels.std() > 10 and len(np.unique(pixels)) > 50
