@@ -75,3 +75,25 @@ def test_plot(demo, tmp_path, monkeypatch):
     nb = execute("plot.ipynb", monkeypatch, CHEXNET_RUNS=tmp_path / "r")
     out = text_of(nb)
     assert "best_epoch" in out and "image/png" in out
+
+
+def test_explore_nih_on_the_demo(demo, tmp_path, monkeypatch):
+    nb = execute("Explore_nihdataset.ipynb", monkeypatch, CHEXNET_DATA=demo / "nih")
+    out = text_of(nb)
+    assert "60 images" in out and out.count("image/png") >= 5
+
+
+def test_explore_nih_on_the_real_sample(monkeypatch):
+    from conftest import shared
+
+    images = shared("nih", "images")
+    nb = execute("Explore_nihdataset.ipynb", monkeypatch, CHEXNET_DATA=images.parent,
+                 CHEXNET_LABELS=shared("nih", "Data_Entry_2017_v2020.csv.gz"),
+                 CHEXNET_MISSING="skip")
+    assert "120 images" in text_of(nb)
+
+
+def test_explore_chexphoto_on_the_demo(demo, monkeypatch):
+    nb = execute("Explore_chexphotodataset.ipynb", monkeypatch,
+                 CHEXNET_DATA=demo / "chexphoto" / "CheXphoto-v1.1")
+    assert text_of(nb).count("image/png") >= 5
