@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Idle OpenMP threads sleep instead of spinning: on 2 shared cores spinning made CPU training
+# 10-30x slower (see retrain.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 DEMO_DATA ?= data/demo
 DEMO_OUT ?= results
 # The demo recipe: DenseNet-121 from scratch (no download) on 64x64 phantoms, sized to finish

@@ -1,8 +1,13 @@
 """Shared fixtures. The repo root goes on sys.path so tests import the scripts as modules."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# As retrain.py does, before anything imports torch: the suite runs on 2 shared cores, where
+# spinning OpenMP threads slow every CPU training step 10-30x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
