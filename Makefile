@@ -39,7 +39,7 @@ demo: $(VENV)/.deps
 	$(PY) prepare_data.py nih --root $(DEMO_DATA)/nih --labels $(DEMO_DATA)/nih/Data_Entry_2017.csv --size 64
 	rm -rf $(DEMO_OUT)/demo
 	$(PY) retrain.py --dataset demo --data $(DEMO_DATA)/nih --name demo --out $(DEMO_OUT) $(DEMO_FLAGS)
-	$(PY) eval_model.py --preds $(DEMO_OUT)/demo/preds.csv --ci --roc $(DEMO_OUT)/demo/roc.png --thresholds
+	$(PY) eval_model.py --preds $(DEMO_OUT)/demo/preds.csv --ci --roc $(DEMO_OUT)/demo/roc.png --thresholds --no-published
 	@echo "Demo finished: results in $(DEMO_OUT)/demo/ (aucs.csv, aucs_ci.csv, roc.png, preds.csv, log_train.csv, checkpoint.pt)"
 	@$(PY) -c "import pandas as pd; t = pd.read_csv('$(DEMO_OUT)/demo/aucs.csv').set_index('label'); print(f'demo test fold mean AUC: {t.loc[\"mean\", \"auc\"]:.4f}')"
 

@@ -69,6 +69,7 @@ def test_cli_scores_preds_alone_and_writes_table(tmp_path, capsys):
     assert table.loc["Atelectasis", "auc"] == pytest.approx(
         roc_auc_score(truth[:, 0], df["prob_Atelectasis"]))
     assert math.isnan(table.loc["Hernia", "auc"])
+    assert "CheXNet paper" in table.columns
     assert table.loc["mean", "auc"] == pytest.approx(table["auc"].iloc[:13].mean())
     captured = capsys.readouterr()
     assert "AUC undefined for Hernia" in captured.err
@@ -136,3 +137,9 @@ def test_patients_of():
     assert list(eval_model.patients_of(["X/valid/natural/patient00042/study1/view1_frontal.jpg"])) \
         == ["patient00042"]
     assert eval_model.patients_of(["a.png"]) is None
+
+
+def test_no_published_columns_on_request(tmp_path):
+    make_preds(tmp_path / "preds.csv")
+    assert eval_model.main(["--preds", str(tmp_path / "preds.csv"), "--no-published"]) == 0
+    assert "CheXNet paper" not in pd.read_csv(tmp_path / "aucs.csv").columns
