@@ -97,3 +97,18 @@ def test_explore_chexphoto_on_the_demo(demo, monkeypatch):
     nb = execute("Explore_chexphotodataset.ipynb", monkeypatch,
                  CHEXNET_DATA=demo / "chexphoto" / "CheXphoto-v1.1")
     assert text_of(nb).count("image/png") >= 5
+
+
+def test_explore_predictions(demo, tmp_path, monkeypatch):
+    import retrain
+
+    assert retrain.main(["--dataset", "demo", "--data", str(demo / "nih"), "--out", str(tmp_path),
+                         "--name", "p", "--image-size", "32", "--weights", "none", "--workers",
+                         "0", "--epochs", "1"]) == 0
+    nb = execute("Explore_Predictions.ipynb", monkeypatch, CHEXNET_RUN=tmp_path / "p",
+                 CHEXNET_LABEL="Effusion", CHEXNET_TOP=4,
+                 CHEXNET_BOXES=demo / "nih" / "BBox_List_2017.csv")
+    out = text_of(nb)
+    assert "[" in out and "mean" in out           # the CI table
+    assert out.count("image/png") >= 2             # ROC + gallery
+    assert "hit_rate" in out and "centre_hit_rate" in out  # pointing game vs the centre
