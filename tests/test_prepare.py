@@ -293,7 +293,8 @@ def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
     assert (folder / "skip.txt").read_text().startswith("00000005_000.png\t")
     assert json.loads((folder / "manifest.json").read_text())["skipped"] == ["00000005_000.png"]
 
-    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=24, batch_size=4,
+    # Training batches of 1: no epoch ends on a dropped single-image batch, so every image shows.
+    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=24, batch_size=1,
                               eval_batch_size=4)
     table, findings, _ = retrain.load_tables(cfg)
     with pytest.raises(retrain.DataError, match="00000005_000.png"):
@@ -348,7 +349,7 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
     assert cache is not None and cache.manifest["dataset"] == "chexphoto"
 
     cfg = retrain.TrainConfig(dataset="chexphoto", data=str(tmp_path), image_size=32,
-                              batch_size=2, eval_batch_size=2)
+                              batch_size=1, eval_batch_size=2)
     table, findings, _ = retrain.load_tables(cfg)  # frontal views only (the default)
     loaders = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
     seen = {}
