@@ -636,6 +636,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, n_boot: int
                                             for k, v in headline) + "</div>",
         "<nav>" + "".join(f'<a href="#{s}">{_esc(SECTIONS[s])}</a>' for s in ids) + "</nav>",
         "</header><main>", *sections, "</main></body></html>", ""])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     retrain.atomic_write_text(page, out)
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -393,9 +394,12 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
-        raise SaveError(f"could not write {path}: {err.strerror or err} ({kept}). Free some "
-                        "space (a checkpoint needs ~60 MB) and run the same command with "
-                        "--resume.") from err
+        if err.errno == errno.ENOSPC:
+            fix = ("Free some space (a checkpoint needs ~60 MB) and run the same command with "
+                   "--resume.")
+        else:
+            fix = f"Check that {path.parent} exists and is writable."
+        raise SaveError(f"could not write {path}: {err.strerror or err} ({kept}). {fix}") from err
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:

@@ -146,3 +146,9 @@ def test_no_swallowed_exceptions_in_the_code():
                 if "re-raise" not in line and "re-raises" not in line:
                     offenders.append(f"{path.relative_to(ROOT)}:{no}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_unwritable_folder_message_does_not_blame_the_disk(tmp_path):
+    with pytest.raises(retrain.SaveError) as err:
+        retrain.atomic_write_text("x", tmp_path / "absent" / "f.txt")
+    assert "exists and is writable" in str(err.value) and "Free some space" not in str(err.value)
