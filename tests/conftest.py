@@ -23,3 +23,12 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (the shared sample data is optional)")
     return path
+
+
+def nih_demo(tmp_path_factory, n_images: int, size: int, seed: int) -> Path:
+    """A small NIH-format demo dataset (demo_data.make_nih_demo) in a fresh temp folder."""
+    from demo_data import make_nih_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_nih_demo(root, n_images=n_images, size=size, seed=seed)
+    return root

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import retrain
+from conftest import nih_demo
 from cxr_dataset import ImageReadError, load_xray
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
@@ -24,11 +25,7 @@ FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "-
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from demo_data import make_nih_demo
-
-    root = tmp_path_factory.mktemp("demo")
-    make_nih_demo(root, n_images=40, size=40, seed=2)
-    return root
+    return nih_demo(tmp_path_factory, n_images=40, size=40, seed=2)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, nih_demo
 
 ARGS = ["--dataset", "demo", "--image-size", "32", "--batch-size", "8", "--eval-batch-size", "32",
         "--weights", "none", "--workers", "0", "--epochs", "2", "--patience", "5",
@@ -18,11 +18,7 @@ ARGS = ["--dataset", "demo", "--image-size", "32", "--batch-size", "8", "--eval-
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from demo_data import make_nih_demo
-
-    root = tmp_path_factory.mktemp("demo")
-    make_nih_demo(root, n_images=48, size=40, seed=1)
-    return root
+    return nih_demo(tmp_path_factory, n_images=48, size=40, seed=1)
 
 
 def run(root, out, name, *extra, env=None):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, nih_demo
 
 ARGS = ["--dataset", "demo", "--image-size", "64", "--batch-size", "16", "--eval-batch-size", "16",
         "--weights", "none", "--workers", "0", "--epochs", "2", "--patience", "5",
@@ -22,11 +22,7 @@ LOSS_RTOL, PROB_ATOL = 0.02, 0.03
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from demo_data import make_nih_demo
-
-    root = tmp_path_factory.mktemp("demo")
-    make_nih_demo(root, n_images=64, size=64, seed=3)
-    return root
+    return nih_demo(tmp_path_factory, n_images=64, size=64, seed=3)
 
 
 def launch(root, out, name, procs, *extra, env=None, port=29500):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import retrain
+from conftest import nih_demo
 import runtime
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
@@ -14,11 +15,7 @@ FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "-
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from demo_data import make_nih_demo
-
-    root = tmp_path_factory.mktemp("demo")
-    make_nih_demo(root, n_images=40, size=40, seed=4)
-    return root
+    return nih_demo(tmp_path_factory, n_images=40, size=40, seed=4)
 
 
 def train(root, out, name, *extra):

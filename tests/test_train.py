@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import retrain
-from conftest import shared
+from conftest import nih_demo, shared
 from labels import NIH_FINDINGS
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
@@ -18,11 +18,7 @@ FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "-
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from demo_data import make_nih_demo
-
-    root = tmp_path_factory.mktemp("demo")
-    make_nih_demo(root, n_images=64, size=48, seed=0)
-    return root
+    return nih_demo(tmp_path_factory, n_images=64, size=48, seed=0)
 
 
 def train(root, out, name, *extra):
