@@ -404,18 +404,6 @@ def thresholds_section(run: Run) -> str:
         f"{html_table(report, total_label=None)}</details>"]))
 
 
-def _train_config(run_dir: Path, data: str | None) -> retrain.TrainConfig:
-    """The run's TrainConfig from config.json (unknown keys ignored), `data` overriding."""
-    config = _read_json(run_dir / "config.json")
-    if config is None:
-        raise DataError(f"{run_dir / 'config.json'}: not found; cannot find the test images.")
-    names = {f.name for f in dataclasses.fields(retrain.TrainConfig)}
-    cfg = retrain.TrainConfig(**{k: v for k, v in config.items() if k in names})
-    if data is not None:
-        cfg.data = data
-    return cfg
-
-
 def fallback_gallery(run_dir: str | Path, label: str, top: int, out: str | Path,
                      data: str | None = None) -> Path:
     """A minimal CAM grid, for when visualize_prediction has no `gallery`: the `top` test
@@ -440,7 +428,7 @@ def fallback_gallery(run_dir: str | Path, label: str, top: int, out: str | Path,
                                           kind="stable").head(top)
     if chosen.empty:
         raise DataError(f"{run_dir / 'preds.csv'}: no true or predicted positive of {label}.")
-    table, _, _ = retrain.load_tables(_train_config(run_dir, data))
+    table, _, _ = retrain.load_tables(retrain.load_run_config(run_dir, data))
     paths = table.set_index("image_id")["path"]
     ids = chosen[id_col].astype(str).tolist()
     absent = [i for i in ids if i not in paths.index]

@@ -788,6 +788,33 @@ def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], 
     return table
 
 
+def load_run_config(run_dir: str | os.PathLike, data: str | None = None) -> TrainConfig:
+    """The TrainConfig of a run folder, from its config.json (keys it does not know ignored).
+
+    Args:
+        run_dir: folder written by retrain.py.
+        data: dataset folder to use instead of the recorded one (moved data, or a run trained
+            from another working directory: the recorded path may be relative).
+
+    Raises:
+        DataError: no config.json, not JSON, or not a retrain.py config.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; expected a run folder written by retrain.py.")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err}).") from err
+    if not isinstance(config, dict) or "dataset" not in config:
+        raise DataError(f"{path}: no 'dataset' entry; not a retrain.py config.")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in config.items() if k in names})
+    if data is not None:
+        cfg.data = data
+    return cfg
+
+
 def batch_size_arg(text: str) -> int:
     """argparse type for --batch-size: a positive integer, or 'auto' (stored as -1)."""
     if text == "auto":

@@ -20,7 +20,6 @@ predictions (`preds.csv`) into one grid, with the probability and the ground tru
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -44,10 +43,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 METHODS = ("cam", "gradcam")
-# Run settings that decide which images are in which fold (and where they are on disk); the
-# rest of config.json (lr, epochs, ...) is irrelevant to finding a run's test images again.
-TABLE_KEYS = ("dataset", "data", "labels", "seed", "missing", "uncertainty", "source", "view",
-              "no_finding")
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,38 +210,8 @@ def render(image: np.ndarray, cam: np.ndarray, title: str, out: str | Path) -> N
 # Runs and galleries
 # --------------------------------------------------------------------------------------------
 def run_config(run_dir: str | Path, data: str | None = None) -> retrain.TrainConfig:
-    """The TrainConfig of a run folder, rebuilt through `retrain.parse_args` from config.json.
-
-    Args:
-        run_dir: folder written by retrain.py (config.json, checkpoint.pt, preds.csv).
-        data: dataset folder to use instead of the recorded one (moved data, or a run trained
-            from another working directory: the recorded path may be relative).
-
-    Raises:
-        DataError: no config.json, or it is not a retrain.py config.
-    """
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; --run takes a folder written by retrain.py.")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err}).") from err
-    if not isinstance(config, dict) or "dataset" not in config:
-        raise DataError(f"{path}: no 'dataset' entry; not a retrain.py config.")
-    if data is not None:
-        config["data"] = data
-    argv: list[str] = []
-    for key in TABLE_KEYS:
-        value = config.get(key)
-        if value is None or value is False:
-            continue
-        argv.append("--" + key.replace("_", "-"))
-        if value is not True:
-            argv.append(str(value))
-    if "image_size" in config:
-        argv += ["--image-size", str(config["image_size"])]
-    return retrain.parse_args(argv)
+    """The TrainConfig of a run folder (see `retrain.load_run_config`)."""
+    return retrain.load_run_config(run_dir, data)
 
 
 def run_test_table(run_dir: str | Path, data: str | None = None
