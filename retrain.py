@@ -320,16 +320,23 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         with autocast(device, precision.amp):
             logits = model(precision.prepare(images))
         loss = masked_bce_with_logits(logits, targets)  # in fp32 whatever the autocast
-        n = int((~torch.isnan(targets)).sum())
-        loss_sum, count, bad = all_sum([float(loss.detach()) * n, n,
-                                        float(not torch.isfinite(loss))], ctx, device)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        # One read-back per step, after the backward is queued: the GPU runs the forward and
+        # backward while Python is still launching them (reading the loss right after the
+        # forward would leave the GPU idle while the backward is launched). The update is
+        # applied only after the check, so a non-finite step changes no weight.
+        with torch.no_grad():
+            n = (~torch.isnan(targets)).sum().to(torch.float64)
+            stats = torch.stack([loss.detach().double() * n, n,
+                                 (~torch.isfinite(loss.detach())).double()])
+        loss_sum, count, bad = all_sum(stats, ctx, device)
         if bad:
+            optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(
                 f"loss is {float(loss.detach())} at epoch {progress.epoch}, batch "
                 f"{progress.batches + 1}; images: {', '.join(ids)}. Check these images and "
                 "labels, or lower --lr. The last good checkpoints are kept.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         progress.loss_sum += loss_sum
@@ -354,7 +361,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
          image ids (N,))
     """
     model.eval()
-    total, count = 0.0, 0
+    # Sums and outputs stay on the device until the end: no host-device wait per batch.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, labelled entries
     probs, targets_all, ids = [], [], []
     for images, targets, image_ids in tqdm(loader, desc=desc, unit="batch", leave=False,
                                            dynamic_ncols=True, disable=not ctx.main):
@@ -362,16 +370,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
         targets = targets.to(device, non_blocking=True)
         with autocast(device, precision.amp):
             logits = model(precision.prepare(images)).float()
-        total += float(masked_bce_with_logits(logits, targets, reduction="sum"))
-        count += int((~torch.isnan(targets)).sum())
-        probs.append(torch.sigmoid(logits).cpu().numpy())
-        targets_all.append(targets.cpu().numpy())
+        sums[0] += masked_bce_with_logits(logits, targets, reduction="sum").double()
+        sums[1] += (~torch.isnan(targets)).sum()
+        probs.append(torch.sigmoid(logits))
+        targets_all.append(targets)
         ids.extend(image_ids)
-    total, count = all_sum([total, count], ctx, device)
+    total, count = all_sum(sums, ctx, device)
     k = len(loader.dataset.dataset.findings) if isinstance(loader.dataset, Subset) else \
         len(loader.dataset.findings)
-    local = (np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
-             np.concatenate(targets_all) if targets_all else np.zeros((0, k), np.float32), ids)
+    local = (torch.cat(probs).cpu().numpy() if probs else np.zeros((0, k), np.float32),
+             torch.cat(targets_all).float().cpu().numpy() if targets_all
+             else np.zeros((0, k), np.float32), ids)
     parts = gather_in_order(local, ctx)
     return (total / max(count, 1), np.concatenate([p[0] for p in parts]),
             np.concatenate([p[1] for p in parts]), [i for p in parts for i in p[2]])

@@ -60,8 +60,19 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_sum(values: Sequence[float], ctx: Dist, device: torch.device) -> list[float]:
-    """Sum numbers over all processes (float64, so loss sums stay exact enough)."""
+def all_sum(values: Sequence[float] | torch.Tensor, ctx: Dist,
+            device: torch.device) -> list[float]:
+    """Sum numbers over all processes (float64, so loss sums stay exact enough).
+
+    `values` may be a 1-D tensor on the training device: it is reduced there and read back
+    once, which is the only point where the host waits for the GPU.
+    """
+    if isinstance(values, torch.Tensor):
+        t = values.detach().to(torch.float64)
+        if ctx.enabled:
+            t = t.to(device if device.type == "cuda" else "cpu")
+            dist.all_reduce(t)
+        return t.tolist()
     if not ctx.enabled:
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64,

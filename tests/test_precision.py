@@ -101,3 +101,59 @@ def test_memory_efficient_densenet_matches_standard():
     x = torch.randn(2, 3, 64, 64)
     a.eval(), b.eval()
     torch.testing.assert_close(a(x), b(x))
+
+
+class _Linear(torch.nn.Module):
+    """A tiny 14-output model on 3 x 4 x 4 images, to drive train_one_epoch / evaluate."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(48, 14)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _batches(n_batches: int, poison: int | None = None):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for b in range(n_batches):
+        images = torch.randn(4, 3, 4, 4, generator=g)
+        if b == poison:
+            images[0, 0, 0, 0] = float("inf")
+        targets = (torch.rand(4, 14, generator=g) > 0.7).float()
+        targets[0, 3] = float("nan")  # a masked label: not counted
+        out.append((images, targets, [f"img{b}_{i}.png" for i in range(4)]))
+    return out
+
+
+def test_train_step_bookkeeping_and_a_non_finite_step_changes_no_weight():
+    """One read-back per step (after the backward): the logged loss is still the mean per
+    labelled entry, and a non-finite loss stops before the optimizer touches the weights."""
+    model = _Linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: the loss can be replayed
+    progress = retrain.EpochProgress(1)
+    batches = _batches(3)
+    retrain.train_one_epoch(model, batches, opt, torch.device("cpu"), progress)
+    assert progress.batches == 3 and progress.count == 3 * (4 * 14 - 1)
+    with torch.no_grad():  # replay: the same per-batch flips, the loss summed per entry
+        want = sum(float(model_loss) for model_loss in (
+            retrain.masked_bce_with_logits(model(retrain.flip_batch(
+                x, (0 * 1_000_003 + 1) * 100_003 + b, 0, 1)), y, reduction="sum")
+            for b, (x, y, _) in enumerate(batches)))
+    assert progress.loss_sum == pytest.approx(want, rel=1e-6)
+
+    model = _Linear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    progress = retrain.EpochProgress(1)
+    good = _batches(1)
+    retrain.train_one_epoch(model, good, opt, torch.device("cpu"), progress)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    momentum = opt.state[model.fc.weight]["momentum_buffer"].clone()
+    with pytest.raises(retrain.NonFiniteLoss, match="img0_0.png"):
+        retrain.train_one_epoch(model, _batches(1, poison=0), opt, torch.device("cpu"), progress)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(opt.state[model.fc.weight]["momentum_buffer"], momentum)
+    assert progress.batches == 1  # the bad step is not counted either
