@@ -54,8 +54,9 @@ from eval_model import PROB_PREFIX, auc_table, format_table, per_label_auc
 from labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
 from model import WeightsUnavailable, build_model, masked_bce_with_logits
 from runtime import (
-    AMP_CHOICES, Dist, all_sum, autocast, gather_in_order, grad_scaler, init_distributed,
-    maybe_compile, probe_batch_size, resolve_amp, scaled_lr, shard, shutdown_distributed,
+    AMP_CHOICES, Dist, all_sum, any_process, autocast, gather_in_order, grad_scaler,
+    init_distributed, maybe_compile, probe_batch_size, resolve_amp, scaled_lr, shard,
+    shutdown_distributed,
 )
 
 DATASETS = ("nih", "chexphoto", "demo")
@@ -550,10 +551,12 @@ def environment_record() -> dict:
 # Testing hooks: send this process a signal (SIGKILL unless named, e.g. "5:SIGTERM"; with
 # "5:SIGINT:group" its whole process group) right after
 # optimizer step N (counted over the run), or SIGKILL it in the middle of the Nth last.pt write.
+# Under torchrun CHEXNET_TEST_KILL_RANK=R signals only process R (default: every process).
 # They let the tests prove that no kill point loses a run.
 _kill_step, _, _kill_sig = os.environ.get("CHEXNET_TEST_KILL_AT_STEP", "0").partition(":")
 _kill_sig, _, _kill_group = _kill_sig.partition(":")  # "5:SIGINT:group": the process group
 _KILL_AT_STEP, _KILL_SIGNAL = int(_kill_step), getattr(signal, _kill_sig or "SIGKILL")
+_KILL_RANK = int(os.environ.get("CHEXNET_TEST_KILL_RANK", "-1"))
 _KILL_IN_SAVE = int(os.environ.get("CHEXNET_TEST_KILL_IN_SAVE", "0"))
 _saves = 0
 
@@ -691,12 +694,12 @@ def fit(cfg: TrainConfig) -> Path:
     with StopRequest() as stop:
         def stop_requested() -> bool:
             """A signal reached any process (torchrun forwards them to all)."""
-            return bool(all_sum([float(stop.signum is not None)], ctx, device)[0])
+            return any_process(stop.signum is not None, ctx)
 
         def on_step(progress: EpochProgress) -> None:
             nonlocal steps
             steps += 1
-            if steps == _KILL_AT_STEP:
+            if steps == _KILL_AT_STEP and _KILL_RANK in (-1, ctx.rank):
                 if _kill_group:  # as a terminal's Ctrl-C: the loader workers get it too
                     os.killpg(os.getpgid(0), _KILL_SIGNAL)
                 else:

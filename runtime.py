@@ -38,11 +38,17 @@ class Dist:
         return self.world > 1
 
 
+# A gloo group beside the training one, for agreements made on the host (stop requests): over
+# NCCL, each of those would make the host wait for the GPU to finish its queued work.
+_host_group = None
+
+
 def init_distributed(device_name: str) -> Dist:
     """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1).
 
-    NCCL on CUDA, gloo on CPU (what the tests use).
+    NCCL on CUDA, gloo on CPU (what the tests use); plus a gloo group for host-side flags.
     """
+    global _host_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -52,12 +58,25 @@ def init_distributed(device_name: str) -> Dist:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    _host_group = dist.new_group(backend="gloo")
     return Dist(rank, world, local_rank)
 
 
+def any_process(flag: bool, ctx: Dist) -> bool:
+    """True where `flag` is true on at least one process; a CPU collective that never waits
+    for a GPU."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, group=_host_group)
+    return bool(t.item())
+
+
 def shutdown_distributed() -> None:
+    global _host_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def all_sum(values: Sequence[float] | torch.Tensor, ctx: Dist,

@@ -82,6 +82,24 @@ def test_resume_after_kill_mid_epoch_under_ddp(demo_root, runs, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
+def test_sigterm_to_one_process_stops_all_at_the_same_step(demo_root, runs, tmp_path):
+    """A stop request reaching only process 1 is agreed on (over the host-side gloo group) at
+    the same step, process 0 saves, and the resumed run ends where the uninterrupted one does."""
+    # No periodic saves: a last.pt at batch 2 can only come from process 0 obeying the stop.
+    stopped = launch(demo_root, tmp_path, "t", 2, "--save-every", "0", port=29535,
+                     env={"CHEXNET_TEST_KILL_AT_STEP": "2:SIGTERM", "CHEXNET_TEST_KILL_RANK": "1"})
+    assert stopped.returncode != 0
+    assert "stopped by SIGTERM in epoch 1 after batch 2" in stopped.stderr, stopped.stderr[-3000:]
+    state = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
+    assert state["in_epoch"]["batches"] == 2 and state["epoch"] == 0
+    done = launch(demo_root, tmp_path, "t", 2, "--resume", port=29536)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(runs / "ddp" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "t" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
 def test_resume_across_world_sizes(demo_root, tmp_path):
     died = launch(demo_root, tmp_path, "w", 2, env={"CHEXNET_TEST_KILL_AT_STEP": "2"}, port=29534)
     assert died.returncode != 0
