@@ -49,10 +49,12 @@ test: $(VENV)/.test-deps
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT)/demo
 
-.PHONY: bench-data bench-bootstrap bench-train
+.PHONY: bench-data bench-bootstrap bench-train bench-localization
 bench-data: $(VENV)/.deps
 	$(PY) benchmarks/data_pipeline.py
 bench-bootstrap: $(VENV)/.deps
 	$(PY) benchmarks/bootstrap.py
 bench-train: $(VENV)/.deps
 	$(PY) benchmarks/train_throughput.py --check-amp --json benchmarks_train.json
+bench-localization: $(VENV)/.deps
+	$(PY) benchmarks/localization_demo.py
