@@ -327,10 +327,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         # backward while Python is still launching them (reading the loss right after the
         # forward would leave the GPU idle while the backward is launched). The update is
         # applied only after the check, so a non-finite step changes no weight.
-        with torch.no_grad():
-            n = (~torch.isnan(targets)).sum().to(torch.float64)
-            stats = torch.stack([loss.detach().double() * n, n,
-                                 (~torch.isfinite(loss.detach())).double()])
+        n = (~torch.isnan(targets)).sum().to(torch.float64)
+        stats = torch.stack([loss.detach().double() * n, n,
+                             (~torch.isfinite(loss.detach())).double()])
         loss_sum, count, bad = all_sum(stats, ctx, device)
         if bad:
             optimizer.zero_grad(set_to_none=True)

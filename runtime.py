@@ -79,24 +79,13 @@ def shutdown_distributed() -> None:
     _host_group = None
 
 
-def all_sum(values: Sequence[float] | torch.Tensor, ctx: Dist,
-            device: torch.device) -> list[float]:
-    """Sum numbers over all processes (float64, so loss sums stay exact enough).
-
-    `values` may be a 1-D tensor on the training device: it is reduced there and read back
-    once, which is the only point where the host waits for the GPU.
-    """
-    if isinstance(values, torch.Tensor):
-        t = values.detach().to(torch.float64)
-        if ctx.enabled:
-            t = t.to(device if device.type == "cuda" else "cpu")
-            dist.all_reduce(t)
-        return t.tolist()
-    if not ctx.enabled:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64,
-                     device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
+def all_sum(values: torch.Tensor, ctx: Dist, device: torch.device) -> list[float]:
+    """Sum a 1-D tensor over all processes (in float64, so loss sums stay exact enough) and
+    read it back: one host-device wait, wherever the tensor lives."""
+    t = values.detach().to(torch.float64)
+    if ctx.enabled:
+        t = t.to(device if device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
     return t.tolist()
 
 
