@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import demo_data  # noqa: E402
 import localization  # noqa: E402
 import retrain  # noqa: E402
+from cxr_dataset import DataError  # noqa: E402
 
 METHODS = ("cam", "gradcam")
 
@@ -95,8 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     aucs = pd.read_csv(run / "aucs.csv").set_index("label")["auc"]
     tables = {}
     for method in METHODS:
-        summary, scored = localization.run_localization(run, data / "nih" / "BBox_List_2017.csv",
-                                                        method)
+        try:
+            summary, _ = localization.run_localization(
+                run, data / "nih" / "BBox_List_2017.csv", method)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         summary.to_csv(work / f"localization_{method}.csv", index=False)
         tables[method] = summary
     table = side_by_side(tables)

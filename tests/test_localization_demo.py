@@ -42,3 +42,10 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     # a second run reuses the data and the finished run instead of training again
     assert ld.main(["--quick", "--work", str(tmp_path)]) == 0
     assert "epoch 1" not in capsys.readouterr().err
+
+
+def test_a_missing_boxes_file_is_named(tmp_path, capsys):
+    assert ld.main(["--quick", "--work", str(tmp_path)]) == 0
+    (tmp_path / "data" / "nih" / "BBox_List_2017.csv").unlink()
+    assert ld.main(["--quick", "--work", str(tmp_path)]) == 2
+    assert "BBox_List_2017.csv: boxes file not found" in capsys.readouterr().err
