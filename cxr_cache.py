@@ -651,9 +651,9 @@ def batch_transform(x: torch.Tensor, train: bool, out_size: int,
     # 38 MB output of a 64 x 224 px batch instead of several); a GPU takes the batch at once.
     step = B if device.type != "cpu" else CPU_TRANSFORM_STEP
     for i in range(0, B, step):
-        # uint8 * (1/255) computes in float32 exactly as ToDtype(scale=True)'s
-        # .to(float32).mul_(1/255), and sub then div are Normalize's own ops: bit-identical.
-        xi = torch.mul(x[i:i + step], 1.0 / 255)            # (b, 1, s, s) float32
+        # Convert then divide by 255 (ToTensor's ops), then sub and div (Normalize's): the
+        # same float32 operations as cxr_dataset.normalize_uint8, so bit-identical to it.
+        xi = x[i:i + step].to(torch.float32).div_(255)      # (b, 1, s, s) float32
         if xi.shape[-1] != out_size:
             xi = nnf.interpolate(xi, size=(out_size, out_size), mode="bilinear",
                                  align_corners=False, antialias=True)

@@ -87,17 +87,29 @@ def _to_gray8(img: Image.Image) -> Image.Image:
 
 def build_transform(image_size: int, train: bool) -> Callable[[Image.Image], torch.Tensor]:
     """The reference preprocessing: Resize(S) + CenterCrop(S) (+ horizontal flip when training),
-    ToTensor, grey -> 3 channels, ImageNet normalisation. Returns (3, S, S) float32."""
+    then `to_network_input`. Returns (3, S, S) float32, equal bit for bit to reference-chexnet's
+    `Resize -> CenterCrop -> ToTensor -> Normalize` on the same image converted to RGB."""
     steps: list = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
     if train:
         steps.append(T.RandomHorizontalFlip())
-    steps += [
-        T.PILToTensor(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Lambda(lambda x: x.expand(3, -1, -1)),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]
+    steps += [T.PILToTensor(), normalize_uint8]
     return T.Compose(steps)
+
+
+def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 grey levels (..., 1, H, W) -> float32 (..., 3, H, W), ImageNet-normalised.
+
+    The same float32 operations, in the same order, as the reference's `ToTensor()` (convert,
+    then *divide* by 255) and `Normalize` (subtract the mean, then divide by the std). Dividing
+    matters: `ToDtype(scale=True)` multiplies by 1/255, which rounds 126 of the 256 grey levels
+    differently (up to 7.2e-7 after normalisation). The one grey channel is expanded to the
+    three channels the reference gets from `convert('RGB')` (R = G = B).
+    """
+    x = x.to(torch.float32).div(255)
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    shape = (*x.shape[:-3], 3, *x.shape[-2:])
+    return x.expand(shape).sub(mean).div(std)
 
 
 def drops_single_image(n: int, batch: int) -> bool:
