@@ -11,6 +11,7 @@ dataset classes only hold arrays; they never loop over pandas rows.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import re
 from pathlib import Path
@@ -87,7 +88,7 @@ def _to_gray8(img: Image.Image) -> Image.Image:
 
 def build_transform(image_size: int, train: bool) -> Callable[[Image.Image], torch.Tensor]:
     """The reference preprocessing: Resize(S) + CenterCrop(S) (+ horizontal flip when training),
-    then `to_network_input`. Returns (3, S, S) float32, equal bit for bit to reference-chexnet's
+    then `normalize_uint8`. Returns (3, S, S) float32, equal bit for bit to reproduce-chexnet's
     `Resize -> CenterCrop -> ToTensor -> Normalize` on the same image converted to RGB."""
     steps: list = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
     if train:
@@ -153,6 +154,143 @@ def patient_split(patients: Sequence, seed: int = 0,
     return fold_of_patient.loc[patients].to_numpy()
 
 
+# The ways to put NIH images into folds (--split). See `apply_split`.
+SPLITS: tuple[str, ...] = ("reference", "random", "official", "file")
+# --split official: NIH's train_val_list.txt is split by patient into train and val in
+# reproduce-chexnet's 70:10 proportion.
+OFFICIAL_VAL_FRACTIONS = {"train": 0.875, "val": 0.125}
+# arnoweng/CheXNet's published lists (ChestX-ray14/labels/{train,val,test}_list.txt): the
+# split reproduce-chexnet's test predictions were made on.
+REFERENCE_LIST_NAMES = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
+OFFICIAL_LIST_NAMES = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
+
+
+def read_image_list(path: str | os.PathLike) -> list[str]:
+    """Image names from a split list: one image per line, the name first (arnoweng's lists
+    follow it with 14 labels, which are ignored). `.gz` files are read too."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as fh:
+            return [line.split()[0] for line in fh if line.strip()]
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: split list not found.") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read this split list ({err}).") from err
+
+
+def find_list(folder: str | os.PathLike, name: str, what: str) -> Path:
+    """`folder/name`, `folder/name.gz`, or one file in `folder` whose name ends that way
+    (e.g. arnoweng_chexnet_test_list.txt.gz)."""
+    folder = Path(folder)
+    for cand in (folder / name, folder / f"{name}.gz"):
+        if cand.is_file():
+            return cand
+    found = sorted(folder.glob(f"*{name}")) + sorted(folder.glob(f"*{name}.gz"))
+    if len(found) == 1:
+        return found[0]
+    raise DataError(f"{folder}: no {name} ({what}). "
+                    + ("Several files end that way: " + ", ".join(p.name for p in found)
+                       if found else "Put the list there, or choose another --split."))
+
+
+def reference_folds(lists: str | os.PathLike | None = None) -> pd.Series:
+    """The reference split: image name -> 'train' | 'val' | 'test'.
+
+    From arnoweng/CheXNet's three lists in `lists` when given; otherwise from the `fold` column
+    of this repository's nih_labels.csv, which `make_nih_labels.py` made from those lists.
+    """
+    if lists is None:
+        table = pd.read_csv(DEFAULT_NIH_LABELS, usecols=[NIH_IMAGE_COL, "fold"], dtype=str)
+        return pd.Series(table["fold"].to_numpy(), index=table[NIH_IMAGE_COL].to_numpy())
+    parts = []
+    for fold, name in REFERENCE_LIST_NAMES.items():
+        ids = read_image_list(find_list(lists, name, f"arnoweng/CheXNet's {fold} list"))
+        parts.append(pd.Series(fold, index=ids))
+    folds = pd.concat(parts)
+    twice = folds.index[folds.index.duplicated()]
+    if len(twice):
+        raise DataError(f"{lists}: {len(twice)} image(s) are in two of the reference lists "
+                        f"(first: {twice[0]}); the lists must be disjoint.")
+    return folds
+
+
+def official_folds(image_ids: Sequence[str], patients: Sequence, lists: str | os.PathLike,
+                   seed: int = 0) -> np.ndarray:
+    """NIH's official split: test = `lists/test_list.txt`; the images of
+    `lists/train_val_list.txt` are split by patient into train (87.5%) and val (12.5%).
+
+    Returns:
+        (N,) fold names; '' for images in neither list.
+    """
+    test = set(read_image_list(find_list(lists, OFFICIAL_LIST_NAMES["test"], "NIH's test list")))
+    train_val = set(read_image_list(find_list(lists, OFFICIAL_LIST_NAMES["train_val"],
+                                              "NIH's train_val list")))
+    both = sorted(test & train_val)
+    if both:
+        raise DataError(f"{len(both)} image(s) are in both train_val_list.txt and test_list.txt "
+                        f"(first: {both[0]}); the official lists are disjoint.")
+    ids = pd.Series(np.asarray(image_ids, dtype=str))
+    in_test, in_tv = ids.isin(test).to_numpy(), ids.isin(train_val).to_numpy()
+    folds = np.where(in_test, "test", "").astype(object)
+    folds[in_tv] = patient_split(np.asarray(patients)[in_tv], seed, OFFICIAL_VAL_FRACTIONS)
+    return folds
+
+
+def apply_split(table: pd.DataFrame, split: str, seed: int = 0,
+                lists: str | os.PathLike | None = None, source: str = "the labels file"
+                ) -> pd.DataFrame:
+    """Set the `fold` column of a `read_nih_labels` table by the chosen split.
+
+    - `reference`: reproduce-chexnet's folds (see `reference_folds`); every image must be in it.
+    - `random`: a seeded patient-level 70/10/20 split of the table's rows (`patient_split`).
+    - `official`: NIH's lists in `lists` (see `official_folds`); rows in neither are dropped.
+    - `file`: the labels file's own `fold` column.
+
+    Raises:
+        DataError: an image the split does not know, a missing list or fold column, or a patient
+            whose images would fall in two folds (the validation and test scores would leak).
+    """
+    table = table.copy()
+    if split == "file":
+        if not table.attrs.get("file_folds"):
+            raise DataError(f"{source}: no 'fold' column, so --split file has nothing to use. "
+                            "Choose --split reference, random or official.")
+    elif split == "random":
+        table["fold"] = patient_split(table["patient"], seed)
+    elif split == "reference":
+        folds = reference_folds(lists)
+        table["fold"] = table["image_id"].map(folds)
+        unknown = table.loc[table["fold"].isna(), "image_id"].tolist()
+        if unknown:
+            raise DataError(
+                f"{len(unknown)} of {len(table)} images of {source} are not in the reference "
+                f"split (first: {unknown[0]!r}). It covers NIH ChestX-ray14's 112,120 images; "
+                "for other images use --split random.")
+    elif split == "official":
+        if lists is None:
+            raise DataError("--split official needs NIH's train_val_list.txt and test_list.txt "
+                            "(they come with the NIH download) in the data folder.")
+        table["fold"] = official_folds(table["image_id"], table["patient"], lists, seed)
+        listed = table["fold"] != ""
+        if not listed.all():
+            print(f"official split: leaving out {int((~listed).sum())} labelled images that are "
+                  f"in neither list (first: {table.loc[~listed, 'image_id'].iloc[0]})")
+            table = table.loc[listed].reset_index(drop=True)
+    else:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    straddling = table.groupby("patient")["fold"].nunique()
+    straddling = straddling[straddling > 1]
+    if len(straddling):
+        patient = straddling.index[0]
+        folds = sorted(table.loc[table["patient"] == patient, "fold"].unique())
+        raise DataError(f"{source}: patient {patient} has images in folds {folds} "
+                        f"({len(straddling)} patients straddle folds); a split must keep each "
+                        "patient's images in one fold, or the scores leak.")
+    table.attrs["split"] = split
+    return table
+
+
 # --------------------------------------------------------------------------------------------
 # NIH labels
 # --------------------------------------------------------------------------------------------
@@ -203,11 +341,34 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
         out["fold"] = df["fold"].astype(str)
     else:
         out["fold"] = patient_split(out["patient"], seed)
+    out.attrs["file_folds"] = "fold" in df.columns
     dup = out["image_id"].duplicated()
     if dup.any():
         raise DataError(f"{path}: image {out['image_id'][dup].iloc[0]!r} is listed twice.")
     for f in NIH_FINDINGS:
         out[f] = labels[f].to_numpy(dtype=np.float32)
+    return out
+
+
+def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference", seed: int = 0,
+                     lists: str | os.PathLike | None = None) -> pd.DataFrame:
+    """A labels file (Data_Entry_2017*.csv or nih_labels.csv style) -> the nih_labels.csv table:
+    `Image Index`, `Patient ID`, the 14 findings (0/1 ints), `fold`, in the file's row order.
+
+    `split` and `lists` are as in `apply_split` (`lists`: arnoweng's lists for `reference`,
+    optional; NIH's lists for `official`, required); None: the file's own folds when it has a
+    fold column, else `reference`. `table.attrs['split']` names the split used.
+    """
+    table = read_nih_labels(labels, seed)
+    if split is None:
+        split = "file" if table.attrs.get("file_folds") else "reference"
+    table = apply_split(table, split, seed, lists, str(labels))
+    out = pd.DataFrame({NIH_IMAGE_COL: table["image_id"], NIH_PATIENT_COL: table["patient"]})
+    for f in NIH_FINDINGS:
+        out[f] = table[f].astype(int)
+    out["fold"] = table["fold"]
+    out = out.reset_index(drop=True)
+    out.attrs["split"] = split
     return out
 
 
@@ -295,7 +456,7 @@ def chexpert_targets(values: pd.DataFrame, policy: str) -> np.ndarray:
     Values: 1 positive, 0 negative, -1 uncertain, NaN (blank) not mentioned.
     - `zeros`: uncertain -> 0, blank -> 0   (CheXpert's U-Zeros)
     - `ones`:  uncertain -> 1, blank -> 0   (U-Ones)
-    - `ignore`: uncertain and blank -> NaN, masked out of the loss (U-Ignore; datasets.md:
+    - `ignore`: uncertain and blank -> NaN, masked out of the loss (U-Ignore; docs/datasets.md:
       blank is negative in every common policy except this one)
     """
     if policy not in UNCERTAINTY_POLICIES:
@@ -448,11 +609,16 @@ class CXRDataset(Dataset):
 
 
 def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
-              missing: str = "error", seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
-    """NIH (or demo) label table joined with the image files found under `data`.
+              missing: str = "error", seed: int = 0, split: str | None = None,
+              dataset: str = "nih") -> tuple[pd.DataFrame, list[str]]:
+    """NIH (or demo) label table, its folds set by `split`, joined with the image files found
+    under `data`.
 
     `labels` defaults to `data/nih_labels.csv`, then a `Data_Entry_2017*.csv` in `data`, then
-    the committed `nih_labels.csv` of this repository.
+    the committed `nih_labels.csv` of this repository. `split` None means the labels file's
+    own folds when it has a `fold` column, else `reference` (NIH) or `random` (the demo, whose
+    images are not NIH's). `table.attrs['split']` says which split the folds are: a file whose
+    folds equal the reference split's is recorded as `reference`.
     """
     data = Path(data)
     if not data.is_dir():
@@ -462,10 +628,27 @@ def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
                       DEFAULT_NIH_LABELS]
         labels = next(p for p in candidates if p.is_file())
     table = read_nih_labels(labels, seed)
+    if split is None:
+        split = ("file" if table.attrs.get("file_folds")
+                 else "reference" if dataset == "nih" else "random")
+    if split == "reference" and dataset == "demo":
+        raise DataError("--split reference is NIH's split; the demo's images are generated, "
+                        "so use --split random (the default) or file.")
+    table = apply_split(table, split, seed, data if split == "official" else None, str(labels))
+    if split == "file" and dataset == "nih" and _is_reference(table):
+        table.attrs["split"] = "reference"
     paths = index_images(data)
     if not paths:
         raise DataError(f"{data}: no PNG/JPEG images found (looked in images/, images_*/images/, "
                         "the folder itself and three levels below).")
+    resolved = table.attrs["split"]
     table, skipped = attach_paths(table, paths, str(labels), missing)
-    table.attrs["sources"] = [str(labels)]
+    table.attrs.update(sources=[str(labels)], split=resolved)
     return table, skipped
+
+
+def _is_reference(table: pd.DataFrame) -> bool:
+    """Whether every image of the table is in the reference split, in its reference fold."""
+    folds = reference_folds()
+    mapped = table["image_id"].map(folds)
+    return bool(mapped.notna().all() and (mapped == table["fold"]).all())

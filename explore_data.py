@@ -8,8 +8,9 @@ blank label counts and the rendition mix).
     python explore_data.py chexphoto --data /data/CheXphoto-v1.1 --out explore/photo
 
 Folds are the ones retrain.py would use with the same labels file, --seed (and, for CheXphoto,
---view): an NIH `Data_Entry_2017*.csv` gets the seeded patient-level 70/10/20 split,
-`nih_labels.csv` keeps its `fold` column; CheXphoto's train.csv is split 90/10 by patient and
+--view): a labels file with a `fold` column keeps it (the committed nih_labels.csv carries the
+reference split); an NIH `Data_Entry_2017*.csv` gets the reference split when every image is
+NIH's, else (the demo) the seeded patient-level 70/10/20 split; summary.json says which; CheXphoto's train.csv is split 90/10 by patient and
 valid.csv is the test fold. With `--missing keep` (default) every row of the labels file is
 counted and sample images come from the files present; `--missing skip` counts only the rows
 whose image is on disk (e.g. a partial NIH download).
@@ -36,6 +37,7 @@ from PIL import ImageOps
 
 from cxr_dataset import (
     DEFAULT_NIH_LABELS, DataError, chexphoto_table, find_chexphoto_root, index_images, load_xray,
+    apply_split,
     read_nih_labels,
 )
 from labels import (
@@ -332,6 +334,12 @@ def nih_explore_table(data: str | os.PathLike, labels: str | os.PathLike | None 
     # Folds come from the full labels file before any row is dropped, as in retrain.py, so the
     # folds shown are the ones a run with the same labels and seed trains on.
     table = read_nih_labels(labels, seed)
+    split = "file" if table.attrs.get("file_folds") else "random"
+    if split == "random":
+        try:  # NIH images: retrain.py's default, the reference split
+            table, split = apply_split(table, "reference", seed, source=str(labels)), "reference"
+        except DataError:  # not NIH's images (the demo): retrain.py --dataset demo's split
+            pass
     paths = index_images(data)
     table["path"] = table["image_id"].map(lambda i: str(paths[i]) if i in paths else "")
     n_listed, present = len(table), table["path"] != ""
@@ -343,7 +351,8 @@ def nih_explore_table(data: str | os.PathLike, labels: str | os.PathLike | None 
     demo, demo_source = _nih_demographics(labels, data)
     if demo is not None:
         table = table.join(demo, on="image_id")
-    table.attrs.update(labels=str(labels), demographics=demo_source, n_listed=n_listed,
+    table.attrs.update(labels=str(labels), split=split, demographics=demo_source,
+                       n_listed=n_listed,
                        n_present=int(present.sum()))
     return table
 
@@ -713,7 +722,7 @@ def explore_nih(data: str | os.PathLike, out: str | os.PathLike,
     written, summary = _write_common(table, NIH_FINDINGS, NIH_FINDINGS, out, k, seed)
     summary = {"dataset": "nih", "data": str(data), "labels": table.attrs["labels"],
                "demographics_from": table.attrs["demographics"], "missing": missing,
-               "seed": seed, **summary}
+               "split": table.attrs["split"], "seed": seed, **summary}
     return _finish(summary, written, out)
 
 

@@ -1,32 +1,33 @@
-"""Write nih_labels.csv from the NIH `Data_Entry_2017_v2020.csv`: one row per image, the 14
-finding columns (0/1), `Patient ID`, and a seeded patient-level 70/10/20 `fold` column
-(reproduce-chexnet's scheme; no patient is in two folds).
+"""Write nih_labels.csv from NIH's `Data_Entry_2017_v2020.csv`: one row per image, `Image Index`,
+`Patient ID`, the 14 finding columns (0/1) and a `fold` column (train / val / test).
 
-    python make_nih_labels.py --data-entry Data_Entry_2017_v2020.csv.gz --out nih_labels.csv
+    python make_nih_labels.py --data-entry Data_Entry_2017_v2020.csv.gz --lists chexnet_labels/
+    python make_nih_labels.py --data-entry Data_Entry_2017_v2020.csv.gz --split random --seed 0
+    python make_nih_labels.py --data-entry Data_Entry_2017_v2020.csv.gz --split official \\
+        --lists /data/nih          # NIH's train_val_list.txt and test_list.txt
 
-The committed nih_labels.csv was made with the defaults (seed 0) from the v2020 file.
+Splits (--split):
+  reference  reproduce-chexnet's folds (default): arnoweng/CheXNet's published
+             ChestX-ray14/labels/{train,val,test}_list.txt (78,468 / 11,219 / 22,433 images;
+             its test list is exactly the image set of reproduce-chexnet's test predictions).
+             Give the folder holding them with --lists (.txt or .txt.gz); without --lists the
+             folds are taken from this repository's nih_labels.csv, which was made from them.
+  random     a seeded patient-level 70/10/20 split (--seed).
+  official   NIH's test_list.txt, and its train_val_list.txt split by patient 87.5/12.5.
+No patient is ever in two folds (checked).
+
+The committed nih_labels.csv was made from the v2020 file (2020 labels) with the reference split.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
+from cxr_dataset import DataError, nih_labels_table
+from labels import NIH_PATIENT_COL
 
-from cxr_dataset import DataError, read_nih_labels
-from labels import NIH_FINDINGS, NIH_IMAGE_COL, NIH_PATIENT_COL
-
-
-def make_nih_labels(data_entry: str | Path, seed: int = 0) -> pd.DataFrame:
-    """Data_Entry file -> the nih_labels.csv table (ints, in Data_Entry row order)."""
-    table = read_nih_labels(data_entry, seed)
-    out = pd.DataFrame({NIH_IMAGE_COL: table["image_id"], NIH_PATIENT_COL: table["patient"]})
-    for f in NIH_FINDINGS:
-        out[f] = table[f].astype(int)
-    out["fold"] = table["fold"]
-    return out
+SPLIT_CHOICES = ("reference", "random", "official")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,17 +35,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-entry", required=True, help="Data_Entry_2017*.csv (or .csv.gz)")
     p.add_argument("--out", default="nih_labels.csv")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=SPLIT_CHOICES, default="reference")
+    p.add_argument("--lists", help="folder of the split's lists (see above)")
+    p.add_argument("--seed", type=int, default=0, help="patient shuffle of --split random, and "
+                   "of the train/val cut of --split official")
     args = p.parse_args(argv)
+    if args.split == "official" and not args.lists:
+        p.error("--split official needs --lists: the folder with NIH's train_val_list.txt and "
+                "test_list.txt")
     try:
-        table = make_nih_labels(args.data_entry, args.seed)
+        table = nih_labels_table(args.data_entry, args.split, args.seed, args.lists)
+        table.to_csv(args.out, index=False)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    table.to_csv(args.out, index=False)
+    except OSError as err:
+        print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     counts = table["fold"].value_counts()
     patients = table.groupby("fold")[NIH_PATIENT_COL].nunique()
-    print(f"wrote {args.out}: {len(table)} images; " + ", ".join(
+    print(f"wrote {args.out} ({args.split} split): {len(table)} images; " + ", ".join(
         f"{f} {counts[f]} images / {patients[f]} patients" for f in ("train", "val", "test")))
     return 0
 

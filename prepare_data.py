@@ -1,16 +1,18 @@
 """Prepare a dataset for fast training: the label file and a uint8 image cache.
 
-    python prepare_data.py nih --root /data/nih                          # committed random split
+    python prepare_data.py nih --root /data/nih                          # reference split
     python prepare_data.py nih --root /data/nih --split official         # NIH's own test list
-    python prepare_data.py nih --root data/demo/nih --labels data/demo/nih/Data_Entry_2017.csv
+    python prepare_data.py nih --root data/demo/nih --labels data/demo/nih/Data_Entry_2017.csv \
+        --split random
     python prepare_data.py chexphoto --root /data/CheXphoto-v1.1
 
 NIH writes ROOT/nih_labels.csv (what retrain.py reads by default):
-  --split random    the committed nih_labels.csv (patient-level random 70/10/20), unchanged,
-                    or with --labels FILE that file's folds (a seeded 70/10/20 patient split
-                    when it has none: Data_Entry_2017*.csv).
-  --split official  test = ROOT/test_list.txt; the images of ROOT/train_val_list.txt are split
-                    by patient into train (87.5%) and val (12.5%).
+  --split reference  reproduce-chexnet's folds (arnoweng/CheXNet's lists): the committed
+                     nih_labels.csv, unchanged, or the labels of --labels FILE with those folds.
+                     The default, except that a --labels file with a fold column keeps its own.
+  --split random     a seeded patient-level 70/10/20 split of the labelled images.
+  --split official   test = ROOT/test_list.txt; the images of ROOT/train_val_list.txt are split
+                     by patient into train (87.5%) and val (12.5%).
 
 Both write the cache ROOT/cache/<S>/ (images.u8, index.csv, done.npy, manifest.json,
 skip.txt; see cxr_cache.py), every core decoding in parallel. --size 224 (default) stores
@@ -40,71 +42,32 @@ from cxr_cache import (
 )
 from cxr_dataset import (
     DEFAULT_NIH_LABELS, DataError, chexphoto_table, find_chexphoto_root, index_images,
-    patient_split,
+    nih_labels_table,
 )
-from labels import NIH_IMAGE_COL, NIH_PATIENT_COL
-from make_nih_labels import make_nih_labels
+from labels import NIH_IMAGE_COL
 
-OFFICIAL_VAL_FRACTIONS = {"train": 0.875, "val": 0.125}
-
+SPLIT_CHOICES = ("reference", "random", "official")
 
 # --------------------------------------------------------------------------------------------
 # NIH labels
 # --------------------------------------------------------------------------------------------
-def read_image_list(path: Path) -> list[str]:
-    """One image name per line (NIH's train_val_list.txt / test_list.txt)."""
-    if not path.is_file():
-        raise DataError(f"{path}: not found. --split official needs NIH's train_val_list.txt "
-                        "and test_list.txt in --root (they come with the NIH download).")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def official_folds(table: pd.DataFrame, train_val: Sequence[str], test: Sequence[str],
-                   seed: int = 0) -> pd.DataFrame:
-    """Replace the `fold` column of a nih_labels-style table with NIH's official split.
-
-    Test = the `test` list; the `train_val` images are split by patient into train (87.5%)
-    and val (12.5% of the images). Rows in neither list are dropped, with a message.
-    """
-    test_set, tv_set = set(test), set(train_val)
-    both = sorted(test_set & tv_set)
-    if both:
-        raise DataError(f"{len(both)} image(s) are in both train_val_list.txt and test_list.txt "
-                        f"(first: {both[0]}); the official lists are disjoint.")
-    ids = table[NIH_IMAGE_COL].astype(str)
-    in_test, in_tv = ids.isin(test_set).to_numpy(), ids.isin(tv_set).to_numpy()
-    neither = ~(in_test | in_tv)
-    if neither.any():
-        print(f"official split: dropping {int(neither.sum())} labelled images that are in "
-              f"neither list (first: {ids[neither].iloc[0]})")
-    out = table.loc[~neither].copy()
-    folds = np.where(in_test[~neither], "test", "train").astype(object)
-    tv = in_tv[~neither]
-    folds[tv] = patient_split(out.loc[tv, NIH_PATIENT_COL].astype(str).to_numpy(), seed,
-                              OFFICIAL_VAL_FRACTIONS)
-    out["fold"] = folds
-    return out.reset_index(drop=True)
-
-
 def write_nih_labels(root: Path, labels: str | os.PathLike | None = None,
-                     split: str = "random", seed: int = 0) -> Path:
+                     split: str | None = None, seed: int = 0) -> Path:
     """Write ROOT/nih_labels.csv for the chosen labels and split; returns its path.
 
-    With the defaults it is a byte copy of the committed file. A different file already there
-    is kept as nih_labels.csv.bak.
+    `split` None: the committed file as it is (the reference split), or with `labels` that
+    file's own folds when it has a fold column, else the reference split. A different file
+    already there is kept as nih_labels.csv.bak.
     """
-    if split not in ("random", "official"):
-        raise ValueError(f"split {split!r}: expected 'random' or 'official'")
+    if split is not None and split not in SPLIT_CHOICES:
+        raise ValueError(f"split {split!r}: expected one of {SPLIT_CHOICES}")
     out = root / "nih_labels.csv"
     source = Path(labels) if labels else DEFAULT_NIH_LABELS
     tmp = out.with_name(out.name + ".tmp")
-    if split == "random" and labels is None:
+    if split in (None, "reference") and labels is None:
         shutil.copyfile(source, tmp)
-    else:
-        table = make_nih_labels(source, seed)  # either schema -> nih_labels.csv columns
-        if split == "official":
-            table = official_folds(table, read_image_list(root / "train_val_list.txt"),
-                                   read_image_list(root / "test_list.txt"), seed)
+    else:  # either schema -> nih_labels.csv columns, folds by the split
+        table = nih_labels_table(source, split, seed, root if split == "official" else None)
         table.to_csv(tmp, index=False)
     if out.is_file() and not filecmp.cmp(out, tmp, shallow=False):
         shutil.copyfile(out, out.with_name(out.name + ".bak"))
@@ -123,7 +86,7 @@ def _layout(root: Path, paths: Sequence[str | Path], limit: int = 20) -> list[st
 # The two datasets
 # --------------------------------------------------------------------------------------------
 def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str | None = None,
-                split: str = "random", workers: int | None = None, skip_bad: bool = False,
+                split: str | None = None, workers: int | None = None, skip_bad: bool = False,
                 seed: int = 0, **build_kw) -> BuildResult:
     """Write ROOT/nih_labels.csv, then cache every image it lists (see the module docstring).
 
@@ -191,9 +154,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if name == "nih":
             s.add_argument("--labels", help="labels file instead of the committed "
                            "nih_labels.csv (nih_labels.csv or Data_Entry_2017*.csv style)")
-            s.add_argument("--split", choices=("random", "official"), default="random")
+            s.add_argument("--split", choices=SPLIT_CHOICES, default=None,
+                           help="reference: reproduce-chexnet's folds (the committed "
+                           "nih_labels.csv); random: seeded patient-level 70/10/20; official: "
+                           "ROOT/test_list.txt and ROOT/train_val_list.txt. Default: the "
+                           "--labels file's own folds when it has a fold column, else reference")
             s.add_argument("--seed", type=int, default=0,
-                           help="patient shuffle for folds the labels file does not give")
+                           help="patient shuffle of --split random and of the official "
+                           "train/val cut")
     return p.parse_args(argv)
 
 

@@ -153,24 +153,6 @@ def test_default_split_is_the_committed_file_and_missing_images_stop(tmp_path, c
     assert cache is not None and cache.ids == list(committed["Image Index"])
 
 
-def test_official_folds_follow_the_lists_and_are_patient_disjoint():
-    rng = np.random.default_rng(0)
-    patients = np.repeat(np.arange(200), rng.integers(1, 6, 200))
-    ids = [f"{p:08d}_{k:03d}.png" for p, k in zip(patients, range(len(patients)))]
-    table = pd.DataFrame({"Image Index": ids, "Patient ID": patients, "fold": "train"})
-    test_patients = set(range(150, 200))
-    test = [i for i, p in zip(ids, patients) if p in test_patients]
-    train_val = [i for i, p in zip(ids, patients) if p not in test_patients][:-3]  # 3 unlisted
-    out = prepare_data.official_folds(table, train_val, test, seed=0)
-    assert len(out) == len(ids) - 3
-    assert set(out.loc[out["fold"] == "test", "Image Index"]) == set(test)
-    assert out.groupby("Patient ID")["fold"].nunique().max() == 1
-    tv = out[out["fold"] != "test"]
-    assert (tv["fold"] == "val").mean() == pytest.approx(0.125, abs=0.04)
-    with pytest.raises(prepare_data.DataError, match="both"):
-        prepare_data.official_folds(table, train_val, test + train_val[:1])
-
-
 def test_official_split_on_the_command_line(tmp_path):
     make_nih(tmp_path, n=8, shapes=[("L", 40, 40)])
     names = [f"{i + 1:08d}_000.png" for i in range(8)]
