@@ -5,10 +5,13 @@
     python retrain.py --dataset demo --data data/demo/nih --name demo --image-size 64 --weights none
     python retrain.py --dataset nih --data /data/nih --name nih_run --resume     # after a disconnect
 
-Defaults are the CheXNet / reproduce-chexnet recipe: ImageNet-initialised DenseNet-121, SGD
-(momentum 0.9, weight decay 1e-4), lr 0.01, batch 16, 224x224, lr divided by 10 after every
-epoch whose validation loss does not improve on the best, early stop after 3 epochs without
-improvement, best checkpoint (lowest validation loss) used for the test predictions.
+Defaults are reproduce-chexnet's experiment (`--recipe reproduce-chexnet`): its train/val/test
+split, ImageNet-initialised DenseNet-121, SGD (momentum 0.9, weight decay 1e-4), lr 0.01,
+batch 16, 224x224; after an epoch whose validation loss is strictly worse than the best, the lr
+is divided by 10 and the momentum buffers are reset (the reference rebuilds its optimizer);
+early stop 3 epochs after the best; the best checkpoint (lowest validation loss) makes the test
+predictions. `--recipe paper` is the CheXNet paper's: Adam (lr 0.001, betas 0.9/0.999).
+The README's recipe table lists every difference.
 
 Outputs, in `--out/--name/`: config.json, log_train.csv, checkpoint.pt (best), last.pt
 (resume point), preds.csv (test fold), aucs.csv; see the README for what each holds.
@@ -35,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,8 +50,8 @@ from tqdm import tqdm
 
 from cxr_cache import cache_loaders
 from cxr_dataset import (
-    CXRDataset, DataError, build_transform, chexphoto_table, drops_single_image, nih_table,
-    DEFAULT_NIH_LABELS,
+    SPLITS, CXRDataset, DataError, build_transform, chexphoto_table, drops_single_image,
+    nih_table, DEFAULT_NIH_LABELS,
 )
 from eval_model import PROB_PREFIX, auc_table, format_table, per_label_auc
 from labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
@@ -60,6 +63,22 @@ from runtime import (
 )
 
 DATASETS = ("nih", "chexphoto", "demo")
+OPTIMIZERS = ("sgd", "adam")
+REFERENCE_TEST_IMAGES = 22_433  # reproduce-chexnet's test fold, the reference split's
+# The settings each --recipe chooses; any of them can still be set by its own flag.
+RECIPES: dict[str, dict] = {
+    # reproduce-chexnet's train_model(): SGD rebuilt (momentum reset) at every lr decay.
+    "reproduce-chexnet": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                          "betas": [0.9, 0.999], "batch_size": 16, "lr_decay": 10.0,
+                          "patience": 3, "keep_momentum": False},
+    # The CheXNet paper (Rajpurkar et al. 2017, section 3): Adam with standard parameters,
+    # lr 0.001, batch 16, lr / 10 when the validation loss plateaus, lowest-val-loss model.
+    # Not stated there, and taken as PyTorch's ReduceLROnPlateau does: no weight decay, Adam's
+    # moment estimates kept across a decay; early stopping as reproduce-chexnet (3 epochs).
+    "paper": {"optimizer": "adam", "lr": 0.001, "momentum": 0.9, "weight_decay": 0.0,
+              "betas": [0.9, 0.999], "batch_size": 16, "lr_decay": 10.0, "patience": 3,
+              "keep_momentum": True},
+}
 # Settings that may differ when a run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "force", "save_every",
                      "eval_batch_size", "cache"}
@@ -73,15 +92,20 @@ class TrainConfig:
     labels: str | None = None           # NIH: labels file; default data/nih_labels.csv, then repo's
     name: str = "run"
     out: str = "results"
+    recipe: str = "reproduce-chexnet"   # reproduce-chexnet | paper: the defaults below
+    split: str | None = None            # reference | random | official | file (None: see --split)
     epochs: int = 100                   # upper bound; early stopping usually ends sooner
     batch_size: int = 16                # global batch (split over torchrun processes); -1: auto
     eval_batch_size: int = 64
     image_size: int = 224
+    optimizer: str = "sgd"              # sgd | adam
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9               # SGD
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])   # Adam
     weight_decay: float = 1e-4
-    lr_decay: float = 10.0              # lr is divided by this when val loss does not improve
-    patience: int = 3                   # stop after this many epochs without improvement
+    lr_decay: float = 10.0              # lr is divided by this when val loss gets worse
+    keep_momentum: bool = False         # False: optimizer state reset at each decay (reference)
+    patience: int = 3                   # stop this many epochs after the best epoch
     weights: str = "imagenet"           # imagenet | none | PATH
     amp: str = "off"                    # auto | bf16 | fp16 | off (off = the faithful fp32 recipe)
     channels_last: bool = False
@@ -110,28 +134,36 @@ class TrainConfig:
 # Learning-rate schedule and early stopping
 # --------------------------------------------------------------------------------------------
 class PlateauSchedule:
-    """reproduce-chexnet's schedule, without its bug of rebuilding the optimizer.
+    """reproduce-chexnet's learning-rate schedule and early stopping, rule for rule.
 
-    After each epoch: if the validation loss is below the best so far, it becomes the best;
-    if it is not, every param group's lr is divided by `decay` (in place, so SGD momentum
-    buffers survive); once `patience` epochs have passed since the best, training stops.
+    After each epoch's validation loss:
+    - strictly below the best so far: it becomes the best (and the caller saves checkpoint.pt);
+    - strictly above the best: every param group's lr is divided by `decay`, and unless
+      `keep_state`, the optimizer's state (SGD's momentum buffers, Adam's moments) is cleared:
+      reproduce-chexnet builds a new optimizer at each decay, which starts with no state;
+    - equal to the best: neither (the reference tests `>` for the decay and `<` for the best);
+    - `patience` epochs after the best epoch, training stops.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, decay: float = 10.0, patience: int = 3):
+    def __init__(self, optimizer: torch.optim.Optimizer, decay: float = 10.0, patience: int = 3,
+                 keep_state: bool = False):
         self.optimizer, self.decay, self.patience = optimizer, decay, patience
+        self.keep_state = keep_state
         self.best_loss, self.best_epoch, self.epoch = math.inf, 0, 0
 
     def step(self, val_loss: float) -> dict[str, bool]:
         """Record one epoch's validation loss. Returns {'improved', 'decayed', 'stop'}."""
         self.epoch += 1
-        improved = val_loss < self.best_loss
+        improved, worse = val_loss < self.best_loss, val_loss > self.best_loss
         if improved:
             self.best_loss, self.best_epoch = val_loss, self.epoch
-        else:
+        if worse:
             for group in self.optimizer.param_groups:
                 group["lr"] /= self.decay
+            if not self.keep_state:
+                self.optimizer.state.clear()  # as a freshly built optimizer has it
         stop = self.epoch - self.best_epoch >= self.patience
-        return {"improved": improved, "decayed": not improved, "stop": stop}
+        return {"improved": improved, "decayed": worse, "stop": stop}
 
     def state_dict(self) -> dict:
         return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "epoch": self.epoch}
@@ -144,9 +176,22 @@ class PlateauSchedule:
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer: SGD (reproduce-chexnet) or Adam (the CheXNet paper)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                                weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
 def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
     """The run's label table (with `fold` and `path`), its findings and skipped image ids."""
     if cfg.dataset == "chexphoto":
+        if cfg.split not in (None, "random"):
+            raise DataError(f"--split {cfg.split}: CheXphoto has its own split (train.csv by "
+                            "patient into train/val, valid.csv as test); --split is for NIH.")
+        cfg.split = "random"
         findings = (["No Finding"] if cfg.no_finding else []) + list(CHEXPHOTO_FINDINGS)
         findings = [f for f in CHEXPERT_OBSERVATIONS if f in findings]
         table = chexphoto_table(cfg.data, cfg.uncertainty, findings, cfg.source, cfg.view,
@@ -163,7 +208,8 @@ def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
     labels = cfg.labels
     if labels is None and cfg.dataset == "nih" and not (Path(cfg.data) / "nih_labels.csv").is_file():
         labels = str(DEFAULT_NIH_LABELS)
-    table, skipped = nih_table(cfg.data, labels, cfg.missing, cfg.seed)
+    table, skipped = nih_table(cfg.data, labels, cfg.missing, cfg.seed, cfg.split, cfg.dataset)
+    cfg.split = table.attrs["split"]  # recorded in config.json as the split actually used
     return table, list(findings_for("nih")), skipped
 
 
@@ -622,9 +668,8 @@ def fit(cfg: TrainConfig) -> Path:
             cfg.batch_size, cfg.lr = batch, scaled_lr(cfg.lr, batch)
             say(f"--batch-size auto: {batch} (the largest that fits, with a 20% margin); lr "
                 f"scaled linearly to {cfg.lr:g}")
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    schedule = PlateauSchedule(optimizer, cfg.lr_decay, cfg.patience)
+    optimizer = make_optimizer(net.parameters(), cfg)
+    schedule = PlateauSchedule(optimizer, cfg.lr_decay, cfg.patience, cfg.keep_momentum)
     scaler = grad_scaler(device, precision.amp)
     history: list[dict] = []
     start_epoch, partial = 1, None
@@ -793,8 +838,11 @@ def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], 
     defined = int(table["auc"].iloc[:-1].notna().sum())
     print(f"mean AUC on the test fold: {table['auc'].iloc[-1]:.4f} "
           f"(over {defined} of {len(findings)} findings)")
-    if cfg.dataset == "nih":
-        print("The published columns are on their own test splits (datasets.md); this run's "
+    if cfg.dataset == "nih" and cfg.split == "reference" and len(ids) == REFERENCE_TEST_IMAGES:
+        print("The reproduce-chexnet column is on this same test fold (the reference split); "
+              "the other published columns are on their own test splits (docs/datasets.md).")
+    elif cfg.dataset == "nih":
+        print("The published columns are on their own test splits (docs/datasets.md); this run's "
               "test fold is a different set of images.")
     return table
 
@@ -847,19 +895,37 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    "DATA/Data_Entry_2017.csv)")
     p.add_argument("--name", default=d.name, help="run name: outputs go to OUT/NAME/")
     p.add_argument("--out", default=d.out)
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=d.recipe,
+                   help="reproduce-chexnet (default): SGD, lr 0.01, momentum reset at each "
+                   "decay; paper: the CheXNet paper's Adam, lr 0.001. The flags below override "
+                   "single values of the recipe")
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="NIH folds: reference = reproduce-chexnet's (arnoweng/CheXNet's lists, "
+                   "as in this repo's nih_labels.csv), random = seeded patient-level 70/10/20, "
+                   "official = NIH's train_val_list.txt/test_list.txt in --data, file = the "
+                   "labels file's fold column. Default: the labels file's folds when it has "
+                   "them, else reference (demo: random)")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=batch_size_arg, default=d.batch_size,
-                   help="global batch (reference: 16), or 'auto': the largest that fits the "
+    p.add_argument("--batch-size", type=batch_size_arg, default=None,
+                   help="global batch (both recipes: 16), or 'auto': the largest that fits the "
                    "GPU, with the lr scaled linearly (lr x batch / 16)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--lr-decay", type=float, default=d.lr_decay,
-                   help="divide the lr by this after an epoch without improvement")
-    p.add_argument("--patience", type=int, default=d.patience,
-                   help="stop after this many epochs without improvement")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="Adam betas")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--lr-decay", type=float, default=None,
+                   help="divide the lr by this after an epoch whose val loss is worse than the "
+                   "best")
+    p.add_argument("--keep-momentum", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the optimizer's momentum (Adam: moments) across an lr decay "
+                   "(default: reset, as reproduce-chexnet's rebuilt optimizer; paper recipe: "
+                   "kept)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop this many epochs after the best epoch")
     p.add_argument("--weights", default=d.weights, help="imagenet | none | PATH")
     p.add_argument("--amp", choices=AMP_CHOICES, default=d.amp,
                    help="mixed precision: auto = bf16 where supported, fp16 + GradScaler on "
@@ -892,8 +958,18 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--resume", action="store_true", help="continue the run in OUT/NAME from last.pt")
     p.add_argument("--force", action="store_true", help="resume even if settings changed")
     args = p.parse_args(argv)
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                          if f.name != "findings"})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name != "findings"}
+    optimizer = args.optimizer or RECIPES[args.recipe]["optimizer"]
+    if optimizer == "adam" and args.momentum is not None:
+        p.error("--momentum is SGD's; Adam's momentum terms are --betas B1 B2")
+    if optimizer == "sgd" and args.betas is not None:
+        p.error("--betas are Adam's; SGD's momentum is --momentum")
+    for key, value in RECIPES[args.recipe].items():  # the recipe fills what was not given
+        if given[key] is None:
+            given[key] = value
+    given["betas"] = list(given["betas"])
+    return TrainConfig(**given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

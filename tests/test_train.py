@@ -118,6 +118,11 @@ def test_real_nih_sample_trains_end_to_end(tmp_path, capsys):
     entry = shared("nih", "Data_Entry_2017_v2020.csv.gz")
     args = ["--dataset", "nih", "--data", str(images.parent), "--labels", str(entry),
             "--missing", "skip", "--out", str(tmp_path), "--name", "nih", *FAST, "--epochs", "1"]
+    # The sample is reproduce-chexnet's starter images, all from its test fold: under the
+    # default (reference) split there is nothing to train on, and the run says so.
+    assert retrain.main(args) == 2
+    assert "the train fold is empty" in capsys.readouterr().err
+    args += ["--split", "random"]
     assert retrain.main(args) == 0
     run = tmp_path / "nih"
     assert len((run / "skipped.txt").read_text().split()) == 112_120 - 120
@@ -142,7 +147,8 @@ def test_demo_run_through_the_cache_equals_the_png_run(demo_root, tmp_path, caps
     shutil.copytree(demo_root, root)
     png = train(root, tmp_path, "png", "--epochs", "2", "--cache", "off")
     assert prepare_data.main(["nih", "--root", str(root), "--size", "32", "--labels",
-                              str(root / "Data_Entry_2017.csv"), "--workers", "1"]) == 0
+                              str(root / "Data_Entry_2017.csv"), "--workers", "1",
+                              "--split", "random"]) == 0
     capsys.readouterr()
     cached = train(root, tmp_path, "cached", "--epochs", "2", "--cache", "on")
     assert "reading images from the uint8 cache" in capsys.readouterr().out
@@ -169,7 +175,7 @@ def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
     root.mkdir()
     (root / "images").symlink_to(images)  # the shared folder is read-only; the cache is not
     assert prepare_data.main(["nih", "--root", str(root), "--size", "32", "--labels", str(entry),
-                              "--skip-bad", "--workers", "1"]) == 0
+                              "--skip-bad", "--workers", "1", "--split", "random"]) == 0
     capsys.readouterr()
     args = ["--dataset", "nih", "--data", str(root), "--missing", "skip", "--out", str(tmp_path),
             "--name", "run", *FAST, "--epochs", "1", "--cache", "on"]
@@ -196,3 +202,93 @@ def test_a_final_batch_of_one_image_is_dropped_not_crashing(demo_root, tmp_path)
     cfg = retrain.parse_args(args)
     loaders = retrain.make_loaders(cfg, *retrain.load_tables(cfg)[:2], torch.device("cpu"))
     assert len(loaders["train"]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe inside fit(): optimizer, lr decay, momentum at a decay
+# --------------------------------------------------------------------------------------------
+def scripted_val_losses(monkeypatch, losses):
+    """Make fit() see these per-epoch validation losses (the real evaluation still runs, so
+    the rest of the run is untouched)."""
+    real = retrain.evaluate
+
+    def evaluate(model, loader, device, desc="eval", *args, **kw):
+        out = real(model, loader, device, desc, *args, **kw)
+        if desc.startswith("epoch ") and desc.endswith(" val"):
+            epoch = int(desc.split()[1])
+            return (losses[epoch - 1], *out[1:])
+        return out
+
+    monkeypatch.setattr(retrain, "evaluate", evaluate)
+
+
+def test_default_recipe_builds_reproduce_chexnets_sgd(demo_root, tmp_path):
+    run = train(demo_root, tmp_path, "sgd", "--epochs", "1")
+    groups = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert {(g["lr"], g["momentum"], g["weight_decay"], g["nesterov"], g["dampening"])
+            for g in groups} == {(0.01, 0.9, 1e-4, False, 0)}
+    assert "betas" not in groups[0]  # SGD, not Adam
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == "reproduce-chexnet" and config["optimizer"] == "sgd"
+    assert config["keep_momentum"] is False and config["split"] == "random"  # demo: random
+
+
+def test_fit_decays_and_resets_momentum_when_val_loss_gets_worse(demo_root, tmp_path,
+                                                                 monkeypatch):
+    scripted_val_losses(monkeypatch, [1.0, 2.0])
+    run = train(demo_root, tmp_path, "reset", "--epochs", "2", "--lr-decay", "4")
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert [h["lr"] for h in last["history"]] == [0.01, 0.01]
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0025)
+    assert last["optimizer"]["state"] == {}  # as reproduce-chexnet's rebuilt SGD
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_fit_keeps_momentum_with_keep_momentum(demo_root, tmp_path, monkeypatch):
+    scripted_val_losses(monkeypatch, [1.0, 2.0])
+    run = train(demo_root, tmp_path, "keep", "--epochs", "2", "--keep-momentum")
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)
+    buffers = [s["momentum_buffer"] for s in last["optimizer"]["state"].values()]
+    assert len(buffers) == len(last["model"]) - sum(  # one per trainable tensor
+        k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in last["model"])
+    assert any(b.abs().sum() > 0 for b in buffers)
+
+
+def test_fit_patience_stops_the_run(demo_root, tmp_path, monkeypatch, capsys):
+    scripted_val_losses(monkeypatch, [1.0, 0.5, 0.6, 0.7, 0.4])
+    run = train(demo_root, tmp_path, "pat", "--epochs", "5", "--patience", "2")
+    log = pd.read_csv(run / "log_train.csv")
+    assert list(log["epoch"]) == [1, 2, 3, 4]  # best at 2, stopped 2 epochs later
+    assert list(log["lr"]) == pytest.approx([0.01, 0.01, 0.01, 0.001])
+    assert "no improvement in 2 epochs" in capsys.readouterr().out
+
+
+def test_paper_recipe_is_adam_and_keeps_its_moments(demo_root, tmp_path, monkeypatch):
+    scripted_val_losses(monkeypatch, [1.0, 2.0])
+    run = train(demo_root, tmp_path, "paper", "--epochs", "2", "--recipe", "paper")
+    last = torch.load(run / "last.pt", weights_only=True)
+    group = last["optimizer"]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.9, 0.999) and group["weight_decay"] == 0.0
+    assert [h["lr"] for h in last["history"]] == [0.001, 0.001]
+    assert group["lr"] == pytest.approx(1e-4)
+    assert all("exp_avg" in s for s in last["optimizer"]["state"].values())
+    assert last["optimizer"]["state"]
+    config = json.loads((run / "config.json").read_text())
+    assert (config["recipe"], config["optimizer"], config["lr"], config["keep_momentum"]) == (
+        "paper", "adam", 0.001, True)
+
+
+def test_recipe_values_can_be_overridden_one_by_one(capsys):
+    cfg = retrain.parse_args(["--recipe", "paper"])
+    assert (cfg.optimizer, cfg.lr, cfg.betas, cfg.weight_decay, cfg.batch_size) == (
+        "adam", 0.001, [0.9, 0.999], 0.0, 16)
+    cfg = retrain.parse_args(["--recipe", "paper", "--lr", "0.005", "--no-keep-momentum"])
+    assert (cfg.optimizer, cfg.lr, cfg.keep_momentum, cfg.betas) == (
+        "adam", 0.005, False, [0.9, 0.999])
+    cfg = retrain.parse_args(["--optimizer", "adam", "--betas", "0.8", "0.99"])
+    assert (cfg.recipe, cfg.optimizer, cfg.lr, cfg.betas) == (
+        "reproduce-chexnet", "adam", 0.01, [0.8, 0.99])
+    with pytest.raises(SystemExit):
+        retrain.parse_args(["--recipe", "paper", "--momentum", "0.5"])
+    assert "--betas" in capsys.readouterr().err
