@@ -1,11 +1,14 @@
 """predict.py: PNG and DICOM inputs give the dataset path's probabilities; DICOM windowing and
-MONOCHROME1; heatmaps; unreadable inputs refused by name.
+MONOCHROME1; heatmaps; unreadable inputs refused by name; --out writes reproduce-chexnet's
+preds.csv (folders expanded, rows in a fixed order, unreadable files left out, ambiguous file
+names disambiguated, the file written atomically).
 
 DICOM files are generated with pydicom so that their windowed 8-bit image equals a known 8-bit
 image G exactly: stored P = low + 10 * G with Window Width 2550 (10 units per grey level).
 """
 from __future__ import annotations
 
+import csv
 import re
 
 import numpy as np
@@ -234,3 +237,165 @@ def test_missing_or_foreign_checkpoint(tmp_path, monkeypatch, capsys):
 
     assert predict.main([str(png), "--checkpoint", str(png)]) == 2
     assert f"{png}: not a PyTorch checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# --out: the CSV
+# --------------------------------------------------------------------------------------------
+# reproduce-chexnet's preds.csv columns for the checkpoint's (NIH) findings, written out.
+HEADER = ["Image Index", "prob_Atelectasis", "prob_Cardiomegaly", "prob_Effusion",
+          "prob_Infiltration", "prob_Mass", "prob_Nodule", "prob_Pneumonia", "prob_Pneumothorax",
+          "prob_Consolidation", "prob_Edema", "prob_Emphysema", "prob_Fibrosis",
+          "prob_Pleural_Thickening", "prob_Hernia"]
+
+
+def read_preds(path) -> tuple[list[str], list[str], np.ndarray]:
+    """(header, first column, the other columns as floats), read with the csv module."""
+    with open(path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    return header, [r[0] for r in rows], np.array([[float(v) for v in r[1:]] for r in rows])
+
+
+def save_gray(path, seed: int, **kw) -> np.ndarray:
+    """random_gray(seed) written to `path` (format from the suffix); returns the pixels."""
+    gray = random_gray(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(gray, mode="L").save(path, **kw)
+    return gray
+
+
+def expected_rows(model: nn.Module, pngs) -> np.ndarray:
+    """The dataset path's probabilities of each file, stacked (N, K)."""
+    return np.stack([dataset_probs(model, p).numpy() for p in pngs]).astype(np.float64)
+
+
+def test_out_csv_rows_ids_columns_folders_and_unreadable(tmp_path, trained, capsys):
+    model, ckpt = trained
+    root = tmp_path / "scans"
+    save_gray(root / "z.png", 10)
+    save_gray(root / "UPPER.PNG", 11)
+    save_gray(root / "sub" / "b.jpg", 12, quality=95)
+    gray = save_gray(tmp_path / "a_as_png.png", 13)          # the DICOM's twin, for reference
+    (root / "sub" / "deeper").mkdir()
+    mono2, _ = dicom_twins(root / "sub" / "deeper", gray, "a")
+    mono2.rename(root / "sub" / "deeper" / "a.dcm")
+    (root / "sub" / "deeper" / "a_m1.dcm").unlink()
+    broken = root / "sub" / "broken.png"
+    broken.write_bytes((root / "z.png").read_bytes()[:60])
+    (root / "notes.txt").write_text("not an image, not listed\n")
+    (root / ".hidden.png").write_bytes(b"macOS resource fork")
+    extra = tmp_path / "extra.png"
+    save_gray(extra, 14)
+    out = tmp_path / "preds.csv"
+
+    # z.png is named again: one row. Batches of 2 leave a partial last batch.
+    code = predict.main([str(root), str(extra), str(root / "z.png"), "--checkpoint", str(ckpt),
+                         "--out", str(out), "--batch-size", "2"])
+    stdout, err = capsys.readouterr()
+    assert code == 2
+    assert f"error: {broken}: not a readable" in err and "1 of 6 images failed" in err
+    assert ".hidden" not in err and "notes.txt" not in err
+    assert f"wrote {out}: 5 images" in stdout
+    header, ids, probs = read_preds(out)
+    assert header == HEADER
+    # Sorted by path inside the folder (so a.dcm after b.jpg), then the next argument.
+    assert ids == ["UPPER.PNG", "b.jpg", "a.dcm", "z.png", "extra.png"]
+    sources = [root / "UPPER.PNG", root / "sub" / "b.jpg", tmp_path / "a_as_png.png",
+               root / "z.png", extra]
+    expected = expected_rows(model, sources)
+    assert (np.abs(expected[:, None] - expected[None]).max(-1) + np.eye(5)).min() > 1e-3
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
+
+    # Without --out the folder is expanded the same way, and the tables are printed.
+    assert predict.main([str(root), str(extra), "--checkpoint", str(ckpt)]) == 2
+    names = re.findall(r"^(\S+)\n  ", capsys.readouterr().out, re.M)
+    assert names == [str(root / "UPPER.PNG"), str(root / "sub" / "b.jpg"),
+                     str(root / "sub" / "deeper" / "a.dcm"), str(root / "z.png"), str(extra)]
+
+
+def test_out_columns_follow_the_checkpoint_findings(tmp_path, trained, capsys):
+    model, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    state["findings"] = state["findings"][::-1]     # output k is now named findings[-1 - k]
+    reordered = tmp_path / "reordered.pt"
+    torch.save(state, reordered)
+    png = tmp_path / "a.png"
+    save_gray(png, 15)
+    assert predict.main([str(png), "--checkpoint", str(reordered), "--out",
+                         str(tmp_path / "p.csv")]) == 0
+    header, ids, probs = read_preds(tmp_path / "p.csv")
+    assert header == HEADER[:1] + HEADER[:0:-1] and ids == ["a.png"]
+    np.testing.assert_allclose(probs, expected_rows(model, [png]), rtol=0, atol=1e-5)
+
+
+def test_out_same_file_name_in_two_folders(tmp_path, trained, capsys):
+    """x.png in a/ and b/: those rows get their path under the common folder; y.png keeps its
+    name; each row holds its own file's probabilities."""
+    model, ckpt = trained
+    files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "b" / "y.png"]
+    for seed, path in enumerate(files, 20):
+        save_gray(path, seed)
+    out = tmp_path / "preds.csv"
+    assert predict.main([str(tmp_path / "a"), str(tmp_path / "b"), "--checkpoint", str(ckpt),
+                         "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    header, ids, probs = read_preds(out)
+    assert header == HEADER
+    assert ids == ["a/x.png", "b/x.png", "y.png"]
+    assert f"{files[0]} -> a/x.png" in err and f"{files[1]} -> b/x.png" in err
+    np.testing.assert_allclose(probs, expected_rows(model, files), rtol=0, atol=1e-5)
+
+
+def test_out_with_heatmap(tmp_path, trained, capsys):
+    _, ckpt = trained
+    png = tmp_path / "a.png"
+    save_gray(png, 30)
+    out, heat = tmp_path / "preds.csv", tmp_path / "heat"
+    assert predict.main([str(png), "--checkpoint", str(ckpt), "--out", str(out),
+                         "--heatmap", str(heat)]) == 0
+    header, ids, probs = read_preds(out)
+    assert ids == ["a.png"]
+    top = HEADER[1 + int(np.argmax(probs[0]))][len("prob_"):]
+    assert [p.name for p in heat.iterdir()] == [f"a_{top}.png"]
+
+
+def test_out_refusals_name_the_file_and_keep_the_old_csv(tmp_path, trained, capsys, monkeypatch):
+    _, ckpt = trained
+    png, broken = tmp_path / "a.png", tmp_path / "broken.png"
+    save_gray(png, 31)
+    broken.write_bytes(b"\x89PNG truncated")
+    args = [str(png), str(broken), "--checkpoint", str(ckpt), "--out"]
+
+    # Missing folder and a folder as --out: refused before any image is read.
+    missing = tmp_path / "no_such_dir" / "preds.csv"
+    assert predict.main([*args, str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: {missing.parent} does not exist" in err and str(broken) not in err
+    assert not missing.parent.exists()
+    assert predict.main([*args, str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder" in capsys.readouterr().err
+
+    # The write fails at the end: reported, the previous CSV intact, no temp file left.
+    out = tmp_path / "out" / "preds.csv"
+    out.parent.mkdir()
+    out.write_text("previous\n")
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(predict.os, "replace", refuse)
+    assert predict.main([*args, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"could not write {out}: Permission denied" in err
+    assert out.read_text() == "previous\n" and sorted(out.parent.iterdir()) == [out]
+    monkeypatch.undo()
+
+    # Nothing readable, or an empty folder: nothing written, exit 2.
+    assert predict.main([str(broken), "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    assert "no image could be read" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert predict.main([str(tmp_path / "empty"), "--checkpoint", str(ckpt), "--out",
+                         str(out)]) == 2
+    assert f"{tmp_path / 'empty'}: no .png" in capsys.readouterr().err
+    assert out.read_text() == "previous\n"
+    with pytest.raises(SystemExit):
+        predict.main([str(png), "--checkpoint", str(ckpt), "--out", str(out), "--top", "3"])
+    assert "--top" in capsys.readouterr().err
