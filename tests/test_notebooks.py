@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -112,3 +113,51 @@ def test_explore_predictions(demo, tmp_path, monkeypatch):
     assert "[" in out and "mean" in out           # the CI table
     assert out.count("image/png") >= 2             # ROC + gallery
     assert "hit_rate" in out and "centre_hit_rate" in out  # pointing game vs the centre
+    check_show_next(nb, tmp_path / "p", demo / "nih", "Effusion")
+
+
+def shown_examples(nb):
+    """Per cell ending in `show_next()`: (its printed line, its table's rows as
+    (finding, probability, ground truth), how many PNGs it displayed)."""
+    shown = []
+    for cell in nb.cells:
+        if cell.cell_type != "code" or not cell.source.splitlines()[-1].startswith("show_next()"):
+            continue
+        printed = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        (table,) = [o["data"]["text/plain"] for o in cell.outputs
+                    if o.output_type == "execute_result"]
+        rows = [re.fullmatch(r"(.+?)\s+(\d\.\d+)\s+(True|False)", line.strip())
+                for line in table.splitlines()]
+        pngs = sum("image/png" in o.get("data", {}) for o in cell.outputs)
+        shown.append((printed, [(m[1], float(m[2]), m[3] == "True") for m in rows if m], pngs))
+    return shown
+
+
+def check_show_next(nb, run_dir, data, label):
+    """The show_next() cells step through the test positives of `label` in test order; each
+    shows one figure and a table whose numbers are the run's preds.csv row and the image's
+    labels in Data_Entry_2017.csv, sorted by probability; the prevalence is the training fold's."""
+    import pandas as pd
+
+    import retrain
+
+    preds = pd.read_csv(run_dir / "preds.csv").set_index("Image Index")
+    positives = list(preds.index[preds[label] == 1])          # preds.csv is in test order
+    entries = pd.read_csv(data / "Data_Entry_2017.csv").set_index("Image Index")
+    table, _, _ = retrain.load_tables(retrain.load_run_config(run_dir))
+    train_rate = (table.loc[table["fold"] == "train", label] == 1).mean()
+    assert train_rate != pytest.approx((table.loc[table["fold"] == "test", label] == 1).mean())
+    shown = shown_examples(nb)
+    assert len(shown) == 2 and len(positives) >= 2
+    for (printed, rows, pngs), image_id in zip(shown, positives):
+        m = re.fullmatch(rf"(\S+): P\({label}\)=([\d.]+), training prevalence ([\d.]+)\n",
+                         printed)
+        assert m and m[1] == image_id and pngs == 1, printed
+        assert abs(float(m[2]) - preds.at[image_id, "prob_" + label]) <= 5e-4 + 1e-6
+        assert abs(float(m[3]) - train_rate) <= 5e-5 + 1e-9
+        truth = set(entries.at[image_id, "Finding Labels"].split("|"))
+        assert len(rows) == 14
+        assert [p for _, p, _ in rows] == sorted((p for _, p, _ in rows), reverse=True)
+        for name, prob, ground_truth in rows:
+            assert abs(prob - preds.at[image_id, "prob_" + name]) <= 5e-4 + 1e-6, name
+            assert ground_truth == (name in truth), name

@@ -255,3 +255,264 @@ def test_run_config_rebuilds_the_table_and_reports_bad_folders(run_dir, tmp_path
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(vp.DataError, match="config.json"):
         vp.run_config(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# --style reference: reproduce-chexnet's calc_cam / show_next
+# --------------------------------------------------------------------------------------------
+class FeatureHead(nn.Module):
+    """A 'model' whose input IS its last feature map (features = identity): the CAM code then
+    runs on random (B, 1024, 7, 7) maps and a random head, exactly the reference's shapes."""
+
+    def __init__(self, channels: int = 1024, k: int = 14):
+        super().__init__()
+        self.features = nn.Identity()
+        self.classifier = nn.Linear(channels, k)
+
+
+def _reference_calc_cam(y: np.ndarray, weights: np.ndarray, bias: np.ndarray, k: int,
+                        prevalence: float) -> np.ndarray:
+    """reproduce-chexnet's calc_cam after its feature extractor (features + ReLU), literally."""
+    y = np.maximum(y, 0)                      # densenet_last_layer: F.relu(features(x))
+    h, w = y.shape[1:]
+    cam = np.zeros((h, w, 1))
+    for i in range(h):
+        for j in range(w):
+            for c in range(y.shape[0]):
+                cam[i, j] += y[c, i, j] * weights[k, c]
+    cam += bias[k]
+    cam = 1 / (1 + np.exp(-cam))              # local region probabilities
+    cam = cam / prevalence                    # normalise by the baseline probability
+    return np.log(cam)[:, :, 0]
+
+
+def test_reference_map_equals_the_reference_triple_loop():
+    torch.manual_seed(0)
+    head = FeatureHead().eval()
+    with torch.no_grad():   # logits of order 1, so that neither the sigmoid nor the bias is flat
+        head.classifier.weight.normal_(0, 0.05)
+        head.classifier.bias.uniform_(-2, 2)
+    feats = torch.randn(2, 1024, 7, 7)        # negative entries too: the final ReLU matters
+    k, prevalence = 9, 0.0925
+    maps, probs = vp.reference_log_odds_maps(head, feats, k, prevalence)
+    assert maps.shape == (2, 7, 7)
+    w = head.classifier.weight.detach().double().numpy()
+    b = head.classifier.bias.detach().double().numpy()
+    for img in range(2):
+        expected = _reference_calc_cam(feats[img].double().numpy(), w, b, k, prevalence)
+        assert np.abs(maps[img] - expected).max() < 1e-5
+    assert maps.std() > 0.3 and -5 < np.median(maps) < 5          # a non-degenerate map
+    with torch.no_grad():
+        logits = head.classifier(torch.relu(feats).mean(dim=(2, 3)))
+    np.testing.assert_allclose(probs, torch.sigmoid(logits).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_map_of_a_one_cell_densenet_is_the_output_over_prevalence():
+    # At 32 px DenseNet's last feature map is 1x1, so CAM + bias is the model's own logit and
+    # the map is log(P(finding) / prevalence), from the forward pass, independently.
+    torch.manual_seed(0)
+    model = build_model(14, "none").eval()
+    x = torch.randn(3, 3, 32, 32)
+    maps, _ = vp.reference_log_odds_maps(model, x, 4, 0.2)
+    with torch.no_grad():
+        expected = torch.log(torch.sigmoid(model(x))[:, 4].double() / 0.2).numpy()
+    assert maps.shape == (3, 1, 1)
+    np.testing.assert_allclose(maps[:, 0, 0], expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="prevalence"):
+        vp.reference_log_odds_maps(model, x, 4, 0.0)
+
+
+def test_training_prevalence_counts_only_the_training_fold():
+    table = pd.DataFrame({
+        "fold": ["train"] * 4 + ["val"] + ["test"] * 3,
+        "Edema": [1, 0, 0, 0, 1, 1, 1, 1],
+        "Mass": [1, 1, np.nan, 0, 0, 0, 0, 0],       # a masked label is left out
+    })
+    prev = vp.training_prevalence(table, ["Edema", "Mass"])
+    assert prev.to_dict() == pytest.approx({"Edema": 0.25, "Mass": 2 / 3})
+    assert vp.finding_prevalence(prev, "Edema", "t.csv") == 0.25
+    with pytest.raises(vp.DataError, match="t.csv.*Hernia"):
+        vp.finding_prevalence(prev, "Hernia", "t.csv")
+    zero = pd.Series({"Edema": 0.0})
+    with pytest.raises(vp.DataError, match="t.csv: no training image.*--prevalence"):
+        vp.finding_prevalence(zero, "Edema", "t.csv")
+    with pytest.raises(vp.DataError, match="no 'train' fold"):
+        vp.training_prevalence(table[table["fold"] != "train"], ["Edema"])
+
+
+def _fold_rates(run_dir: Path) -> pd.DataFrame:
+    """Per fold and finding, the fraction of positives: computed here with pandas from the
+    run's label table, not with the code under test."""
+    table, findings, _ = retrain.load_tables(retrain.load_run_config(run_dir))
+    return table.groupby("fold")[list(findings)].mean().T          # (findings, folds)
+
+
+def _train_vs_test_label(run_dir: Path) -> str:
+    """A finding with test positives whose training and test rates differ clearly."""
+    rates = _fold_rates(run_dir)
+    rates = rates[(rates["test"] > 0) & (rates["train"] > 0)]
+    gap = (np.log(rates["test"]) - np.log(rates["train"])).abs()
+    assert gap.max() > 0.5
+    return str(gap.idxmax())
+
+
+def test_reference_examples_step_through_test_positives_with_training_prevalence(run_dir):
+    import matplotlib.pyplot as plt
+
+    preds = pd.read_csv(run_dir / "preds.csv").set_index("Image Index")
+    label = _train_vs_test_label(run_dir)
+    train_rate = _fold_rates(run_dir).at[label, "train"]
+    expected_ids = list(preds.index[preds[label] == 1])     # preds.csv keeps the test order
+    findings = [c[len("prob_"):] for c in preds.columns if c.startswith("prob_")]
+    seen = []
+    for ex in vp.reference_examples(run_dir, label):
+        seen.append(ex.image_id)
+        row = preds.loc[ex.image_id]
+        assert ex.prevalence == pytest.approx(train_rate)
+        # 32 px: a 1x1 grid, whose value is log(P(label) / training prevalence).
+        assert ex.log_odds.shape == (1, 1)
+        assert ex.log_odds[0, 0] == pytest.approx(np.log(row["prob_" + label] / train_rate),
+                                                  abs=1e-5)
+        assert ex.prob == pytest.approx(row["prob_" + label], abs=1e-6)
+        table = ex.table
+        assert list(table.columns) == ["Predicted Probability", "Ground Truth"]
+        assert table.index.name == "Finding" and sorted(table.index) == sorted(findings)
+        assert list(table["Predicted Probability"]) == sorted(table["Predicted Probability"],
+                                                              reverse=True)
+        for f in findings:
+            assert abs(table.at[f, "Predicted Probability"] - row["prob_" + f]) <= 5e-4 + 1e-6
+            assert table.at[f, "Ground Truth"] == (row[f] == 1)
+        assert ex.figure.axes[1].get_title() == f"P({label})={row['prob_' + label]:.3f}"
+        plt.close(ex.figure)
+    assert seen == expected_ids and len(seen) >= 1
+    with pytest.raises(vp.DataError, match="not a finding"):
+        vp.reference_examples(run_dir, "Lung Lesion")
+    # --prevalence overrides the training fold.
+    assert next(vp.reference_examples(run_dir, label, prevalence="0.5")).prevalence == 0.5
+    plt.close("all")
+
+
+def test_reference_figure_has_the_fixed_scale_and_every_cell_value():
+    import matplotlib.pyplot as plt
+
+    grid = np.array([[-7.5, -5.0, -1.234, 0.0],
+                     [0.05, 1.26, 4.99, 9.1],
+                     [-0.333, 2.5, -2.5, 3.14159]])
+    image = torch.randn(3, 24, 24)
+    fig = vp.reference_figure(image, grid, "Effusion", 0.12345, "00000001_000.png")
+    plain, heat, bar = fig.axes                               # image, grid, colour bar
+    assert plain.get_title() == "00000001_000.png" and heat.get_title() == "P(Effusion)=0.123"
+    (mesh,) = heat.collections
+    assert mesh.get_clim() == (-5.0, 5.0)                     # fixed, not the grid's range
+    assert mesh.cmap.name == "viridis" and mesh.get_alpha() == 0.3
+    assert mesh.colorbar is not None and mesh.colorbar.ax is bar
+    assert bar.get_ylim() == (-5.0, 5.0)
+    # Seaborn's layout: unit cells, row 0 at the top; one text per cell, in .2g.
+    assert heat.get_xlim() == (0, 4) and heat.get_ylim() == (3, 0)
+    shown = {(t.get_position()[1] - 0.5, t.get_position()[0] - 0.5): t.get_text()
+             for t in heat.texts}
+    assert len(heat.texts) == grid.size
+    expected = ["-7.5", "-5", "-1.2", "0", "0.05", "1.3", "5", "9.1", "-0.33", "2.5", "-2.5",
+                "3.1"]
+    assert [shown[(i, j)] for i in range(3) for j in range(4)] == expected
+    # The de-normalised input, under the cells and stretched over the grid.
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    rgb = np.clip(image.numpy().transpose(1, 2, 0) * std + mean, 0, 1)
+    (under,) = heat.images
+    assert list(under.get_extent()) == [0, 4, 3, 0] and under.get_zorder() < mesh.get_zorder()
+    np.testing.assert_allclose(np.asarray(under.get_array()), rgb, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(plain.images[0].get_array()), rgb, atol=1e-6)
+    plt.close(fig)
+
+
+def test_probability_table_sorts_by_probability_with_truth():
+    table = vp.probability_table([0.1, 0.9, 0.35, 0.3504, 0.0004], [1, 0, np.nan, 1, 0],
+                                 ["A", "B", "C", "D", "E"])
+    assert table.index.name == "Finding"
+    assert list(table.index) == ["B", "D", "C", "A", "E"]   # by the unrounded value
+    assert list(table["Predicted Probability"]) == [0.9, 0.35, 0.35, 0.1, 0.0]
+    assert list(table["Ground Truth"]) == [False, True, False, True, False]
+    assert table["Ground Truth"].dtype == bool
+
+
+def test_positive_test_images_keep_the_table_order():
+    table = pd.DataFrame({"image_id": ["a", "b", "c", "d", "e"],
+                          "fold": ["test", "train", "test", "test", "val"],
+                          "Edema": [1.0, 1.0, 0.0, 1.0, 1.0]})
+    assert vp.positive_test_images(table, "Edema") == ["a", "d"]
+    with pytest.raises(vp.DataError, match="'Mass' is not a finding"):
+        vp.positive_test_images(table, "Mass")
+
+
+def test_reference_gallery_cells_use_the_training_prevalence(run_dir):
+    import matplotlib.pyplot as plt
+
+    preds = pd.read_csv(run_dir / "preds.csv").set_index("Image Index")
+    label = _train_vs_test_label(run_dir)
+    train_rate = _fold_rates(run_dir).at[label, "train"]
+    data = Path(json.loads((run_dir / "config.json").read_text())["data"])
+    fig = vp.gallery_figure(run_dir, label, top=3, style="reference",
+                            boxes=data / "BBox_List_2017.csv")
+    n = min(3, len(vp.select_positives(preds.reset_index(), label, top=3)))
+    tiles, bar = fig.axes[:-1], fig.axes[-1]
+    assert len(tiles) == n and bar.get_ylim() == (-5.0, 5.0)
+    for ax in tiles:
+        image_id, p_line = ax.get_title().split("\n")[:2]
+        prob = preds.at[image_id, "prob_" + label]
+        assert p_line == f"P({label})={prob:.3f}"
+        assert ax.collections[0].get_clim() == (-5.0, 5.0)
+        (text,) = ax.texts                                    # 32 px: one cell
+        expected = np.log(prob / train_rate)
+        assert abs(float(text.get_text()) - expected) <= 0.05 * abs(expected) + 1e-6
+    # The label's boxes on the shown images, scaled from input pixels to the 1x1 grid.
+    shown = {ax.get_title().split("\n")[0] for ax in tiles}
+    boxes = pd.read_csv(data / "BBox_List_2017.csv").iloc[:, :2].set_axis(["image", "finding"],
+                                                                         axis=1)
+    boxes["finding"] = boxes["finding"].replace({"Infiltrate": "Infiltration"})
+    n_boxes = int((boxes["image"].isin(shown) & (boxes["finding"] == label)).sum())
+    patches = [r for ax in tiles for r in ax.patches]
+    assert len(patches) == n_boxes
+    assert all(0 <= r.get_x() and r.get_x() + r.get_width() <= 1 + 1e-9 for r in patches)
+    plt.close(fig)
+    with pytest.raises(vp.DataError, match="--method gradcam"):
+        vp.gallery_figure(run_dir, label, top=3, style="reference", method="gradcam")
+
+
+def test_reference_cli_prevalence_sources(run_dir, tmp_path, capsys):
+    model = build_model(14, "none")
+    torch.save({"model": model.state_dict(), "findings": list(NIH_FINDINGS),
+                "config": {"image_size": 32, "dataset": "nih"}}, tmp_path / "c.pt")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8)).save(
+        tmp_path / "x.png")
+    one = ["--style", "reference", "--image", str(tmp_path / "x.png"), "--label", "Effusion",
+           "--out", str(tmp_path / "r.png")]
+    # A checkpoint that records no training data (e.g. converted): no silent default.
+    assert vp.main([*one, "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "c.pt: records no training data" in err and "--prevalence" in err
+    assert "Traceback" not in err
+    assert vp.main([*one, "--checkpoint", str(tmp_path / "c.pt"), "--prevalence", "0.05"]) == 0
+    assert "prevalence of Effusion: 0.0500" in capsys.readouterr().out
+    assert Image.open(tmp_path / "r.png").format == "PNG"
+    for bad, message in [("1.5", "(0, 1]"), (str(tmp_path / "nope"), "neither a fraction")]:
+        assert vp.main([*one, "--checkpoint", str(tmp_path / "c.pt"), "--prevalence", bad]) == 2
+        assert message in capsys.readouterr().err
+    # A retrain.py checkpoint records its data: its training fold is the default, and a run
+    # folder given to --prevalence means the same.
+    label = _train_vs_test_label(run_dir)
+    train_rate = _fold_rates(run_dir).at[label, "train"]
+    one[one.index("Effusion")] = label
+    for extra in ([], ["--prevalence", str(run_dir)]):
+        assert vp.main([*one, "--checkpoint", str(run_dir / "checkpoint.pt"), *extra]) == 0
+        assert f"prevalence of {label}: {train_rate:.4f} (training fold of" in \
+            capsys.readouterr().out
+    assert vp.main([*one, "--checkpoint", str(run_dir / "checkpoint.pt"), "--method",
+                    "gradcam"]) == 2
+    assert "--method gradcam" in capsys.readouterr().err
+    assert vp.main(["--checkpoint", str(run_dir / "checkpoint.pt"), "--image",
+                    str(tmp_path / "x.png"), "--prevalence", "0.1"]) == 2
+    assert "only applies to --style reference" in capsys.readouterr().err
+    out = tmp_path / "g.png"
+    assert vp.main(["--run", str(run_dir), "--label", label, "--style", "reference", "--top",
+                    "2", "--out", str(out)]) == 0
+    assert Image.open(out).format == "PNG"
