@@ -7,7 +7,7 @@
 An NIH model predicts 14 findings, a CheXphoto model 13 CheXpert observations; seven are the same
 finding under two names (labels.NIH_TO_CHEXPERT, e.g. NIH `Effusion` = CheXpert `Pleural
 Effusion`). Only those are scored. Mass and Nodule are not merged into Lung Lesion: they map
-onto it only loosely (datasets.md), and a max or a sum of two outputs would be a new, untrained
+onto it only loosely (docs/datasets.md), and a max or a sum of two outputs would be a new, untrained
 score. Every finding left out is printed with the reason. A model scored on its own label set
 (e.g. an NIH model on the demo data) uses every finding both sides have.
 
@@ -38,7 +38,7 @@ from metrics import bootstrap_auc
 
 CHEXPERT_TO_NIH = {v: k for k, v in NIH_TO_CHEXPERT.items()}
 FOLDS = ("train", "val", "test", "all")
-LOOSE = {"Mass": "Lung Lesion", "Nodule": "Lung Lesion"}  # datasets.md: not merged
+LOOSE = {"Mass": "Lung Lesion", "Nodule": "Lung Lesion"}  # docs/datasets.md: not merged
 
 
 def _family(names: Sequence[str]) -> str:
@@ -50,10 +50,10 @@ def _no_counterpart(name: str, other: str) -> str:
     """Why finding `name` has no counterpart in the `other` label set."""
     if name in LOOSE:
         return (f"no {other} counterpart: maps only loosely onto {LOOSE[name]} and is not "
-                "merged into it (datasets.md)")
+                "merged into it (docs/datasets.md)")
     if name == "Lung Lesion":
         return ("no NIH counterpart: Mass and Nodule map only loosely onto it and are not "
-                "merged (datasets.md)")
+                "merged (docs/datasets.md)")
     return f"no {other} counterpart"
 
 

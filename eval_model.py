@@ -73,7 +73,7 @@ def per_label_auc(y_true: np.ndarray, y_score: np.ndarray, findings: Sequence[st
 
 
 def auc_table(aucs: dict[str, float], with_published: bool) -> pd.DataFrame:
-    """AUCs as a table with a `mean` row; for NIH also the published columns of datasets.md.
+    """AUCs as a table with a `mean` row; for NIH also the published columns of docs/datasets.md.
 
     The mean is over the labels with a defined AUC, as the published means are.
     """

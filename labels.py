@@ -41,7 +41,7 @@ CHEXPERT_META_COLS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 # CheXpert label values: 1 positive, 0 negative, -1 uncertain, blank (NaN) not mentioned.
 UNCERTAINTY_POLICIES = ("zeros", "ones", "ignore")
 
-# NIH name -> CheXpert name, for the seven findings both label sets share (datasets.md).
+# NIH name -> CheXpert name, for the seven findings both label sets share (docs/datasets.md).
 # Mass and Nodule map only loosely onto "Lung Lesion" and are deliberately left out.
 NIH_TO_CHEXPERT = {
     "Atelectasis": "Atelectasis",
@@ -53,7 +53,7 @@ NIH_TO_CHEXPERT = {
     "Pneumothorax": "Pneumothorax",
 }
 
-# Published per-label test AUCs (datasets.md). Each used its own test split.
+# Published per-label test AUCs (docs/datasets.md). Each used its own test split.
 PUBLISHED_AUCS = {
     "CheXNet paper": dict(zip(NIH_FINDINGS, (
         0.8094, 0.9248, 0.8638, 0.7345, 0.8676, 0.7802, 0.7680, 0.8887, 0.7901, 0.8878, 0.9371,

@@ -32,7 +32,7 @@ import visualize_prediction as vp
 from cxr_dataset import DataError, build_transform, load_xray
 from labels import NIH_BBOX_ALIASES, NIH_FINDINGS
 
-# NIH boxes are drawn on the 1024 x 1024 originals (datasets.md), whatever copy is on disk.
+# NIH boxes are drawn on the 1024 x 1024 originals (docs/datasets.md), whatever copy is on disk.
 NIH_ORIGINAL_SIZE = 1024
 # Centre baseline: a centred Gaussian of standard deviation S * CENTRE_SIGMA.
 CENTRE_SIGMA = 0.25
