@@ -75,6 +75,22 @@ def test_resamples_are_reproducible_and_seeded():
     assert counts.shape == (30, 50) and (counts.sum(axis=1) == 50).all()
 
 
+def test_resampling_units_number_patients_in_sorted_order():
+    unit, n = metrics.resampling_units(["b", "a", "b", "c", "a"], 5)
+    assert n == 3 and unit.tolist() == [1, 0, 1, 2, 0]
+    unit, n = metrics.resampling_units(None, 4)
+    assert n == 4 and unit.tolist() == [0, 1, 2, 3]
+
+
+def test_bootstrap_counts_are_multinomial_draws():
+    """Each row is a multinomial(n, 1/n) vector: mean 1, variance (n-1)/n, P(0) = (1-1/n)^n."""
+    counts = np.concatenate(list(metrics.bootstrap_counts(5, 4000, seed=0)))
+    assert counts.shape == (4000, 5) and (counts.sum(axis=1) == 5).all() and (counts >= 0).all()
+    assert counts.mean(axis=0) == pytest.approx(np.ones(5), abs=0.06)
+    assert counts.var(axis=0) == pytest.approx(np.full(5, 0.8), abs=0.08)
+    assert (counts == 0).mean() == pytest.approx(0.8 ** 5, abs=0.02)
+
+
 def test_patient_bootstrap_resamples_whole_patients():
     """Each patient holding 3 copies of one image: drawing patients is drawing the original
     images (AUC is invariant to scaling all weights), while drawing the copies one by one

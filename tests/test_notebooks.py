@@ -4,9 +4,13 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from conftest import ROOT
+from labels import NIH_FINDINGS
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -63,8 +67,16 @@ def test_retrain_chexphoto(demo, tmp_path, monkeypatch):
     execute("Retrain_chexphoto.ipynb", monkeypatch,
             CHEXNET_DATA=demo / "chexphoto" / "CheXphoto-v1.1", CHEXNET_OUT=tmp_path)
     import pandas as pd
-    aucs = pd.read_csv(tmp_path / "chexphoto_run" / "aucs.csv")
+    aucs = pd.read_csv(tmp_path / "chexphoto_run" / "aucs.csv").set_index("label")
     assert len(aucs) == 14  # 13 findings + mean
+    preds = pd.read_csv(tmp_path / "chexphoto_run" / "preds.csv")
+    want = []
+    for f in aucs.index[:-1]:  # the run's table against sklearn on its own predictions
+        rows = preds[f].notna()
+        if preds.loc[rows, f].nunique() == 2:
+            want.append(roc_auc_score(preds.loc[rows, f], preds.loc[rows, f"prob_{f}"]))
+            assert aucs.loc[f, "auc"] == pytest.approx(want[-1], abs=1e-6), f
+    assert aucs.loc["mean", "auc"] == pytest.approx(np.mean(want), abs=1e-6)
 
 
 def test_plot(demo, tmp_path, monkeypatch):
@@ -110,7 +122,10 @@ def test_explore_predictions(demo, tmp_path, monkeypatch):
                  CHEXNET_LABEL="Effusion", CHEXNET_TOP=4,
                  CHEXNET_BOXES=demo / "nih" / "BBox_List_2017.csv")
     out = text_of(nb)
-    assert "[" in out and "mean" in out           # the CI table
+    preds = pd.read_csv(tmp_path / "p" / "preds.csv")
+    aucs = [roc_auc_score(preds[f], preds[f"prob_{f}"]) for f in NIH_FINDINGS
+            if preds[f].nunique() == 2]
+    assert f"{np.mean(aucs):.4f} [" in out         # the CI table's mean row, as sklearn has it
     assert out.count("image/png") >= 2             # ROC + gallery
     assert "hit_rate" in out and "centre_hit_rate" in out  # pointing game vs the centre
     check_show_next(nb, tmp_path / "p", demo / "nih", "Effusion")

@@ -115,6 +115,18 @@ class _Linear(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
+def naive_flips(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """The documented augmentation, written out image by image: one uniform draw per image from
+    a generator seeded with `seed`; below 0.5 the image is mirrored left-right."""
+    draws = torch.rand(len(images), generator=torch.Generator().manual_seed(seed))
+    out = images.clone()
+    for i in range(len(images)):
+        if draws[i] < 0.5:
+            out[i] = torch.stack([images[i][:, :, w] for w in reversed(range(images.shape[-1]))],
+                                 dim=-1)
+    return out
+
+
 def _batches(n_batches: int, poison: int | None = None):
     g = torch.Generator().manual_seed(1)
     out = []
@@ -137,12 +149,14 @@ def test_train_step_bookkeeping_and_a_non_finite_step_changes_no_weight():
     batches = _batches(3)
     retrain.train_one_epoch(model, batches, opt, torch.device("cpu"), progress)
     assert progress.batches == 3 and progress.count == 3 * (4 * 14 - 1)
-    with torch.no_grad():  # replay: the same per-batch flips, the loss summed per entry
-        want = sum(float(model_loss) for model_loss in (
-            retrain.masked_bce_with_logits(model(retrain.flip_batch(
-                x, (0 * 1_000_003 + 1) * 100_003 + b, 0, 1)), y, reduction="sum")
-            for b, (x, y, _) in enumerate(batches)))
+    with torch.no_grad():  # replay: the documented per-batch flips, the loss summed per entry
+        want = sum(float(retrain.masked_bce_with_logits(
+            model(naive_flips(x, (0 * 1_000_003 + 1) * 100_003 + b)), y, reduction="sum"))
+            for b, (x, y, _) in enumerate(batches))
+        unflipped = sum(float(retrain.masked_bce_with_logits(model(x), y, reduction="sum"))
+                        for x, y, _ in batches)
     assert progress.loss_sum == pytest.approx(want, rel=1e-6)
+    assert abs(unflipped - want) > 1e-3 * abs(want)  # the flips are really applied
 
     model = _Linear()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

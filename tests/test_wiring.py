@@ -1,0 +1,239 @@
+"""What the unit tests of each piece cannot see: that fit() and the command lines wire the pieces
+together as documented. Each test here was written against a named deliberate bug (a mutation)
+that the rest of the suite let through; the bug is named in the test's docstring.
+"""
+from __future__ import annotations
+
+import errno
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import eval_model
+import retrain
+from conftest import nih_demo
+from cxr_dataset import build_transform, load_xray
+from labels import CHEXPHOTO_FINDINGS, NIH_FINDINGS
+from model import build_model
+
+FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights",
+        "none", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return nih_demo(tmp_path_factory, n_images=64, size=48, seed=0)
+
+
+def scripted_val_losses(monkeypatch, losses):
+    """fit() sees these per-epoch validation losses; the real evaluation still runs."""
+    real = retrain.evaluate
+
+    def evaluate(model, loader, device, desc="eval", *args, **kw):
+        out = real(model, loader, device, desc, *args, **kw)
+        if desc.startswith("epoch ") and desc.endswith(" val"):
+            return (losses[int(desc.split()[1]) - 1], *out[1:])
+        return out
+
+    monkeypatch.setattr(retrain, "evaluate", evaluate)
+
+
+def train(root, out, name, *extra):
+    args = ["--dataset", "demo", "--data", str(root), "--out", str(out), "--name", name, *FAST,
+            *extra]
+    assert retrain.main(args) == 0
+    return out / name
+
+
+def probabilities_of(weights: dict, root, ids, size=32) -> np.ndarray:
+    """Our own forward pass: each image through the evaluation transform, unflipped, one at a
+    time, outside every loader of retrain.py. (N, 14)."""
+    net = build_model(len(NIH_FINDINGS), "none")
+    net.load_state_dict(weights)
+    net.eval()
+    transform = build_transform(size, train=False)
+    with torch.no_grad():
+        batch = torch.stack([transform(load_xray(root / "images" / i)) for i in ids])
+        return torch.sigmoid(net(batch)).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Where the outputs come from
+# --------------------------------------------------------------------------------------------
+def test_preds_come_from_the_best_epoch_unflipped(demo_root, tmp_path, monkeypatch):
+    """Mutations: preds.csv made by the last epoch's weights instead of checkpoint.pt's; the
+    evaluation batches flipped; checkpoint.pt written every epoch. Here the best epoch (1)
+    comes before the last (2)."""
+    scripted_val_losses(monkeypatch, [1.0, 2.0])
+    run = train(demo_root, tmp_path, "best", "--epochs", "2")
+    best = torch.load(run / "checkpoint.pt", weights_only=True)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert best["epoch"] == 1 and last["epoch"] == 2
+    preds = pd.read_csv(run / "preds.csv")
+    ids = preds["Image Index"].tolist()
+    got = preds[[f"prob_{f}" for f in NIH_FINDINGS]].to_numpy()
+    want = probabilities_of(best["model"], demo_root, ids)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    # Not vacuous: the last epoch's weights and the mirrored images predict differently.
+    assert np.abs(probabilities_of(last["model"], demo_root, ids) - want).max() > 1e-3
+    val = pd.read_csv(run / "val_preds.csv")
+    np.testing.assert_allclose(val[[f"prob_{f}" for f in NIH_FINDINGS]].to_numpy(),
+                               probabilities_of(best["model"], demo_root,
+                                                val["Image Index"].tolist()), rtol=0, atol=2e-5)
+
+
+def test_mirrored_inputs_would_change_the_predictions(demo_root):
+    """The check above can see a flip: on this demo a mirrored image gets other probabilities."""
+    net = build_model(len(NIH_FINDINGS), "none")
+    torch.manual_seed(0)
+    net.eval()
+    image = build_transform(32, train=False)(load_xray(sorted((demo_root / "images").iterdir())[0]))
+    with torch.no_grad():
+        a, b = torch.sigmoid(net(torch.stack([image, image.flip(-1)])))
+    assert (a - b).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Resume restores the schedule
+# --------------------------------------------------------------------------------------------
+def test_resume_across_epochs_without_improvement_restores_the_schedule(demo_root, tmp_path,
+                                                                        monkeypatch):
+    """Mutation: the schedule state (best loss, best epoch, epochs seen) not restored from
+    last.pt. The resumed part is two epochs worse than the best: a fresh schedule would call
+    the first of them an improvement, skip the decay and overwrite checkpoint.pt."""
+    scripted_val_losses(monkeypatch, [1.0, 2.0, 3.0])
+    whole = train(demo_root, tmp_path, "whole", "--epochs", "3")
+    part = train(demo_root, tmp_path, "part", "--epochs", "1")
+    train(demo_root, tmp_path, "part", "--epochs", "3", "--resume")
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    assert [h["lr"] for h in b["history"]] == pytest.approx([0.01, 0.01, 0.001])
+    assert b["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert b["schedule"] == {"best_loss": 1.0, "best_epoch": 1, "epoch": 3}
+    assert torch.load(part / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert a["schedule"] == b["schedule"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes, interrupted inside the real writer
+# --------------------------------------------------------------------------------------------
+def test_a_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
+    """Mutation: atomic_torch_save / atomic_write_text writing straight to the final path.
+    torch.save is made to write half a file and then fail, as a full disk does."""
+    path = tmp_path / "last.pt"
+    retrain.atomic_torch_save({"epoch": 1}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def half_then_full_disk(obj, target, *a, **kw):
+        real_save({"epoch": 2, "pad": torch.zeros(10_000)}, target, *a, **kw)
+        with open(target, "r+b") as fh:
+            fh.truncate(len(open(target, "rb").read()) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_full_disk)
+    with pytest.raises(retrain.SaveError, match="previous last.pt is intact"):
+        retrain.atomic_torch_save({"epoch": 2}, path)
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
+
+
+def test_a_text_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "log_train.csv"
+    retrain.atomic_write_text("epoch,loss\n1,0.5\n", path)
+    real_write = type(path).write_text
+
+    def half_then_fail(self, text, *a, **kw):
+        real_write(self, text[: len(text) // 2], *a, **kw)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(type(path), "write_text", half_then_fail)
+    with pytest.raises(retrain.SaveError):
+        retrain.atomic_write_text("epoch,loss\n1,0.5\n2,0.4\n", path)
+    assert path.read_text() == "epoch,loss\n1,0.5\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["log_train.csv"]
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line wiring
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chexphoto_root(tmp_path_factory):
+    from demo_data import make_chexphoto_demo
+
+    root = tmp_path_factory.mktemp("photo")
+    make_chexphoto_demo(root, n_train=60, n_valid=20, size=16, seed=0)
+    return next(root.rglob("train.csv")).parent
+
+
+@pytest.mark.parametrize("policy,expected", [("zeros", 0.0), ("ones", 1.0), ("ignore", None)])
+def test_uncertainty_flag_reaches_the_targets(chexphoto_root, policy, expected):
+    """Mutation: retrain.py --uncertainty ignored (the zeros policy always used)."""
+    csv = pd.read_csv(chexphoto_root / "train.csv")
+    cfg = retrain.parse_args(["--dataset", "chexphoto", "--data", str(chexphoto_root),
+                              "--uncertainty", policy, "--view", "all", "--missing", "skip"])
+    table, findings, _ = retrain.load_tables(cfg)
+    table = table.set_index("image_id")
+    checked = 0
+    for f in CHEXPHOTO_FINDINGS:
+        for path in csv.loc[csv[f] == -1, "Path"]:
+            if path in table.index:
+                value = table.loc[path, f]
+                assert math.isnan(value) if expected is None else value == expected, (f, path)
+                checked += 1
+    assert checked > 5  # the demo has uncertain labels to check
+
+
+def write_preds(path, ids, scores, labels):
+    frame = pd.DataFrame({"Image Index": ids})
+    for k, f in enumerate(NIH_FINDINGS):
+        frame[f"prob_{f}"] = scores[:, k]
+    for k, f in enumerate(NIH_FINDINGS):
+        frame[f] = labels[:, k]
+    frame.to_csv(path, index=False)
+
+
+def test_mean_auc_is_over_all_14_findings(tmp_path):
+    """Mutation: the mean AUC dropping the last finding. Thirteen findings score 0.5 (tied
+    scores), Hernia 1.0: the mean is 7.5 / 14."""
+    y = np.tile(np.array([[0], [1], [0], [1]]), (1, 14)).astype(float)
+    s = np.full((4, 14), 0.5)
+    s[:, -1] = [0.1, 0.9, 0.2, 0.8]
+    write_preds(tmp_path / "preds.csv", [f"0000000{i}_000.png" for i in range(1, 5)], s, y)
+    assert eval_model.main(["--preds", str(tmp_path / "preds.csv"), "--no-published"]) == 0
+    table = pd.read_csv(tmp_path / "aucs.csv").set_index("label")
+    assert table.loc["Hernia", "auc"] == 1.0 and table.loc["Atelectasis", "auc"] == 0.5
+    assert table.loc["mean", "auc"] == pytest.approx(7.5 / 14, abs=1e-9)
+
+
+def test_ci_resamples_patients_named_by_the_ids(tmp_path):
+    """Mutation: eval_model.py --ci finding the patient ids but resampling images. Each of 40
+    patients has 8 identical images, so the patient-level interval must be about sqrt(8) times
+    wider than a naive image-level bootstrap (computed here with sklearn)."""
+    rng = np.random.default_rng(0)
+    n_pat, per = 40, 8
+    y_pat = (rng.random((n_pat, 14)) < 0.4).astype(float)
+    y_pat[:2], y_pat[2:4] = 1.0, 0.0                 # both classes in every finding
+    s_pat = np.clip(0.3 * y_pat + rng.random((n_pat, 14)) * 0.7, 0, 1)
+    ids = [f"{p + 1:08d}_{k:03d}.png" for p in range(n_pat) for k in range(per)]
+    y, s = np.repeat(y_pat, per, axis=0), np.repeat(s_pat, per, axis=0)
+    write_preds(tmp_path / "preds.csv", ids, s, y)
+    assert eval_model.main(["--preds", str(tmp_path / "preds.csv"), "--ci", "--n-boot", "400",
+                            "--no-published"]) == 0
+    ci = pd.read_csv(tmp_path / "aucs_ci.csv").set_index("label")
+    k = 0  # Atelectasis
+    naive = []
+    for _ in range(400):
+        idx = rng.integers(0, len(ids), len(ids))
+        if 0 < y[idx, k].sum() < len(idx):
+            naive.append(roc_auc_score(y[idx, k], s[idx, k]))
+    naive_width = np.percentile(naive, 97.5) - np.percentile(naive, 2.5)
+    width = ci.loc["Atelectasis", "ci_high"] - ci.loc["Atelectasis", "ci_low"]
+    assert width > 1.8 * naive_width, (width, naive_width)
