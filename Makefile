@@ -13,19 +13,23 @@ DEMO_OUT ?= results
 # in a few minutes on 2 CPU cores. See the README for what each flag means.
 DEMO_FLAGS ?= --image-size 64 --batch-size 32 --lr 0.05 --epochs 5 --weights none
 
-.PHONY: demo test clean-demo help
+.PHONY: demo test test-fast lint clean-demo help
 help:
 	@echo "make demo   - train and evaluate on the built-in demo data (CPU is fine)"
-	@echo "make test   - run the whole test suite"
+	@echo "make test   - lint (ruff) and run the whole test suite"
+	@echo "make test-fast - the tests not marked slow (a developer's loop)"
 
 $(VENV)/.python-ok:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed; run make PYTHON=python3.x")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@touch $@
 
-$(VENV)/.deps: requirements.txt $(VENV)/.python-ok
+# The scripts are installed as modules (pip install -e ., see pyproject.toml) so that tests,
+# benchmarks and notebooks import them without touching sys.path.
+$(VENV)/.deps: requirements.txt pyproject.toml $(VENV)/.python-ok
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
 $(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps
@@ -44,7 +48,15 @@ demo: $(VENV)/.deps
 	@$(PY) -c "import pandas as pd; t = pd.read_csv('$(DEMO_OUT)/demo/aucs.csv').set_index('label'); print(f'demo test fold mean AUC: {t.loc[\"mean\", \"auc\"]:.4f}')"
 
 test: $(VENV)/.test-deps
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The fast part of the suite (no training runs, no subprocesses): for a developer's loop.
+test-fast: $(VENV)/.test-deps
+	$(PY) -m pytest -m "not slow"
+
+lint: $(VENV)/.test-deps
+	$(VENV)/bin/ruff check .
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT)/demo

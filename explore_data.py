@@ -10,7 +10,8 @@ blank label counts and the rendition mix).
 Folds are the ones retrain.py would use with the same labels file, --seed (and, for CheXphoto,
 --view): a labels file with a `fold` column keeps it (the committed nih_labels.csv carries the
 reference split); an NIH `Data_Entry_2017*.csv` gets the reference split when every image is
-NIH's, else (the demo) the seeded patient-level 70/10/20 split; summary.json says which; CheXphoto's train.csv is split 90/10 by patient and
+NIH's, else (the demo) the seeded patient-level 70/10/20 split; summary.json says which;
+CheXphoto's train.csv is split 90/10 by patient and
 valid.csv is the test fold. With `--missing keep` (default) every row of the labels file is
 counted and sample images come from the files present; `--missing skip` counts only the rows
 whose image is on disk (e.g. a partial NIH download).
@@ -564,7 +565,7 @@ def plot_samples(table: pd.DataFrame, findings: Sequence[str], k: int = 3, seed:
     cell = thumb + gap
     mosaic = np.full((len(rows) * cell, k * cell), 255, dtype=np.uint8)   # (rows*cell, k*cell)
     captions: list[tuple[int, int, str]] = []
-    for r, (name, idx) in enumerate(rows):
+    for r, (_name, idx) in enumerate(rows):
         chosen = rng.choice(idx, size=min(k, len(idx)), replace=False) if len(idx) else []
         for c, i in enumerate(chosen):
             row = present.loc[i]

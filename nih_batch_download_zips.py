@@ -61,7 +61,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -318,7 +318,8 @@ def _one_attempt(url: str, dest: Path, part: Path, timeout: float,
                 # trusted to line up, so restart cleanly.
                 _truncate(part)
                 raise _TransferInterrupted(
-                    "server sent an unexpected range or the file changed size; restarting from zero",
+                    "server sent an unexpected range or the file changed size; restarting from "
+                    "zero",
                     connection_failed=False)
         else:
             # 200: either a fresh download or a server that ignores Range. In
@@ -657,7 +658,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"socket timeout in seconds (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--backoff", type=float, default=DEFAULT_BACKOFF,
-                        help=f"base seconds between retries, doubling (default {DEFAULT_BACKOFF:g})")
+                        help="base seconds between retries, doubling "
+                        f"(default {DEFAULT_BACKOFF:g})")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide progress bars")
     return parser

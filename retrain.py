@@ -1,9 +1,10 @@
 """Train DenseNet-121 on NIH ChestX-ray14, CheXphoto or the built-in demo data.
 
     python retrain.py --dataset nih --data /data/nih --name nih_run
-    python retrain.py --dataset chexphoto --data /data/CheXphoto-v1.1 --name photo --uncertainty ones
+    python retrain.py --dataset chexphoto --data /data/CheXphoto-v1.1 --name photo \
+        --uncertainty ones
     python retrain.py --dataset demo --data data/demo/nih --name demo --image-size 64 --weights none
-    python retrain.py --dataset nih --data /data/nih --name nih_run --resume     # after a disconnect
+    python retrain.py --dataset nih --data /data/nih --name nih_run --resume  # after a disconnect
 
 Defaults are reproduce-chexnet's experiment (`--recipe reproduce-chexnet`): its train/val/test
 split, ImageNet-initialised DenseNet-121, SGD (momentum 0.9, weight decay 1e-4), lr 0.01,
@@ -118,7 +119,7 @@ class TrainConfig:
     save_every: int = 1000              # also write last.pt every N optimizer steps (0: per epoch)
     missing: str = "error"              # error | skip: images listed but absent on disk
     uncertainty: str = "zeros"          # CheXphoto: zeros | ones | ignore
-    source: str = "all"                 # CheXphoto: all | natural | synthetic | digital | photographic
+    source: str = "all"                 # CheXphoto: all|natural|synthetic|digital|photographic
     view: str = "frontal"               # CheXphoto: frontal | lateral | all
     no_finding: bool = False            # CheXphoto: also predict "No Finding"
     resume: bool = False
@@ -206,7 +207,8 @@ def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
         kept.attrs["sources"] = table.attrs["sources"]
         return kept, findings, skipped
     labels = cfg.labels
-    if labels is None and cfg.dataset == "nih" and not (Path(cfg.data) / "nih_labels.csv").is_file():
+    in_data = (Path(cfg.data) / "nih_labels.csv").is_file()
+    if labels is None and cfg.dataset == "nih" and not in_data:
         labels = str(DEFAULT_NIH_LABELS)
     table, skipped = nih_table(cfg.data, labels, cfg.missing, cfg.seed, cfg.split, cfg.dataset)
     cfg.split = table.attrs["split"]  # recorded in config.json as the split actually used
@@ -593,58 +595,118 @@ def environment_record() -> dict:
     }
 
 
-# Testing hooks: send this process a signal (SIGKILL unless named, e.g. "5:SIGTERM"; with
-# "5:SIGINT:group" its whole process group) right after
-# optimizer step N (counted over the run), or SIGKILL it in the middle of the Nth last.pt write.
-# Under torchrun CHEXNET_TEST_KILL_RANK=R signals only process R (default: every process).
-# They let the tests prove that no kill point loses a run.
-_kill_step, _, _kill_sig = os.environ.get("CHEXNET_TEST_KILL_AT_STEP", "0").partition(":")
-_kill_sig, _, _kill_group = _kill_sig.partition(":")  # "5:SIGINT:group": the process group
-_KILL_AT_STEP, _KILL_SIGNAL = int(_kill_step), getattr(signal, _kill_sig or "SIGKILL")
-_KILL_RANK = int(os.environ.get("CHEXNET_TEST_KILL_RANK", "-1"))
-_KILL_IN_SAVE = int(os.environ.get("CHEXNET_TEST_KILL_IN_SAVE", "0"))
-_saves = 0
+@dataclass
+class Run:
+    """What a training run holds while it trains: set up by `start_run`, advanced by
+    `train_epochs`, read by `final_predictions`."""
+    cfg: TrainConfig
+    ctx: Dist
+    device: torch.device
+    findings: list[str]
+    data: dict                                  # data_record: what it is trained on
+    net: nn.Module                              # the bare model (state dicts, checkpoints)
+    model: nn.Module                            # what is called: DDP and/or compiled net
+    optimizer: torch.optim.Optimizer
+    schedule: PlateauSchedule
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    loaders: dict
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 1
+    partial: EpochProgress | None = None        # resume inside this epoch
 
+    @property
+    def say(self) -> Callable[..., None]:
+        return print if self.ctx.main else (lambda *a, **k: None)
 
-def save_last(path: Path, state: dict) -> None:
-    global _saves
-    _saves += 1
-    if _saves == _KILL_IN_SAVE:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        with open(tmp, "r+b") as fh:  # a half-written file, as a kill mid-write leaves it
-            fh.truncate(tmp.stat().st_size // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
-    atomic_torch_save(state, path)
+    @property
+    def last_path(self) -> Path:
+        return self.cfg.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.cfg.run_dir / "checkpoint.pt"
+
+    def last_state(self, epoch_done: int, in_epoch: EpochProgress | None, stopped: bool) -> dict:
+        """Everything `--resume` needs, as state dicts (last.pt)."""
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": epoch_done, "history": self.history,
+                "in_epoch": dataclasses.asdict(in_epoch) if in_epoch else None,
+                "rng": rng_state(), "config": dataclasses.asdict(self.cfg), "data": self.data,
+                "findings": list(self.findings), "stopped": stopped}
 
 
 def fit(cfg: TrainConfig) -> Path:
     """Train, keep the best checkpoint, predict the test fold, write every output. Returns the
     run folder. Under torchrun, every process trains and only rank 0 prints and writes."""
+    run = start_run(cfg)
+    with StopRequest() as stop:
+        train_epochs(run, stop)
+    final_predictions(run)
+    return cfg.run_dir
+
+
+def start_run(cfg: TrainConfig) -> Run:
+    """Data, model, optimizer, schedule and loaders of a new or resumed run; the run folder's
+    config.json and run_record.json are written (rank 0)."""
     ctx = init_distributed(cfg.device)
     device = pick_device(cfg.device, ctx)
-    say = print if ctx.main else (lambda *a, **k: None)
     table, findings, skipped = load_tables(cfg)
     cfg.findings = list(findings)
-    run_dir = cfg.run_dir
-    last_path, best_path = run_dir / "last.pt", run_dir / "checkpoint.pt"
+    check_run_folder(cfg, ctx)
+    data = data_record(cfg, table)
+    announce(cfg, ctx, device, table, findings, skipped)
+
+    precision = Precision(resolve_amp(cfg.amp, device), cfg.channels_last)
+    seed_everything(cfg.seed)
+    net = build_model(len(findings), cfg.weights, cfg.memory_efficient).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    state = load_checkpoint(cfg.run_dir / "last.pt") if cfg.resume else None
+    if cfg.batch_size == -1:
+        choose_batch_size(cfg, state, net, precision, device, ctx)
+    # The recipe: optimizer, lr schedule with early stopping, loss scaling (fp16 only).
+    optimizer = make_optimizer(net.parameters(), cfg)
+    schedule = PlateauSchedule(optimizer, cfg.lr_decay, cfg.patience, cfg.keep_momentum)
+    scaler = grad_scaler(device, precision.amp)
+    run = Run(cfg, ctx, device, list(findings), data, net, net, optimizer, schedule, scaler,
+              precision, loaders={})
+    if state is not None:
+        restore(run, state)
+    write_run_record(run)
+    if ctx.enabled:
+        run.model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    run.model = maybe_compile(run.model, cfg.compile, run.say)
+    run.loaders = build_loaders(cfg, table, findings, device, ctx)
+    return run
+
+
+def check_run_folder(cfg: TrainConfig, ctx: Dist) -> None:
+    """A new run needs a folder without a run; --resume needs its last.pt."""
+    last_path = cfg.run_dir / "last.pt"
     if cfg.resume and not last_path.is_file():
         raise DataError(f"{last_path}: nothing to resume (no last.pt). Drop --resume to start "
                         "a new run.")
     if not cfg.resume and last_path.is_file():
-        raise DataError(f"{run_dir} already holds a run. Pass --resume to continue it, or "
+        raise DataError(f"{cfg.run_dir} already holds a run. Pass --resume to continue it, or "
                         "choose another --name.")
     if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    data = data_record(cfg, table)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
 
+
+def announce(cfg: TrainConfig, ctx: Dist, device: torch.device, table: pd.DataFrame,
+             findings: Sequence[str], skipped: list[str]) -> None:
+    """Print what will be trained on; write skipped.txt."""
+    say = print if ctx.main else (lambda *a, **k: None)
     counts = table["fold"].value_counts()
     say(f"{cfg.dataset}: {len(table)} images (train {counts.get('train', 0)}, "
         f"val {counts.get('val', 0)}, test {counts.get('test', 0)}), {len(findings)} findings")
     if skipped and ctx.main:
-        atomic_write_text("\n".join(skipped) + "\n", run_dir / "skipped.txt")
+        atomic_write_text("\n".join(skipped) + "\n", cfg.run_dir / "skipped.txt")
         say(f"skipped {len(skipped)} listed images not found on disk "
-            f"(ids in {run_dir / 'skipped.txt'})")
+            f"(ids in {cfg.run_dir / 'skipped.txt'})")
     if device.type == "cpu":
         say("Training on CPU: fine for the demo and tests. A full NIH epoch at 224 px takes "
             "days on a CPU; use a CUDA GPU (--device cuda) for real runs.")
@@ -652,64 +714,70 @@ def fit(cfg: TrainConfig) -> Path:
         say(f"torchrun: {ctx.world} processes, {cfg.batch_size // max(ctx.world, 1)} images "
             "each per step")
 
-    precision = Precision(resolve_amp(cfg.amp, device), cfg.channels_last)
-    seed_everything(cfg.seed)
-    net = build_model(len(findings), cfg.weights, cfg.memory_efficient).to(device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    state = load_checkpoint(last_path) if cfg.resume else None
-    if cfg.batch_size == -1:
-        if state is not None:
-            cfg.batch_size, cfg.lr = state["config"]["batch_size"], state["config"]["lr"]
-        else:
-            batch = probe_batch_size(net, cfg.image_size, len(findings), device,
-                                     precision.amp, cfg.channels_last)
-            batch -= batch % ctx.world
-            cfg.batch_size, cfg.lr = batch, scaled_lr(cfg.lr, batch)
-            say(f"--batch-size auto: {batch} (the largest that fits, with a 20% margin); lr "
-                f"scaled linearly to {cfg.lr:g}")
-    optimizer = make_optimizer(net.parameters(), cfg)
-    schedule = PlateauSchedule(optimizer, cfg.lr_decay, cfg.patience, cfg.keep_momentum)
-    scaler = grad_scaler(device, precision.amp)
-    history: list[dict] = []
-    start_epoch, partial = 1, None
+
+def choose_batch_size(cfg: TrainConfig, state: dict | None, net: nn.Module,
+                      precision: Precision, device: torch.device, ctx: Dist) -> None:
+    """--batch-size auto: the resumed run's batch and lr, or the largest batch that fits with
+    the lr scaled linearly."""
     if state is not None:
-        diff = config_diff(state["config"], dataclasses.asdict(cfg))
-        if state.get("data") != data:
-            diff["data"] = (state.get("data"), data)
-        if diff and not cfg.force:
-            raise DataError(f"{last_path} was written with other settings or data: {diff}. "
-                            "Resume with the same settings and data, or pass --force.")
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history = state["history"]
-        set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        if state.get("in_epoch"):
-            partial = EpochProgress(**state["in_epoch"])
-            say(f"resuming {run_dir} in epoch {partial.epoch} after batch {partial.batches}")
-        else:
-            say(f"resuming {run_dir} after epoch {state['epoch']}")
-        say(f"  best val loss so far {schedule.best_loss:.4f} (epoch {schedule.best_epoch})")
-        if state.get("stopped"):
-            say("that run had already stopped early; going straight to the test predictions")
-            start_epoch = cfg.epochs + 1
+        cfg.batch_size, cfg.lr = state["config"]["batch_size"], state["config"]["lr"]
+        return
+    batch = probe_batch_size(net, cfg.image_size, len(cfg.findings), device, precision.amp,
+                             cfg.channels_last)
+    batch -= batch % ctx.world
+    cfg.batch_size, cfg.lr = batch, scaled_lr(cfg.lr, batch)
     if ctx.main:
-        atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
-                          run_dir / "config.json")
-        record = {"environment": environment_record(), "data": data, "seed": cfg.seed,
-                  "processes": ctx.world}
-        atomic_write_text(json.dumps(record, indent=2) + "\n", run_dir / "run_record.json")
+        print(f"--batch-size auto: {batch} (the largest that fits, with a 20% margin); lr "
+              f"scaled linearly to {cfg.lr:g}")
 
-    model: nn.Module = net
-    if ctx.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    model = maybe_compile(model, cfg.compile, say)
 
+def restore(run: Run, state: dict) -> None:
+    """Continue from last.pt: refuse changed settings or data (unless --force), then load the
+    model, optimizer, schedule, scaler, history and RNG states."""
+    cfg, say = run.cfg, run.say
+    diff = config_diff(state["config"], dataclasses.asdict(cfg))
+    if state.get("data") != run.data:
+        diff["data"] = (state.get("data"), run.data)
+    if diff and not cfg.force:
+        raise DataError(f"{run.last_path} was written with other settings or data: {diff}. "
+                        "Resume with the same settings and data, or pass --force.")
+    run.net.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.history = state["history"]
+    set_rng_state(state["rng"])
+    run.start_epoch = state["epoch"] + 1
+    if state.get("in_epoch"):
+        run.partial = EpochProgress(**state["in_epoch"])
+        say(f"resuming {cfg.run_dir} in epoch {run.partial.epoch} after batch "
+            f"{run.partial.batches}")
+    else:
+        say(f"resuming {cfg.run_dir} after epoch {state['epoch']}")
+    say(f"  best val loss so far {run.schedule.best_loss:.4f} (epoch "
+        f"{run.schedule.best_epoch})")
+    if state.get("stopped"):
+        say("that run had already stopped early; going straight to the test predictions")
+        run.start_epoch = cfg.epochs + 1
+
+
+def write_run_record(run: Run) -> None:
+    """config.json (every setting) and run_record.json (versions, data hashes), rank 0."""
+    if not run.ctx.main:
+        return
+    cfg = run.cfg
+    atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
+                      cfg.run_dir / "config.json")
+    record = {"environment": environment_record(), "data": run.data, "seed": cfg.seed,
+              "processes": run.ctx.world}
+    atomic_write_text(json.dumps(record, indent=2) + "\n", cfg.run_dir / "run_record.json")
+
+
+def build_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
+                  device: torch.device, ctx: Dist) -> dict:
+    """train / val / test loaders: from prepare_data.py's uint8 cache when there is a valid one
+    (--cache auto/on), else from the image files; the batches are identical either way."""
     loaders = None
     if cfg.cache != "off":
         loaders = cache_loaders(
@@ -720,94 +788,98 @@ def fit(cfg: TrainConfig) -> Path:
                             f"Build it with: python prepare_data.py "
                             f"{'chexphoto' if cfg.dataset == 'chexphoto' else 'nih'} --root "
                             f"{cfg.data} --size {cfg.image_size}")
-    if loaders is None:
-        loaders = make_loaders(cfg, table, findings, device, ctx)
-    sampler: EpochSampler = loaders["train"].sampler
-    steps_per_epoch = len(loaders["train"])
+    return loaders if loaders is not None else make_loaders(cfg, table, findings, device, ctx)
 
-    def last_state(epoch_done: int, in_epoch: EpochProgress | None, stopped: bool) -> dict:
-        return {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch_done, "history": history,
-                "in_epoch": dataclasses.asdict(in_epoch) if in_epoch else None,
-                "rng": rng_state(), "config": dataclasses.asdict(cfg), "data": data,
-                "findings": list(findings), "stopped": stopped}
 
-    steps = steps_per_epoch * len(history) + (partial.batches if partial else 0)
+def train_epochs(run: Run, stop: StopRequest) -> None:
+    """The epoch loop: train, validate, step the schedule, save checkpoint.pt on improvement
+    and last.pt every epoch (and every --save-every steps), stop early or on a signal."""
+    cfg, ctx, say = run.cfg, run.ctx, run.say
+    sampler: EpochSampler = run.loaders["train"].sampler
+    steps = len(run.loaders["train"]) * len(run.history) + (
+        run.partial.batches if run.partial else 0)
+    clock = {"t0": time.perf_counter()}
 
-    with StopRequest() as stop:
-        def stop_requested() -> bool:
-            """A signal reached any process (torchrun forwards them to all)."""
-            return any_process(stop.signum is not None, ctx)
-
-        def on_step(progress: EpochProgress) -> None:
-            nonlocal steps
-            steps += 1
-            if steps == _KILL_AT_STEP and _KILL_RANK in (-1, ctx.rank):
-                if _kill_group:  # as a terminal's Ctrl-C: the loader workers get it too
-                    os.killpg(os.getpgid(0), _KILL_SIGNAL)
-                else:
-                    os.kill(os.getpid(), _KILL_SIGNAL)
-            halt = stop_requested()
-            if halt or (cfg.save_every and steps % cfg.save_every == 0):
-                if ctx.main:
-                    snapshot = dataclasses.replace(
-                        progress, seconds=progress.seconds + time.perf_counter() - t0)
-                    save_last(last_path, last_state(progress.epoch - 1, snapshot, False))
-                if halt:
-                    raise Interrupted(stop.signum or signal.SIGTERM, f"in epoch "
-                                      f"{progress.epoch} after batch {progress.batches}; "
-                                      f"saved {last_path}")
-
-        stopped = False
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            progress = partial if partial and partial.epoch == epoch else EpochProgress(epoch)
-            partial = None
-            sampler.set_epoch(epoch, start=progress.batches * cfg.batch_size)
-            lr = optimizer.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            train_loss = train_one_epoch(model, loaders["train"], optimizer, device, progress,
-                                         cfg.seed, on_step, f"epoch {epoch} train", precision,
-                                         scaler, ctx)
-            val_loss, *_ = evaluate(model, loaders["val"], device, f"epoch {epoch} val",
-                                    precision, ctx)
-            seconds = progress.seconds + time.perf_counter() - t0
-            step = schedule.step(val_loss)
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                            "lr": lr, "seconds": round(seconds, 2)})
-            n_train = len(loaders["train"].dataset)
-            note = "best" if step["improved"] else (
-                f"no improvement, lr -> {optimizer.param_groups[0]['lr']:.2e}")
-            say(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                f"lr {lr:.2e}, {seconds:.0f} s ({n_train / seconds:.1f} img/s) [{note}]",
-                flush=True)
-            stopped = step["stop"]
+    def on_step(progress: EpochProgress) -> None:
+        """After every optimizer step: periodic last.pt, and a clean stop on SIGINT/SIGTERM."""
+        nonlocal steps
+        steps += 1
+        halt = any_process(stop.signum is not None, ctx)  # torchrun forwards signals to all
+        if halt or (cfg.save_every and steps % cfg.save_every == 0):
             if ctx.main:
-                if step["improved"]:
-                    atomic_torch_save({"model": net.state_dict(), "epoch": epoch,
-                                       "val_loss": val_loss, "config": dataclasses.asdict(cfg),
-                                       "findings": list(findings)}, best_path)
-                save_last(last_path, last_state(epoch, None, stopped))
-                atomic_write_text(pd.DataFrame(history).to_csv(index=False),
-                                  run_dir / "log_train.csv")
-            if stop_requested():
-                raise Interrupted(stop.signum or signal.SIGTERM,
-                                  f"after epoch {epoch}; saved {last_path}")
-            if stopped:
-                say(f"no improvement in {cfg.patience} epochs: stopping "
-                    f"(best epoch {schedule.best_epoch})")
-                break
+                snapshot = dataclasses.replace(
+                    progress, seconds=progress.seconds + time.perf_counter() - clock["t0"])
+                atomic_torch_save(run.last_state(progress.epoch - 1, snapshot, False),
+                                  run.last_path)
+            if halt:
+                raise Interrupted(stop.signum or signal.SIGTERM, f"in epoch {progress.epoch} "
+                                  f"after batch {progress.batches}; saved {run.last_path}")
 
-    barrier(ctx)  # rank 0 has written checkpoint.pt
-    net.load_state_dict(load_checkpoint(best_path)["model"])
-    # Validation predictions too: decision thresholds are chosen there, never on test.
-    _, probs, targets, ids = evaluate(model, loaders["val"], device, "val", precision, ctx)
-    if ctx.main:
-        write_preds_csv(run_dir / "val_preds.csv", cfg, findings, ids, probs, targets)
-    _, probs, targets, ids = evaluate(model, loaders["test"], device, "test", precision, ctx)
-    if ctx.main:
-        write_predictions(run_dir, cfg, findings, ids, probs, targets)
-    return run_dir
+    for epoch in range(run.start_epoch, cfg.epochs + 1):
+        progress = (run.partial if run.partial and run.partial.epoch == epoch
+                    else EpochProgress(epoch))
+        run.partial = None
+        sampler.set_epoch(epoch, start=progress.batches * cfg.batch_size)
+        lr = run.optimizer.param_groups[0]["lr"]
+        clock["t0"] = time.perf_counter()
+        train_loss = train_one_epoch(run.model, run.loaders["train"], run.optimizer, run.device,
+                                     progress, cfg.seed, on_step, f"epoch {epoch} train",
+                                     run.precision, run.scaler, ctx)
+        val_loss, *_ = evaluate(run.model, run.loaders["val"], run.device, f"epoch {epoch} val",
+                                run.precision, ctx)
+        seconds = progress.seconds + time.perf_counter() - clock["t0"]
+        step = run.schedule.step(val_loss)
+        run.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                            "lr": lr, "seconds": round(seconds, 2)})
+        report_epoch(run, epoch, train_loss, val_loss, lr, seconds, step)
+        save_epoch(run, epoch, val_loss, step)
+        if any_process(stop.signum is not None, ctx):
+            raise Interrupted(stop.signum or signal.SIGTERM,
+                              f"after epoch {epoch}; saved {run.last_path}")
+        if step["stop"]:
+            say(f"no improvement in {cfg.patience} epochs: stopping "
+                f"(best epoch {run.schedule.best_epoch})")
+            break
+
+
+def report_epoch(run: Run, epoch: int, train_loss: float, val_loss: float, lr: float,
+                 seconds: float, step: dict) -> None:
+    n_train = len(run.loaders["train"].dataset)
+    note = "best" if step["improved"] else (
+        f"no improvement, lr -> {run.optimizer.param_groups[0]['lr']:.2e}")
+    run.say(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+            f"lr {lr:.2e}, {seconds:.0f} s ({n_train / seconds:.1f} img/s) [{note}]",
+            flush=True)
+
+
+def save_epoch(run: Run, epoch: int, val_loss: float, step: dict) -> None:
+    """checkpoint.pt when the validation loss improved; last.pt and log_train.csv always."""
+    if not run.ctx.main:
+        return
+    cfg = run.cfg
+    if step["improved"]:
+        atomic_torch_save({"model": run.net.state_dict(), "epoch": epoch, "val_loss": val_loss,
+                           "config": dataclasses.asdict(cfg), "findings": list(run.findings)},
+                          run.best_path)
+    atomic_torch_save(run.last_state(epoch, None, step["stop"]), run.last_path)
+    atomic_write_text(pd.DataFrame(run.history).to_csv(index=False),
+                      cfg.run_dir / "log_train.csv")
+
+
+def final_predictions(run: Run) -> None:
+    """The best checkpoint's predictions: val_preds.csv (thresholds are chosen there, never on
+    test), then preds.csv and aucs.csv of the test fold."""
+    barrier(run.ctx)  # rank 0 has written checkpoint.pt
+    run.net.load_state_dict(load_checkpoint(run.best_path)["model"])
+    _, probs, targets, ids = evaluate(run.model, run.loaders["val"], run.device, "val",
+                                      run.precision, run.ctx)
+    if run.ctx.main:
+        write_preds_csv(run.cfg.run_dir / "val_preds.csv", run.cfg, run.findings, ids, probs,
+                        targets)
+    _, probs, targets, ids = evaluate(run.model, run.loaders["test"], run.device, "test",
+                                      run.precision, run.ctx)
+    if run.ctx.main:
+        write_predictions(run.cfg.run_dir, run.cfg, run.findings, ids, probs, targets)
 
 
 def barrier(ctx: Dist) -> None:
@@ -955,7 +1027,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    choices=("all", "natural", "synthetic", "digital", "photographic"))
     p.add_argument("--view", default=d.view, choices=("frontal", "lateral", "all"))
     p.add_argument("--no-finding", action="store_true", help="CheXphoto: also predict No Finding")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT/NAME from last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT/NAME from last.pt")
     p.add_argument("--force", action="store_true", help="resume even if settings changed")
     args = p.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)

@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+import metrics
+from eval_model import PROB_PREFIX, read_preds, read_truth
+
+# The project is installed (make / pip install -e .); ROOT is only for default paths.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
-
-import metrics  # noqa: E402
-from eval_model import PROB_PREFIX, read_preds, read_truth  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_PREDS = SHARED / "reference" / "reproduce_chexnet_pretrained_preds.csv"

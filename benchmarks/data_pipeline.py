@@ -29,19 +29,19 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as v1
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision import transforms as v1  # noqa: E402
-
-from cxr_cache import (  # noqa: E402
+from cxr_cache import (
     CacheLoader, batch_transform, build_cache, cache_dir, default_workers, labels_sha256,
     open_cache, peak_rss_mb,
 )
-from labels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from labels import IMAGENET_MEAN, IMAGENET_STD
+
+# The project is installed (make / pip install -e .); ROOT is only for default paths.
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
 

@@ -1,6 +1,6 @@
 """Does a trained model's heatmap beat a centre-of-image guess on the demo boxes?
 
-    python benchmarks/localization_demo.py                  # ~90 min on 2 CPU cores, minutes on a GPU
+    python benchmarks/localization_demo.py          # ~90 min on 2 CPU cores, minutes on a GPU
     python benchmarks/localization_demo.py --quick          # smoke run (numbers mean nothing)
 
 One run, end to end, with the project's own entry points:
@@ -26,17 +26,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import pandas as pd
+import torch
 
-import demo_data  # noqa: E402
-import localization  # noqa: E402
-import retrain  # noqa: E402
-from cxr_dataset import DataError  # noqa: E402
+import demo_data
+import localization
+import retrain
+from cxr_dataset import DataError
+
+# The project is installed (make / pip install -e .); ROOT is only for default paths.
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("cam", "gradcam")
 

@@ -53,29 +53,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cxr_cache import (  # noqa: E402
+from cxr_cache import (
     CACHE_VERSION, DONE, DONE_FILE, IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, cache_dir,
     cache_loaders, labels_sha256,
 )
-from cxr_dataset import DEFAULT_NIH_LABELS  # noqa: E402
-from labels import findings_for  # noqa: E402
-from model import build_model  # noqa: E402
-from retrain import (  # noqa: E402
+from cxr_dataset import DEFAULT_NIH_LABELS
+from labels import findings_for
+from model import build_model
+from retrain import (
     EpochProgress, EpochSampler, NonFiniteLoss, Precision, TrainConfig, evaluate, load_tables,
     make_loaders, seed_everything, train_one_epoch,
 )
-from runtime import (  # noqa: E402
+from runtime import (
     AMP_CHOICES, REFERENCE_BATCH, grad_scaler, maybe_compile, probe_batch_size, resolve_amp,
     scaled_lr,
 )
+
+# The project is installed (make / pip install -e .); ROOT is only for default paths.
+ROOT = Path(__file__).resolve().parents[1]
 
 NIH_TRAIN_IMAGES = 78_468   # the NIH training pass the issue asks to extrapolate to
 AMP_TOLERANCE = 0.01        # acceptance: |val loss (AMP) - val loss (fp32)| / val loss (fp32)
@@ -709,7 +709,6 @@ def throughput(args: argparse.Namespace, sizes: Sizes, device: torch.device,
     report["best_over_reference_train_speedup"] = results[-1].train_speedup
     report["nih_epoch_estimate_s"] = e2e["nih_epoch_estimate_s"]
     return results
-
 
 
 if __name__ == "__main__":

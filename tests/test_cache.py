@@ -2,7 +2,6 @@
 loaders retrain.py gets, the real NIH sample, and the benchmark's smoke run."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import threading
 
@@ -14,13 +13,12 @@ from PIL import Image
 
 import cxr_cache
 import prepare_data
-from conftest import ROOT, shared
+from conftest import ROOT, load_benchmark, make_nih, shared, xray_like
 from cxr_cache import (
     CacheLoader, batch_transform, cache_dir, open_cache, resize_center_crop,
 )
 from cxr_dataset import build_transform, load_xray
-from labels import IMAGENET_MEAN, IMAGENET_STD, NIH_FINDINGS
-from test_prepare import make_nih, xray_like
+from labels import NIH_FINDINGS
 
 
 def reference_batch(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -136,9 +134,9 @@ def test_random_crops_come_from_a_larger_cache():
     full = batch_transform(x, False, 20, None)
     windows = set()
     for i in range(6):
-        found = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)
-                 if torch.equal(out[i], (full[i, :, t:t + 12, l:l + 12].flip(-1) if f else
-                                         full[i, :, t:t + 12, l:l + 12]))]
+        found = [(t, left, f) for t in range(9) for left in range(9) for f in (False, True)
+                 if torch.equal(out[i], (full[i, :, t:t + 12, left:left + 12].flip(-1) if f else
+                                         full[i, :, t:t + 12, left:left + 12]))]
         assert found, f"image {i} is not a crop of its source"
         windows.add(found[0][:2])
     assert len(windows) > 1  # offsets vary per image
@@ -352,10 +350,7 @@ def test_real_nih_sample_builds_and_reads_back_as_the_reference(tmp_path):
 
 
 def test_benchmark_quick_smoke(capsys):
-    spec = importlib.util.spec_from_file_location("data_pipeline",
-                                                  ROOT / "benchmarks" / "data_pipeline.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("data_pipeline")
     assert bench.main(["--quick"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"read/reference ratio: \d+\.\dx", lines[-1]), lines[-1]

@@ -8,8 +8,11 @@ import pytest
 from PIL import Image
 
 import photo_corruptions as pc
+from conftest import tiny_run
 from labels import NIH_FINDINGS
-from test_visualize import one_thread, tiny_run  # noqa: F401 (autouse fixture)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

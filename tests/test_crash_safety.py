@@ -21,8 +21,13 @@ def demo_root(tmp_path_factory):
     return nih_demo(tmp_path_factory, n_images=48, size=40, seed=1)
 
 
+def script(env) -> str:
+    """retrain.py itself, or with a fault to inject, tests/faults.py (retrain.py wrapped)."""
+    return str(ROOT / "tests" / "faults.py") if env else str(ROOT / "retrain.py")
+
+
 def run(root, out, name, *extra, env=None):
-    cmd = [sys.executable, str(ROOT / "retrain.py"), "--data", str(root), "--out", str(out),
+    cmd = [sys.executable, script(env), "--data", str(root), "--out", str(out),
            "--name", name, *ARGS, *extra]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
@@ -102,7 +107,7 @@ def test_signal_to_the_whole_process_group_with_loader_workers(demo_root, tmp_pa
     import signal as sig
 
     args = [a if a != "0" else "2" for a in ARGS]  # --workers 2 (the only "0" in ARGS)
-    cmd = [sys.executable, str(ROOT / "retrain.py"), "--data", str(demo_root), "--out",
+    cmd = [sys.executable, script(True), "--data", str(demo_root), "--out",
            str(tmp_path), "--name", "ctrlc", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "CHEXNET_TEST_KILL_AT_STEP": f"2:{name}:group"}

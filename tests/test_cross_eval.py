@@ -13,7 +13,9 @@ import cross_eval as ce
 from cxr_dataset import build_transform, load_xray
 from labels import CHEXPHOTO_FINDINGS, NIH_FINDINGS, NIH_TO_CHEXPERT
 from model import build_model
-from test_visualize import one_thread  # noqa: F401 (autouse fixture)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 32
 

@@ -26,7 +26,8 @@ def demo_root(tmp_path_factory):
 
 
 def launch(root, out, name, procs, *extra, env=None, port=29500):
-    script = [str(ROOT / "retrain.py"), "--data", str(root), "--out", str(out), "--name", name,
+    program = ROOT / ("tests/faults.py" if env else "retrain.py")  # faults.py: retrain + a fault
+    script = [str(program), "--data", str(root), "--out", str(out), "--name", name,
               *ARGS, *extra]
     cmd = [sys.executable, *(["-m", "torch.distributed.run", "--nproc_per_node", str(procs),
                               "--master_port", str(port)] if procs > 1 else []), *script]

@@ -1,4 +1,5 @@
-"""Every image mode becomes 8-bit grey; unreadable files raise with their name; layouts are found."""
+"""Every image mode becomes 8-bit grey; unreadable files raise with their name; layouts are
+found."""
 from __future__ import annotations
 
 import numpy as np

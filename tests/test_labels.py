@@ -35,7 +35,8 @@ def test_data_entry_parses_pipes_and_no_finding(tmp_path):
     labels = table[list(NIH_FINDINGS)].to_numpy()
     expected = np.zeros((3, 14))
     expected[0, [NIH_FINDINGS.index("Cardiomegaly"), NIH_FINDINGS.index("Emphysema")]] = 1
-    expected[2, [NIH_FINDINGS.index(f) for f in ("Hernia", "Atelectasis", "Pleural_Thickening")]] = 1
+    row2 = ("Hernia", "Atelectasis", "Pleural_Thickening")
+    expected[2, [NIH_FINDINGS.index(f) for f in row2]] = 1
     np.testing.assert_array_equal(labels, expected)
     assert list(table["patient"]) == ["1", "1", "2"]
     # One patient, one fold.

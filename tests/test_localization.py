@@ -10,10 +10,12 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 import localization as loc
-from conftest import shared
+from conftest import shared, tiny_run
 from cxr_dataset import DataError, nih_table
 from labels import NIH_FINDINGS
-from test_visualize import one_thread, tiny_run  # noqa: F401 (autouse fixture)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
 

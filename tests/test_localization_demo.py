@@ -6,15 +6,12 @@ to the centre baseline of the same boxes.
 """
 from __future__ import annotations
 
-import sys
 
 import pandas as pd
-import pytest
 
-from conftest import ROOT
+from conftest import load_benchmark
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import localization_demo as ld  # noqa: E402
+ld = load_benchmark("localization_demo")
 
 
 def test_side_by_side_takes_each_column_from_its_method():

@@ -16,61 +16,10 @@ from PIL import Image
 
 import cxr_cache
 import prepare_data
-from conftest import ROOT
+from conftest import ROOT, make_nih, save_image, xray_like
 from cxr_cache import DONE, cache_dir, labels_sha256, open_cache
 from cxr_dataset import DEFAULT_NIH_LABELS, build_transform, load_xray
 from labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS
-
-ENTRY_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
-                 "Patient Gender", "View Position", "OriginalImage[Width", "Height]",
-                 "OriginalImagePixelSpacing[x", "y]"]
-# (mode, width, height): every mode load_xray handles, square and not, smaller than S too.
-SHAPES = [("L", 300, 300), ("RGB", 300, 260), ("RGBA", 260, 300), ("P", 300, 300),
-          ("LA", 120, 90), ("I;16", 300, 300), ("L", 20, 24), ("L", 1024, 1024)]
-
-
-def xray_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A smooth grey image with some texture: (h, w) uint8."""
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    blob = np.exp(-((yy - rng.uniform(.3, .7)) ** 2 + (xx - rng.uniform(.3, .7)) ** 2) / .05)
-    img = 60 + 120 * blob + 40 * np.sin(8 * xx + rng.uniform(0, 6)) + rng.normal(0, 6, (h, w))
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def save_image(path: Path, mode: str, w: int, h: int, rng: np.random.Generator) -> None:
-    arr = xray_like(rng, h, w)
-    if mode == "I;16":
-        Image.fromarray(arr.astype(np.uint16) * 16).save(path)   # a 12-bit range
-    else:
-        Image.fromarray(arr, "L").convert(mode).save(path)
-
-
-def make_nih(root: Path, n: int = 8, shapes=SHAPES, seed: int = 0, folds: bool = False
-             ) -> pd.DataFrame:
-    """n NIH-named PNGs in root/images (modes and sizes cycled from `shapes`), and a labels
-    file: Data_Entry_2017.csv (one patient per image), or with `folds` a nih_labels-style
-    labels.csv whose folds cycle train, train, val, test. Returns the entries written."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    names = [f"{i + 1:08d}_000.png" for i in range(n)]
-    for i, name in enumerate(names):
-        save_image(root / "images" / name, *shapes[i % len(shapes)], rng)
-    findings = [["No Finding"], ["Effusion", "Mass"], ["Hernia"], ["Atelectasis"]]
-    entries = pd.DataFrame({
-        "Image Index": names, "Finding Labels": ["|".join(findings[i % 4]) for i in range(n)],
-        "Follow-up #": 0, "Patient ID": np.arange(1, n + 1), "Patient Age": 50,
-        "Patient Gender": "M", "View Position": "PA", "OriginalImage[Width": 1024,
-        "Height]": 1024, "OriginalImagePixelSpacing[x": 0.14, "y]": 0.14})
-    if folds:
-        table = pd.DataFrame({"Image Index": names, "Patient ID": np.arange(1, n + 1)})
-        for f in NIH_FINDINGS:
-            table[f] = [int(f in findings[i % 4]) for i in range(n)]
-        table["fold"] = [("train", "train", "val", "test")[i % 4] for i in range(n)]
-        table.to_csv(root / "labels.csv", index=False)
-    else:
-        entries[ENTRY_COLUMNS].to_csv(root / "Data_Entry_2017.csv", index=False)
-    return entries
-
 
 def reference(path: str | Path, size: int) -> torch.Tensor:
     """The reference preprocessing of one file: (3, S, S) normalised."""
@@ -200,7 +149,7 @@ def test_killed_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     make_nih(tmp_path, n=8, shapes=[("L", 64, 64), ("RGB", 64, 48)])
     labels = tmp_path / "Data_Entry_2017.csv"
     code = (
-        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import prepare_data\n"
+        "import os, signal, sys; import prepare_data\n"
         "kill = lambda k: os.kill(os.getpid(), signal.SIGKILL) if k == 2 else None\n"
         "prepare_data.prepare_nih(sys.argv[2], 32, sys.argv[3], workers=1, chunk_size=2, "
         "on_chunk=kill, progress=False)\n")
@@ -297,7 +246,7 @@ def write_chexphoto(base: Path, rng: np.random.Generator) -> Path:
              ("valid", "natural", 64552, "frontal"), ("valid", "synthetic/digital", 64553,
                                                        "frontal")]
     rows = {"train": [], "valid": []}
-    for k, (split, kind, patient, view) in enumerate(specs):
+    for split, kind, patient, view in specs:
         rel = f"{split}/{kind}/patient{patient:05d}/study1/view1_{view}.jpg"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(xray_like(rng, 120, 100)).convert("RGB").save(root / rel, quality=90)
@@ -335,7 +284,7 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
     table, findings, _ = retrain.load_tables(cfg)  # frontal views only (the default)
     loaders = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
     seen = {}
-    for fold, loader in loaders.items():
+    for loader in loaders.values():
         for images_, targets, ids in loader:
             assert images_.shape[1:] == (3, 32, 32) and targets.shape[1] == len(findings)
             seen.update({i: t for i, t in zip(ids, targets)})

@@ -10,16 +10,14 @@ import contextlib
 import io
 import json
 import re
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT
+from conftest import load_benchmark
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import train_throughput as tt  # noqa: E402
+tt = load_benchmark("train_throughput")
 
 CONFIG_KEYS = {"key", "label", "batch", "eval_batch", "amp", "channels_last", "compile_requested",
                "compiled", "train_img_s", "eval_img_s", "train_times_s", "eval_times_s",

@@ -1,13 +1,12 @@
 """Heatmaps: CAM equals the reference loop, Grad-CAM equals its textbook autograd formulation;
 the one-image CLI and the gallery write PNGs; bad input ends with a message.
 
-`tiny_run` (also used by test_localization, test_corruptions) writes a run folder in the exact
-retrain.py format with the project's own writers, from a random-init model: the same files a
-training run leaves, without the minutes a DenseNet epoch takes on a shared CPU.
+`tiny_run` (conftest.py; also used by test_localization, test_corruptions) writes a run folder
+in the exact retrain.py format with the project's own writers, from a random-init model: the
+same files a training run leaves, without the minutes a DenseNet epoch takes on a shared CPU.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -20,52 +19,13 @@ from torch import nn
 
 import retrain
 import visualize_prediction as vp
+from conftest import tiny_run
 from labels import NIH_FINDINGS
 from model import build_model
 
-_RUNS: dict[str, Path] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run torch on one thread in these tests. The 2 cores are shared with other processes,
-    and OpenMP threads spin-wait for each other at every op: once descheduled, a 2-thread
-    DenseNet forward is ~10x slower than a 1-thread one (measured here: 90 s -> 11 s for the
-    robustness test). Restored afterwards, so other test modules are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_run(tmp_path_factory, n_images: int = 40, size: int = 48, image_size: int = 32) -> Path:
-    """A demo NIH dataset and a run folder on it (config.json, checkpoint.pt, preds.csv,
-    aucs.csv) whose model is a random-init DenseNet; built once per test session."""
-    key = f"{n_images}-{size}-{image_size}"
-    if key in _RUNS:
-        return _RUNS[key]
-    from demo_data import make_nih_demo
-
-    root = tmp_path_factory.mktemp("tiny_demo")
-    make_nih_demo(root / "nih", n_images=n_images, size=size, seed=0)
-    cfg = retrain.parse_args(["--dataset", "demo", "--data", str(root / "nih"), "--out",
-                              str(root / "results"), "--name", "tiny", "--image-size",
-                              str(image_size), "--weights", "none", "--workers", "0"])
-    table, findings, _ = retrain.load_tables(cfg)
-    cfg.findings = list(findings)
-    torch.manual_seed(0)
-    model = build_model(len(findings), "none").eval()
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    torch.save({"model": model.state_dict(), "epoch": 0, "val_loss": 0.0,
-                "config": dataclasses.asdict(cfg), "findings": list(findings)},
-               run_dir / "checkpoint.pt")
-    test_loader = retrain.make_loaders(cfg, table, findings, torch.device("cpu"))["test"]
-    _, probs, targets, ids = retrain.evaluate(model, test_loader, torch.device("cpu"))
-    retrain.write_predictions(run_dir, cfg, findings, ids, probs, targets)
-    _RUNS[key] = run_dir
-    return run_dir
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +177,8 @@ def test_gallery_tiles_and_png(run_dir, tmp_path):
         prob = float(head.split("p = ")[1])
         assert prob >= 0.5 or label in truth.split(", ")   # true or predicted positive
     plt.close(fig)
-    box_file = Path(json.loads((run_dir / "config.json").read_text())["data"]) / "BBox_List_2017.csv"
+    data = Path(json.loads((run_dir / "config.json").read_text())["data"])
+    box_file = data / "BBox_List_2017.csv"
     fig = vp.gallery_figure(run_dir, label, top=10_000, boxes=box_file)
     assert len(fig.axes) == n_candidates
     # One rectangle per box of the label on a shown image.
