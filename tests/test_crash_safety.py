@@ -11,6 +11,9 @@ import torch
 
 from conftest import ROOT, nih_demo
 
+# Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 ARGS = ["--dataset", "demo", "--image-size", "32", "--batch-size", "8", "--eval-batch-size", "32",
         "--weights", "none", "--workers", "0", "--epochs", "2", "--patience", "5",
         "--save-every", "1"]

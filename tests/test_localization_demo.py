@@ -8,8 +8,12 @@ from __future__ import annotations
 
 
 import pandas as pd
+import pytest
 
 from conftest import load_benchmark
+
+# Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
 
 ld = load_benchmark("localization_demo")
 

@@ -34,6 +34,7 @@ def test_resolve_amp():
     assert not runtime.grad_scaler(cpu, torch.bfloat16).is_enabled()
 
 
+@pytest.mark.slow  # trains twice
 def test_bf16_autocast_and_channels_last_train_close_to_fp32(demo_root, tmp_path):
     code, ref = train(demo_root, tmp_path, "fp32")
     assert code == 0

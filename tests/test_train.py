@@ -12,6 +12,9 @@ import retrain
 from conftest import nih_demo, shared
 from labels import NIH_FINDINGS
 
+# Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
         "--workers", "0"]
 

@@ -17,6 +17,9 @@ from torch import nn
 
 from conftest import load_benchmark
 
+# Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 tt = load_benchmark("train_throughput")
 
 CONFIG_KEYS = {"key", "label", "batch", "eval_batch", "amp", "channels_last", "compile_requested",

@@ -20,6 +20,9 @@ from cxr_dataset import build_transform, load_xray
 from labels import CHEXPHOTO_FINDINGS, NIH_FINDINGS
 from model import build_model
 
+# Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights",
         "none", "--workers", "0"]
 
