@@ -32,7 +32,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -307,28 +307,8 @@ def build_cache(folder: str | os.PathLike, ids: Sequence[str], paths: Sequence[s
     ids, paths = list(ids), [str(p) for p in paths]
     absent = dict(absent or {})
     workers = max(1, workers or default_workers())
-    if len(ids) != len(paths):
-        raise ValueError("ids and paths must have the same length")
-    if absent and not skip_bad:
-        names = list(absent)
-        raise CacheBuildError(
-            f"{len(names)} listed image(s) are not under the data folder (first: "
-            f"{', '.join(names[:5])}). Point --root at the dataset folder, or pass --skip-bad "
-            "to cache the images present (the skipped ids go to skip.txt).")
-    if not ids:
-        raise CacheBuildError("no listed image was found on disk: nothing to cache.")
-
-    if folder.is_dir():
-        reason = _reuse_reason(folder, size, sha, ids)
-        if reason is not None:
-            print(f"{folder}: existing cache not reusable: {reason}. Rebuilding it.")
-            shutil.rmtree(folder)
-    manifest = _read_manifest(folder) if folder.is_dir() else None
-    if not manifest:
-        manifest = {"version": CACHE_VERSION, "size": size, "count": len(ids),
-                    "labels_sha256": sha, "created": _now(), "complete": False,
-                    **(meta or {})}
-        _create(folder, ids, size, manifest)
+    _check_inputs(ids, paths, absent, skip_bad)
+    manifest = _open_or_create(folder, ids, size, sha, meta)
 
     done = np.load(folder / DONE_FILE)  # (N,) uint8: a small copy, read once
     todo = np.flatnonzero(done != DONE)  # undecodable rows are retried: the file may be fixed
@@ -340,54 +320,104 @@ def build_cache(folder: str | os.PathLike, ids: Sequence[str], paths: Sequence[s
     tasks = [_ChunkTask(str(folder / IMAGES_FILE), str(folder / DONE_FILE), size,
                         rows.tolist(), [paths[r] for r in rows])
              for rows in (todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size))]
+    run = _decode_chunks(tasks, workers, len(ids), already, size, skip_bad, max_chunks,
+                         on_chunk, progress)
+    if run.bad and not skip_bad:
+        listing = "\n".join(f"  {ids[r]}: {why}" for r, why in list(run.bad.items())[:10])
+        raise CacheBuildError(
+            f"{len(run.bad)} image(s) cannot be decoded:\n{listing}\nReplace or delete them "
+            "and rerun (the images already cached are kept), or pass --skip-bad to leave them "
+            "out (their ids go to skip.txt).")
 
-    bad: dict[int, str] = {}
-    decoded, cpu, finished = 0, 0.0, 0
-    stopped_early = False
+    skipped = dict(absent)
+    skipped.update({ids[r]: why for r, why in sorted(run.bad.items())})
+    result = BuildResult(folder, len(ids), run.decoded, skipped, not run.stopped_early,
+                         workers, time.perf_counter() - t0, run.cpu)
+    if not run.stopped_early:
+        result.complete = _finish(folder, manifest, len(ids), skipped)
+    return result
+
+
+def _check_inputs(ids: list[str], paths: list[str], absent: dict[str, str],
+                  skip_bad: bool) -> None:
+    if len(ids) != len(paths):
+        raise ValueError("ids and paths must have the same length")
+    if absent and not skip_bad:
+        names = list(absent)
+        raise CacheBuildError(
+            f"{len(names)} listed image(s) are not under the data folder (first: "
+            f"{', '.join(names[:5])}). Point --root at the dataset folder, or pass --skip-bad "
+            "to cache the images present (the skipped ids go to skip.txt).")
+    if not ids:
+        raise CacheBuildError("no listed image was found on disk: nothing to cache.")
+
+
+def _open_or_create(folder: Path, ids: list[str], size: int, sha: str,
+                    meta: dict | None) -> dict:
+    """The manifest of a reusable cache in `folder`, or of a new, empty one (a stale cache is
+    deleted with a message)."""
+    if folder.is_dir():
+        reason = _reuse_reason(folder, size, sha, ids)
+        if reason is not None:
+            print(f"{folder}: existing cache not reusable: {reason}. Rebuilding it.")
+            shutil.rmtree(folder)
+    manifest = _read_manifest(folder) if folder.is_dir() else None
+    if not manifest:
+        manifest = {"version": CACHE_VERSION, "size": size, "count": len(ids),
+                    "labels_sha256": sha, "created": _now(), "complete": False,
+                    **(meta or {})}
+        _create(folder, ids, size, manifest)
+    return manifest
+
+
+@dataclass
+class _DecodeRun:
+    decoded: int = 0
+    cpu: float = 0.0
+    bad: dict[int, str] = field(default_factory=dict)   # row -> why it could not be decoded
+    stopped_early: bool = False
+
+
+def _decode_chunks(tasks: list[_ChunkTask], workers: int, total: int, already: int, size: int,
+                   skip_bad: bool, max_chunks: int | None,
+                   on_chunk: Callable[[int], None] | None, progress: bool) -> _DecodeRun:
+    """Decode the chunks in worker processes; each chunk records its own rows as done."""
+    run, finished = _DecodeRun(), 0
     results = _run_chunks(tasks, min(workers, max(1, len(tasks))))
     bar = None
     try:
         for res in results:
             if bar is None:  # made once the pool has forked: tqdm starts a monitor thread
-                bar = tqdm(total=len(ids), initial=already, unit="img", desc=f"cache {size}px",
+                bar = tqdm(total=total, initial=already, unit="img", desc=f"cache {size}px",
                            disable=not progress, dynamic_ncols=True)
             finished += 1
-            decoded += len(res.rows)
-            cpu += res.cpu_seconds
-            bad.update(dict(res.bad))
+            run.decoded += len(res.rows)
+            run.cpu += res.cpu_seconds
+            run.bad.update(dict(res.bad))
             bar.update(len(res.rows))
             if res.bad and not skip_bad:
                 break
             if on_chunk is not None:
                 on_chunk(finished)
             if max_chunks is not None and finished >= max_chunks and finished < len(tasks):
-                stopped_early = True
+                run.stopped_early = True
                 break
     finally:
         results.close()  # waits for chunks in flight; they record their own progress
         if bar is not None:
             bar.close()
-    if bad and not skip_bad:
-        listing = "\n".join(f"  {ids[r]}: {why}" for r, why in list(bad.items())[:10])
-        raise CacheBuildError(
-            f"{len(bad)} image(s) cannot be decoded:\n{listing}\nReplace or delete them and "
-            "rerun (the images already cached are kept), or pass --skip-bad to leave them out "
-            "(their ids go to skip.txt).")
+    return run
 
-    skipped = dict(absent)
-    skipped.update({ids[r]: why for r, why in sorted(bad.items())})
-    result = BuildResult(folder, len(ids), decoded, skipped, not stopped_early, workers,
-                         time.perf_counter() - t0, cpu)
-    if stopped_early:
-        return result
+
+def _finish(folder: Path, manifest: dict, count: int, skipped: dict[str, str]) -> bool:
+    """skip.txt and the final manifest; returns whether every row is decoded or skipped."""
     flags = np.load(folder / DONE_FILE)
     _atomic_write_text(folder / SKIP_FILE, "".join(f"{i}\t{why}\n" for i, why in skipped.items()))
-    manifest.update({"count": len(ids), "complete": bool((flags != TODO).all()),
+    manifest.update({"count": count, "complete": bool((flags != TODO).all()),
                      "completed": _now(), "skipped_count": len(skipped),
                      "skipped": list(skipped)})
     _atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
-    result.complete = manifest["complete"]
-    return result
+    return manifest["complete"]
 
 
 # --------------------------------------------------------------------------------------------

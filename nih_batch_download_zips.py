@@ -279,74 +279,12 @@ def _one_attempt(url: str, dest: Path, part: Path, timeout: float,
     """
     offset = part.stat().st_size if part.exists() else 0
     recorded = read_sidecar(dest)
-    try:
-        response = _open(url, offset, timeout)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code == 416 and offset > 0:
-            # The server says our offset is at/after the end. If the part file
-            # has exactly the advertised size, it is already complete;
-            # otherwise it is stale (e.g. the file changed) and we start over.
-            match = _UNSATISFIED_RANGE_RE.match(exc.headers.get("Content-Range", "") or "")
-            total = int(match.group(1)) if match else recorded.get("size")
-            if total is not None and offset == total:
-                write_sidecar(dest, url, total)
-                return
-            _truncate(part)
-            raise _TransferInterrupted(
-                "server rejected the resume offset (HTTP 416); restarting from zero",
-                connection_failed=False) from exc
-        if exc.code >= 500 or exc.code in (408, 429):
-            raise _TransferInterrupted(f"HTTP {exc.code} {exc.reason}",
-                                       connection_failed=False) from exc
-        raise DownloadError(
-            f"HTTP {exc.code} {exc.reason} for {dest.name} from {url}",
-            dest.name, url, part, connection_failed=False) from exc
-    except _NETWORK_ERRORS as exc:
-        raise _TransferInterrupted(_describe(exc)) from exc
-
+    response = _open_resumed(url, dest, part, offset, recorded, timeout)
+    if response is None:  # the part file was already complete
+        return
     with response:
-        length_header = response.headers.get("Content-Length")
-        body_length = int(length_header) if length_header and length_header.isdigit() else None
-        if response.status == 206:
-            start, total = _parse_content_range(response.headers.get("Content-Range"))
-            previous = recorded.get("size")
-            changed = previous is not None and total is not None and previous != total
-            if start != offset or changed:
-                # Either a range we did not ask for, or the file on the server
-                # changed size since we started: the bytes on disk cannot be
-                # trusted to line up, so restart cleanly.
-                _truncate(part)
-                raise _TransferInterrupted(
-                    "server sent an unexpected range or the file changed size; restarting from "
-                    "zero",
-                    connection_failed=False)
-        else:
-            # 200: either a fresh download or a server that ignores Range. In
-            # the latter case the body starts at byte 0, so drop what we had.
-            if offset > 0:
-                _truncate(part)
-                offset = 0
-            total = body_length
-        if total is not None or not recorded:
-            write_sidecar(dest, url, total)
-
-        bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                   unit_divisor=1024, desc=dest.name, file=sys.stderr,
-                   disable=not progress, leave=True)
-        with bar, open(part, "ab") as out:
-            while True:
-                try:
-                    chunk = response.read(CHUNK_SIZE)
-                except _NETWORK_ERRORS as exc:
-                    raise _TransferInterrupted(_describe(exc)) from exc
-                if not chunk:
-                    break
-                # Disk errors from write() are deliberately not caught: they
-                # are not network problems and retrying would not help.
-                out.write(chunk)
-                bar.update(len(chunk))
-
+        offset, total = _check_response(response, url, dest, part, offset, recorded)
+        _copy_body(response, dest, part, offset, total, progress)
     size = part.stat().st_size
     if total is not None and size != total:
         # Some Python versions return b"" instead of raising IncompleteRead
@@ -359,6 +297,89 @@ def _one_attempt(url: str, dest: Path, part: Path, timeout: float,
         # No size advertised: remember what we got so later runs can still
         # check the size offline.
         write_sidecar(dest, url, size)
+
+
+def _open_resumed(url: str, dest: Path, part: Path, offset: int, recorded: dict,
+                  timeout: float):
+    """The response to a request from `offset`, or None when the server says the part file is
+    already the whole file. HTTP errors become retryable or final errors."""
+    try:
+        response = _open(url, offset, timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416 and offset > 0:
+            # The server says our offset is at/after the end. If the part file
+            # has exactly the advertised size, it is already complete;
+            # otherwise it is stale (e.g. the file changed) and we start over.
+            match = _UNSATISFIED_RANGE_RE.match(exc.headers.get("Content-Range", "") or "")
+            total = int(match.group(1)) if match else recorded.get("size")
+            if total is not None and offset == total:
+                write_sidecar(dest, url, total)
+                return None
+            _truncate(part)
+            raise _TransferInterrupted(
+                "server rejected the resume offset (HTTP 416); restarting from zero",
+                connection_failed=False) from exc
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _TransferInterrupted(f"HTTP {exc.code} {exc.reason}",
+                                       connection_failed=False) from exc
+        raise DownloadError(
+            f"HTTP {exc.code} {exc.reason} for {dest.name} from {url}",
+            dest.name, url, part, connection_failed=False) from exc
+    except _NETWORK_ERRORS as exc:
+        raise _TransferInterrupted(_describe(exc)) from exc
+    return response
+
+
+def _check_response(response, url: str, dest: Path, part: Path, offset: int,
+                    recorded: dict) -> tuple[int, int | None]:
+    """Whether the body continues the part file (206 with our range) or replaces it (200);
+    returns (offset the body starts at, total size or None) and records the size."""
+    length_header = response.headers.get("Content-Length")
+    body_length = int(length_header) if length_header and length_header.isdigit() else None
+    if response.status == 206:
+        start, total = _parse_content_range(response.headers.get("Content-Range"))
+        previous = recorded.get("size")
+        changed = previous is not None and total is not None and previous != total
+        if start != offset or changed:
+            # Either a range we did not ask for, or the file on the server
+            # changed size since we started: the bytes on disk cannot be
+            # trusted to line up, so restart cleanly.
+            _truncate(part)
+            raise _TransferInterrupted(
+                "server sent an unexpected range or the file changed size; restarting from "
+                "zero",
+                connection_failed=False)
+    else:
+        # 200: either a fresh download or a server that ignores Range. In
+        # the latter case the body starts at byte 0, so drop what we had.
+        if offset > 0:
+            _truncate(part)
+            offset = 0
+        total = body_length
+    if total is not None or not recorded:
+        write_sidecar(dest, url, total)
+    return offset, total
+
+
+def _copy_body(response, dest: Path, part: Path, offset: int, total: int | None,
+               progress: bool) -> None:
+    """Append the body to the part file, with a progress bar."""
+    bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+               unit_divisor=1024, desc=dest.name, file=sys.stderr,
+               disable=not progress, leave=True)
+    with bar, open(part, "ab") as out:
+        while True:
+            try:
+                chunk = response.read(CHUNK_SIZE)
+            except _NETWORK_ERRORS as exc:
+                raise _TransferInterrupted(_describe(exc)) from exc
+            if not chunk:
+                break
+            # Disk errors from write() are deliberately not caught: they
+            # are not network problems and retrying would not help.
+            out.write(chunk)
+            bar.update(len(chunk))
 
 
 def download_file(url: str, dest: Path | str, retries: int = DEFAULT_RETRIES,

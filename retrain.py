@@ -957,9 +957,30 @@ def batch_size_arg(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """The command line -> a TrainConfig: flags override the chosen --recipe's values."""
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _data_args(p, d)
+    _recipe_args(p, d)
+    _run_args(p, d)
+    _selection_args(p, d)
+    args = p.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name != "findings"}
+    optimizer = args.optimizer or RECIPES[args.recipe]["optimizer"]
+    if optimizer == "adam" and args.momentum is not None:
+        p.error("--momentum is SGD's; Adam's momentum terms are --betas B1 B2")
+    if optimizer == "sgd" and args.betas is not None:
+        p.error("--betas are Adam's; SGD's momentum is --momentum")
+    for key, value in RECIPES[args.recipe].items():  # the recipe fills what was not given
+        if given[key] is None:
+            given[key] = value
+    given["betas"] = list(given["betas"])
+    return TrainConfig(**given)
+
+
+def _data_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     p.add_argument("--data", default=d.data, help="dataset root folder")
     p.add_argument("--labels", help="NIH labels file (nih_labels.csv or Data_Entry_2017*.csv); "
@@ -967,6 +988,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    "DATA/Data_Entry_2017.csv)")
     p.add_argument("--name", default=d.name, help="run name: outputs go to OUT/NAME/")
     p.add_argument("--out", default=d.out)
+
+
+def _recipe_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The recipe and the values it sets (None here: filled from the recipe in parse_args)."""
     p.add_argument("--recipe", choices=tuple(RECIPES), default=d.recipe,
                    help="reproduce-chexnet (default): SGD, lr 0.01, momentum reset at each "
                    "decay; paper: the CheXNet paper's Adam, lr 0.001. The flags below override "
@@ -998,6 +1023,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    "kept)")
     p.add_argument("--patience", type=int, default=None,
                    help="stop this many epochs after the best epoch")
+
+
+def _run_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Initial weights, speed (precision, layout, compile, memory), devices and saving."""
     p.add_argument("--weights", default=d.weights, help="imagenet | none | PATH")
     p.add_argument("--amp", choices=AMP_CHOICES, default=d.amp,
                    help="mixed precision: auto = bf16 where supported, fp16 + GradScaler on "
@@ -1017,6 +1046,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
                    "one exists for --image-size (the batches are identical either way)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="write last.pt every N "
                    "optimizer steps as well as after every epoch (0: only after epochs)")
+
+
+def _selection_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Which images and labels: missing files, CheXphoto's uncertainty, sources and views;
+    resuming."""
     p.add_argument("--missing", choices=("error", "skip"), default=d.missing,
                    help="images listed in the labels but absent on disk: stop, or skip them "
                    "(ids written to the run folder)")
@@ -1030,19 +1064,6 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT/NAME from last.pt")
     p.add_argument("--force", action="store_true", help="resume even if settings changed")
-    args = p.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if f.name != "findings"}
-    optimizer = args.optimizer or RECIPES[args.recipe]["optimizer"]
-    if optimizer == "adam" and args.momentum is not None:
-        p.error("--momentum is SGD's; Adam's momentum terms are --betas B1 B2")
-    if optimizer == "sgd" and args.betas is not None:
-        p.error("--betas are Adam's; SGD's momentum is --momentum")
-    for key, value in RECIPES[args.recipe].items():  # the recipe fills what was not given
-        if given[key] is None:
-            given[key] = value
-    given["betas"] = list(given["betas"])
-    return TrainConfig(**given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

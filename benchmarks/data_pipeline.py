@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -112,7 +113,7 @@ def make_images(folder: Path, n: int, side: int) -> None:
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:08d}_000.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=Path, help=f"folder of PNGs (default {DEFAULT_IMAGES})")
@@ -124,105 +125,125 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="images per timed cache-read epoch (the cache is cycled)")
     p.add_argument("--quick", action="store_true",
                    help="8 generated 256 px images, size 64, 1 repeat, 1 worker: a smoke test")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     warmup = 1
     if args.quick:
         args.repeats, args.size, args.workers, args.read_images, warmup = 1, 64, 1, 256, 0
 
     with tempfile.TemporaryDirectory(prefix="cxr_bench_") as tmp:
-        work = Path(tmp)
-        if args.quick and args.images is None:
-            images_dir = work / "generated"
-            make_images(images_dir, 8, 256)
-        else:
-            images_dir = args.images or DEFAULT_IMAGES
-        paths = sorted(p for p in Path(images_dir).glob("*") if p.suffix.lower() in
-                       (".png", ".jpg", ".jpeg"))
-        if not paths:
-            print(f"error: no PNG/JPEG images in {images_dir}", file=sys.stderr)
-            return 2
-        n = len(paths)
-        ids = [p.name for p in paths]
-        labels_file = work / "labels.txt"  # stands in for the labels file the cache is keyed to
-        labels_file.write_text("\n".join(ids) + "\n")
-        sha = labels_sha256(labels_file)
-        folder = cache_dir(work, args.size)
-        rss_start = peak_rss_mb()["self"]
+        m = measure(args, Path(tmp), warmup)
+    if isinstance(m, int):  # an error, already printed: its exit status
+        return m
+    print_table(args, m, warmup)
+    return 0
 
-        # (b) first: the pool forks before torch has started any threads in this process.
-        def build(workers: int) -> Callable[[], None]:
-            def run() -> None:
-                if folder.exists():
-                    shutil.rmtree(folder)
-                build_cache(folder, ids, paths, args.size, sha, workers=workers, progress=False)
-            return run
-        build_s, build_cpu_s = median_time(build(args.workers), args.repeats, warmup)
-        rss_build = peak_rss_mb()
-        # One worker runs in this process: its wall time per image is the cost per core with
-        # no pool and no competition for cores, directly comparable with the decode floor.
-        build1_s = (median_time(build(1), args.repeats, warmup)[0] if args.workers > 1
-                    else build_s)
 
-        floors = {name: median_time(fn, args.repeats, warmup)
-                  for name, fn in decode_floors(paths).items()}
-        floor_name = min(floors, key=lambda k: floors[k][1])
-        floor_s, floor_cpu_s = (t / n for t in floors[floor_name])
-        ref_s = median_time(reference_pipeline(paths, args.size), args.repeats, warmup)[0] / n
+def measure(args: argparse.Namespace, work: Path, warmup: int) -> SimpleNamespace | int:
+    """Time (a) the reference pipeline, the decode floors, (b) the cache build and (c) reading
+    the cache, all on the same images in `work`."""
+    if args.quick and args.images is None:
+        images_dir = work / "generated"
+        make_images(images_dir, 8, 256)
+    else:
+        images_dir = args.images or DEFAULT_IMAGES
+    paths = sorted(p for p in Path(images_dir).glob("*") if p.suffix.lower() in
+                   (".png", ".jpg", ".jpeg"))
+    if not paths:
+        print(f"error: no PNG/JPEG images in {images_dir}", file=sys.stderr)
+        return 2
+    n = len(paths)
+    ids = [p.name for p in paths]
+    labels_file = work / "labels.txt"  # stands in for the labels file the cache is keyed to
+    labels_file.write_text("\n".join(ids) + "\n")
+    sha = labels_sha256(labels_file)
+    folder = cache_dir(work, args.size)
+    rss_start = peak_rss_mb()["self"]
 
-        cache = open_cache(work, args.size, labels_file)
-        if cache is None:
-            print("error: the cache just built did not open", file=sys.stderr)
-            return 1
-        reps = -(-args.read_images // n)
-        rows = np.tile(np.arange(n), reps)
-        loader = CacheLoader(cache, rows, np.zeros((len(rows), 14), np.float32),
-                             [ids[r] for r in rows], args.batch_size, shuffle=True,
-                             generator=torch.Generator().manual_seed(0))
+    # (b) first: the pool forks before torch has started any threads in this process.
+    def build(workers: int) -> Callable[[], None]:
+        def run() -> None:
+            if folder.exists():
+                shutil.rmtree(folder)
+            build_cache(folder, ids, paths, args.size, sha, workers=workers, progress=False)
+        return run
+    build_s, build_cpu_s = median_time(build(args.workers), args.repeats, warmup)
+    rss_build = peak_rss_mb()
+    # One worker runs in this process: its wall time per image is the cost per core with
+    # no pool and no competition for cores, directly comparable with the decode floor.
+    build1_s = (median_time(build(1), args.repeats, warmup)[0] if args.workers > 1
+                else build_s)
 
-        def read_epoch() -> None:
-            for x, _, _ in loader:
-                batch_transform(x, True, args.size, loader.generator, "cpu")
-        read_s = median_time(read_epoch, args.repeats, max(warmup, 1))[0] / len(rows)
-        rss = peak_rss_mb()
+    floors = {name: median_time(fn, args.repeats, warmup)
+              for name, fn in decode_floors(paths).items()}
+    floor_name = min(floors, key=lambda k: floors[k][1])
+    floor_s, floor_cpu_s = (t / n for t in floors[floor_name])
+    ref_s = median_time(reference_pipeline(paths, args.size), args.repeats, warmup)[0] / n
 
-    build_per_core_s = build_s * args.workers / n
-    build_cpu_per_image = build_cpu_s / n
-    ref_ips, read_ips = 1 / ref_s, 1 / read_s
-    print(f"images: {n} from {images_dir}; size {args.size}; torch threads 1; "
+    cache = open_cache(work, args.size, labels_file)
+    if cache is None:
+        print("error: the cache just built did not open", file=sys.stderr)
+        return 1
+    reps = -(-args.read_images // n)
+    rows = np.tile(np.arange(n), reps)
+    loader = CacheLoader(cache, rows, np.zeros((len(rows), 14), np.float32),
+                         [ids[r] for r in rows], args.batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(0))
+
+    def read_epoch() -> None:
+        for x, _, _ in loader:
+            batch_transform(x, True, args.size, loader.generator, "cpu")
+    read_s = median_time(read_epoch, args.repeats, max(warmup, 1))[0] / len(rows)
+    rss = peak_rss_mb()
+    return SimpleNamespace(n=n, images_dir=images_dir, build_s=build_s, build_cpu_s=build_cpu_s,
+                           build1_s=build1_s, floors=floors, floor_name=floor_name,
+                           floor_s=floor_s, floor_cpu_s=floor_cpu_s, ref_s=ref_s, read_s=read_s,
+                           rows=len(rows), rss_start=rss_start, rss_build=rss_build, rss=rss)
+
+
+def print_table(args: argparse.Namespace, m: SimpleNamespace, warmup: int) -> None:
+    build_per_core_s = m.build_s * args.workers / m.n
+    build_cpu_per_image = m.build_cpu_s / m.n
+    ref_ips, read_ips = 1 / m.ref_s, 1 / m.read_s
+    print(f"images: {m.n} from {m.images_dir}; size {args.size}; torch threads 1; "
           f"build workers {args.workers} of {os.cpu_count()} cores; batch {args.batch_size}; "
           f"median of {args.repeats} after {warmup} warm-up; load average "
           f"{os.getloadavg()[0]:.1f}")
     print()
     print("| stage | img/s | ms/img (wall) | ms/img (CPU) | notes |")
     print("| --- | ---: | ---: | ---: | --- |")
-    print(f"| (a) reference per-image pipeline | {ref_ips:.1f} | {1000 * ref_s:.2f} | | "
+    print(f"| (a) reference per-image pipeline | {ref_ips:.1f} | {1000 * m.ref_s:.2f} | | "
           "PIL RGB + Resize/CenterCrop/ToTensor/Normalize, 1 process |")
-    for name, (wall, cpu) in floors.items():
-        print(f"| decode floor: {name} | {n / wall:.1f} | {1000 * wall / n:.2f} | "
-              f"{1000 * cpu / n:.2f} | full decode, 1 process |")
+    for name, (wall, cpu) in m.floors.items():
+        print(f"| decode floor: {name} | {m.n / wall:.1f} | {1000 * wall / m.n:.2f} | "
+              f"{1000 * cpu / m.n:.2f} | full decode, 1 process |")
     print(f"| (b) cache build, per core | {1 / build_per_core_s:.1f} | "
           f"{1000 * build_per_core_s:.2f} | {1000 * build_cpu_per_image:.2f} | wall "
-          f"{build_s:.2f} s x {args.workers} workers / {n} images; CPU: all processes |")
-    print(f"| (b) cache build, all workers | {n / build_s:.1f} | {1000 * build_s / n:.2f} | | "
-          f"{args.workers} workers |")
+          f"{m.build_s:.2f} s x {args.workers} workers / {m.n} images; CPU: all processes |")
+    n = m.n
+    print(f"| (b) cache build, all workers | {n / m.build_s:.1f} | {1000 * m.build_s / n:.2f} "
+          f"| | {args.workers} workers |")
     if args.workers > 1:
-        print(f"| (b) cache build, 1 worker | {n / build1_s:.1f} | {1000 * build1_s / n:.2f} | | "
-              "in this process, no pool |")
-    print(f"| (c) cache read + batch_transform | {read_ips:.0f} | {1000 * read_s:.4f} | | "
-          f"{len(rows)} images/epoch, shuffled, flips + normalise, CPU |")
+        print(f"| (b) cache build, 1 worker | {n / m.build1_s:.1f} | "
+              f"{1000 * m.build1_s / n:.2f} | | in this process, no pool |")
+    print(f"| (c) cache read + batch_transform | {read_ips:.0f} | {1000 * m.read_s:.4f} | | "
+          f"{m.rows} images/epoch, shuffled, flips + normalise, CPU |")
     print()
-    print(f"build/reference ratio (per core, wall): {ref_s / build_per_core_s:.2f}x")
-    one_worker = f"{build1_s / n / floor_s:.2f}x wall (1 worker), " if args.workers > 1 else ""
-    print(f"build cost / decode floor ({floor_name}), per image per core: "
-          f"{build_per_core_s / floor_s:.2f}x wall ({args.workers} workers), {one_worker}"
-          f"{build_cpu_per_image / floor_cpu_s:.2f}x CPU ({args.workers} workers)")
-    workers_rss = (f", {rss_build['children']:.0f} MiB largest build worker"
+    print(f"build/reference ratio (per core, wall): {m.ref_s / build_per_core_s:.2f}x")
+    one_worker = (f"{m.build1_s / n / m.floor_s:.2f}x wall (1 worker), "
+                  if args.workers > 1 else "")
+    print(f"build cost / decode floor ({m.floor_name}), per image per core: "
+          f"{build_per_core_s / m.floor_s:.2f}x wall ({args.workers} workers), {one_worker}"
+          f"{build_cpu_per_image / m.floor_cpu_s:.2f}x CPU ({args.workers} workers)")
+    workers_rss = (f", {m.rss_build['children']:.0f} MiB largest build worker"
                    if args.workers > 1 else "")
-    print(f"peak RSS: {rss_start:.0f} MiB after imports; {rss_build['self']:.0f} MiB main after "
-          f"build{workers_rss}; {rss['self']:.0f} MiB at the end")
+    print(f"peak RSS: {m.rss_start:.0f} MiB after imports; {m.rss_build['self']:.0f} MiB main "
+          f"after build{workers_rss}; {m.rss['self']:.0f} MiB at the end")
     print(f"read/reference ratio: {read_ips / ref_ips:.1f}x")
-    return 0
 
 
 if __name__ == "__main__":
