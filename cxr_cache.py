@@ -52,7 +52,7 @@ from cxr_dataset import (
 )
 from labels import IMAGENET_MEAN, IMAGENET_STD
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied (version 1 caches may hold sideways photos)
 DEFAULT_SIZE = 224          # the reference recipe's Resize 224 + CenterCrop 224
 MAX_CHUNK = 64              # images per work unit at most: about 1 s of decoding, 3 MB of pixels
 TODO, DONE, BAD = 0, 1, 2   # done.npy flags

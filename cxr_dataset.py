@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
@@ -54,6 +54,11 @@ def load_xray(path: str | os.PathLike) -> Image.Image:
     16-bit and float images are rescaled from their own min-max range to 0-255, because a
     plain conversion would clip everything above 255 to white.
 
+    An EXIF orientation tag is applied first: a phone stores a portrait photo as landscape
+    pixels plus "rotate 90", and feeding the pixels as stored shows the network a sideways
+    chest (CheXphoto is smartphone photos). Every image the project reads comes through here
+    (datasets, the cache build, predict.py, heatmaps).
+
     Raises:
         ImageReadError: the file is missing, empty, truncated or not an image.
     """
@@ -61,7 +66,7 @@ def load_xray(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # force the decode here, so a truncated file fails with its name
-            return _to_gray8(img)
+            return _to_gray8(ImageOps.exif_transpose(img))
     except FileNotFoundError as err:
         raise ImageReadError(f"{path}: image file not found. Check --data points at the "
                              "dataset root, or pass --missing skip to train without it.") from err

@@ -407,23 +407,32 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     Returns:
         (mean loss per labelled entry, probabilities (N, K), targets (N, K) with NaN = masked,
          image ids (N,))
+
+    Raises:
+        NonFiniteLoss: the loss of some batch is NaN or infinite (named: its batch and images);
+            a NaN would otherwise look like "no improvement" to the schedule, and never like
+            a best epoch, so the run would decay and stop without a checkpoint.
     """
     model.eval()
     # Sums and outputs stay on the device until the end: no host-device wait per batch.
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, labelled entries
-    probs, targets_all, ids = [], [], []
+    probs, targets_all, ids, finite = [], [], [], []
     for images, targets, image_ids in tqdm(loader, desc=desc, unit="batch", leave=False,
                                            dynamic_ncols=True, disable=not ctx.main):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, precision.amp):
             logits = model(precision.prepare(images)).float()
-        sums[0] += masked_bce_with_logits(logits, targets, reduction="sum").double()
+        batch_loss = masked_bce_with_logits(logits, targets, reduction="sum").double()
+        finite.append((torch.isfinite(batch_loss), len(image_ids)))
+        sums[0] += batch_loss
         sums[1] += (~torch.isnan(targets)).sum()
         probs.append(torch.sigmoid(logits))
         targets_all.append(targets)
         ids.extend(image_ids)
     total, count = all_sum(sums, ctx, device)
+    if not math.isfinite(total):
+        raise NonFiniteLoss(_non_finite_message(desc, finite, ids))
     k = len(loader.dataset.dataset.findings) if isinstance(loader.dataset, Subset) else \
         len(loader.dataset.findings)
     local = (torch.cat(probs).cpu().numpy() if probs else np.zeros((0, k), np.float32),
@@ -432,6 +441,20 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     parts = gather_in_order(local, ctx)
     return (total / max(count, 1), np.concatenate([p[0] for p in parts]),
             np.concatenate([p[1] for p in parts]), [i for p in parts for i in p[2]])
+
+
+def _non_finite_message(desc: str, finite: list[tuple[torch.Tensor, int]], ids: list[str]) -> str:
+    """Where a non-finite evaluation loss came from: the first such batch of this process.
+    `finite` holds (is the batch's loss finite, images in the batch) per batch."""
+    flags = torch.stack([f for f, _ in finite]).cpu().tolist() if finite else []
+    where = "on another process's share of the images"
+    if False in flags:
+        b = flags.index(False)
+        start = sum(n for _, n in finite[:b])
+        where = f"in batch {b + 1}; images: {', '.join(ids[start:start + finite[b][1]])}"
+    return (f"{desc}: the loss is not finite {where}. The model outputs NaN or infinity on "
+            "them: check these images and labels, or lower --lr. The last good checkpoints "
+            "are kept.")
 
 
 # --------------------------------------------------------------------------------------------

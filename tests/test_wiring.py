@@ -240,3 +240,44 @@ def test_ci_resamples_patients_named_by_the_ids(tmp_path):
     naive_width = np.percentile(naive, 97.5) - np.percentile(naive, 2.5)
     width = ci.loc["Atelectasis", "ci_high"] - ci.loc["Atelectasis", "ci_low"]
     assert width > 1.8 * naive_width, (width, naive_width)
+
+
+# --------------------------------------------------------------------------------------------
+# A non-finite validation loss stops the run, as a non-finite training loss does
+# --------------------------------------------------------------------------------------------
+def test_evaluate_names_the_batch_whose_loss_is_not_finite():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 14))
+    batches = []
+    for b in range(3):
+        images = torch.randn(4, 3, 2, 2)
+        if b == 1:
+            images[2, 0, 0, 0] = float("nan")
+        batches.append((images, torch.zeros(4, 14), [f"b{b}_{i}.png" for i in range(4)]))
+    with pytest.raises(retrain.NonFiniteLoss, match=r"epoch 3 val.*batch 2; images: b1_0.png, "
+                       r"b1_1.png, b1_2.png, b1_3.png\. "):
+        retrain.evaluate(model, batches, torch.device("cpu"), "epoch 3 val")
+
+
+def test_nan_validation_loss_stops_with_exit_3(demo_root, tmp_path, monkeypatch, capsys):
+    """Before: NaN < best is False, so the run decayed the lr, never saved checkpoint.pt and
+    ended with '[Errno 2] ... checkpoint.pt'."""
+    real = retrain.build_model
+
+    class NanInEval(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x)
+            return out if self.training else out * float("nan")
+
+    monkeypatch.setattr(retrain, "build_model", lambda *a, **k: NanInEval(real(*a, **k)))
+    args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name",
+            "nan", *FAST, "--epochs", "2"]
+    assert retrain.main(args) == 3
+    err = capsys.readouterr().err
+    assert "epoch 1 val: the loss is not finite in batch 1; images: " in err
+    assert "Traceback" not in err and "Errno" not in err
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
