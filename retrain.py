@@ -20,6 +20,7 @@ Outputs, in `--out/--name/`: config.json, log_train.csv, checkpoint.pt (best), l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -32,6 +33,7 @@ import os
 # training step 10-30x slower (measured: 13-36 s instead of 1.2 s per batch).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -453,8 +455,9 @@ def _non_finite_message(desc: str, finite: list[tuple[torch.Tensor, int]], ids: 
         start = sum(n for _, n in finite[:b])
         where = f"in batch {b + 1}; images: {', '.join(ids[start:start + finite[b][1]])}"
     return (f"{desc}: the loss is not finite {where}. The model outputs NaN or infinity on "
-            "them: check these images and labels, or lower --lr. The last good checkpoints "
-            "are kept.")
+            "them in evaluation mode: check these images and labels, or lower --lr (a model "
+            "trained from scratch for a few steps can overflow here, its BatchNorm running "
+            "statistics being far from its batches'). The last good checkpoints are kept.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,11 +666,62 @@ class Run:
 def fit(cfg: TrainConfig) -> Path:
     """Train, keep the best checkpoint, predict the test fold, write every output. Returns the
     run folder. Under torchrun, every process trains and only rank 0 prints and writes."""
-    run = start_run(cfg)
-    with StopRequest() as stop:
-        train_epochs(run, stop)
-    final_predictions(run)
+    with run_folder_lock(cfg.run_dir):
+        run = start_run(cfg)
+        with StopRequest() as stop:
+            train_epochs(run, stop)
+        final_predictions(run)
     return cfg.run_dir
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Own the run folder for the whole run: a second retrain.py with the same --out/--name
+    is refused instead of overwriting this run's files under its config.json.
+
+    The lock is an flock on RUN/.lock, which the operating system releases when the process
+    ends in any way, SIGKILL included, so a crashed run never leaves it stuck (--resume just
+    works). Only torchrun's rank 0 (the process that writes) takes it. Where flock does not
+    exist (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    if int(os.environ.get("RANK", "0")):
+        yield
+        return
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(run_dir / LOCK_FILE, "a+")
+    except OSError as err:
+        raise DataError(f"cannot create the run folder {run_dir}: {err.strerror or err}. Check "
+                        "that --out is writable, or choose another --out.") from err
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise DataError(f"{run_dir} is in use by another retrain.py ({owner}). Wait for it to "
+                        "finish (or stop it), or choose another --name.") from err
+    finished = False
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        yield
+        finished = True
+    finally:
+        if not finished and created and {p.name for p in run_dir.iterdir()} == {LOCK_FILE}:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing but our lock: leave no trace
+        fh.close()  # releases the lock
 
 
 def start_run(cfg: TrainConfig) -> Run:

@@ -281,3 +281,48 @@ def test_nan_validation_loss_stops_with_exit_3(demo_root, tmp_path, monkeypatch,
     assert "epoch 1 val: the loss is not finite in batch 1; images: " in err
     assert "Traceback" not in err and "Errno" not in err
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# One run per run folder
+# --------------------------------------------------------------------------------------------
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(demo_root, tmp_path,
+                                                                          capsys):
+    """The first run is paused (SIGSTOP from tests/faults.py) after its first step, so it
+    holds the folder; the second must leave every file of the first alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name",
+            "shared", *FAST, "--epochs", "1"]
+    first = subprocess.Popen([sys.executable, str(ROOT / "tests" / "faults.py"), *args,
+                              "--lr", "0.02"], env={**os.environ,
+                                                    "CHEXNET_TEST_KILL_AT_STEP": "1:SIGSTOP"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once it has stopped
+        assert os.WIFSTOPPED(status)
+        config = (tmp_path / "shared" / "config.json").read_text()
+        assert '"lr": 0.02' in config
+        assert retrain.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'shared'} is in use by another retrain.py (pid {first.pid}" in err
+        assert (tmp_path / "shared" / "config.json").read_text() == config
+    finally:
+        first.kill()
+        first.wait()
+    # Killed (SIGKILL) while holding it: the lock does not outlive the process.
+    assert retrain.main(args) == 0  # it left no last.pt: a fresh run starts
+    assert "in use" not in capsys.readouterr().err
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path, capsys):
+    args = ["--dataset", "demo", "--data", str(tmp_path / "absent"), "--out", str(tmp_path),
+            "--name", "never", *FAST]
+    assert retrain.main(args) == 2
+    assert "data folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
