@@ -7,6 +7,7 @@ Sigmoid + BCELoss is numerically fragile and breaks under autocast.
 from __future__ import annotations
 
 import os
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -70,25 +71,62 @@ def load_weights_file(net: nn.Module, path: str | os.PathLike) -> None:
 
     Raises:
         FileNotFoundError: no such file.
-        RuntimeError: missing or unexpected keys (listed), never a silently random model.
+        WeightsUnavailable: a pickled model (reproduce-chexnet), old key names
+            (arnoweng/CheXNet), not a checkpoint, or missing or unexpected keys (listed):
+            never a silently random model, and never advice to unpickle the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found (--weights takes imagenet, "
                                 "none or a path).")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    state = _read_state(path)
+    keys = [k for k in state if isinstance(k, str)] if isinstance(state, dict) else []
+    if any(k.startswith(("module.", "densenet121.")) or ".norm.1" in k for k in keys):
+        raise WeightsUnavailable(
+            f"{path}: an arnoweng/CheXNet-style checkpoint (old DenseNet key names such as "
+            f"{keys[0]!r}). Convert it once with\n  python convert_checkpoint.py {path} "
+            "converted.pt\nand pass --weights converted.pt.")
     head = net.classifier
     if state.get("classifier.weight", head.weight).shape != head.weight.shape:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
         state.update({f"classifier.{k}": v for k, v in head.state_dict().items()})
-    result = net.load_state_dict(state, strict=False)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape under a matching name
+        raise WeightsUnavailable(
+            f"{path}: does not match DenseNet-121 ({str(err)[-300:].strip()}). A checkpoint "
+            "from reproduce-chexnet or arnoweng/CheXNet must first be converted with "
+            "convert_checkpoint.py.") from None
     if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(
+        raise WeightsUnavailable(
             f"{path}: does not match DenseNet-121. Missing keys: {result.missing_keys[:8]} "
             f"({len(result.missing_keys)}); unexpected keys: {result.unexpected_keys[:8]} "
-            f"({len(result.unexpected_keys)}).")
+            f"({len(result.unexpected_keys)}). A checkpoint from reproduce-chexnet or "
+            "arnoweng/CheXNet must first be converted with convert_checkpoint.py.")
+
+
+def _read_state(path: Path) -> dict:
+    """The state dict in a weights file, read without unpickling code (weights_only=True)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running the file's code: not
+        # passed on. `from None`: that advice is not printed with this error either.
+        raise WeightsUnavailable(
+            f"{path}: holds a pickled model object (reproduce-chexnet saves its checkpoints so), "
+            "which --weights does not load: unpickling runs code from the file. If you trust "
+            f"where it came from, convert it once with\n  python convert_checkpoint.py {path} "
+            "converted.pt --trust-pickle\nand pass --weights converted.pt.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise WeightsUnavailable(f"{path}: not a PyTorch checkpoint, or a damaged one "
+                                 f"({str(err)[:200]}). --weights takes imagenet, none, or a "
+                                 "checkpoint written by retrain.py.") from None
+    for key in ("model", "state_dict"):  # this project's checkpoints; arnoweng's model.pth.tar
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsUnavailable(f"{path}: holds a {type(state).__name__}, not a state dict.")
+    return state
 
 
 def masked_bce_with_logits(logits: torch.Tensor, target: torch.Tensor,
