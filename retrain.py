@@ -1023,6 +1023,22 @@ def load_run_config(run_dir: str | os.PathLike, data: str | None = None) -> Trai
     return cfg
 
 
+MIN_IMAGE_SIZE = 32  # DenseNet-121 downsamples by 32: a smaller input has no feature map left
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= low, checked before any data is read."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least {low}")
+        return value
+    return parse
+
+
 def batch_size_arg(text: str) -> int:
     """argparse type for --batch-size: a positive integer, or 'auto' (stored as -1)."""
     if text == "auto":
@@ -1079,12 +1095,14 @@ def _recipe_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    "official = NIH's train_val_list.txt/test_list.txt in --data, file = the "
                    "labels file's fold column. Default: the labels file's folds when it has "
                    "them, else reference (demo: random)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=at_least(1), default=d.epochs)
     p.add_argument("--batch-size", type=batch_size_arg, default=None,
                    help="global batch (both recipes: 16), or 'auto': the largest that fits the "
                    "GPU, with the lr scaled linearly (lr x batch / 16)")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--eval-batch-size", type=at_least(1), default=d.eval_batch_size)
+    p.add_argument("--image-size", type=at_least(MIN_IMAGE_SIZE), default=d.image_size,
+                   help=f"input side in pixels (at least {MIN_IMAGE_SIZE}: DenseNet-121 "
+                   "halves it five times)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
@@ -1098,7 +1116,7 @@ def _recipe_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="keep the optimizer's momentum (Adam: moments) across an lr decay "
                    "(default: reset, as reproduce-chexnet's rebuilt optimizer; paper recipe: "
                    "kept)")
-    p.add_argument("--patience", type=int, default=None,
+    p.add_argument("--patience", type=at_least(1), default=None,
                    help="stop this many epochs after the best epoch")
 
 

@@ -149,3 +149,20 @@ def test_unwritable_folder_message_does_not_blame_the_disk(tmp_path):
     with pytest.raises(retrain.SaveError) as err:
         retrain.atomic_write_text("x", tmp_path / "absent" / "f.txt")
     assert "exists and is writable" in str(err.value) and "Free some space" not in str(err.value)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--image-size", "0", "--image-size: 0 is too small: it must be at least 32"),
+    ("--image-size", "-4", "--image-size: -4 is too small: it must be at least 32"),
+    ("--image-size", "16", "--image-size: 16 is too small: it must be at least 32"),
+    ("--epochs", "0", "--epochs: 0 is too small: it must be at least 1"),
+    ("--epochs", "-3", "--epochs: -3 is too small: it must be at least 1"),
+    ("--patience", "0", "--patience: 0 is too small: it must be at least 1"),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value, message):
+    """Checked while parsing: no data is read (the data folder here does not even exist)."""
+    with pytest.raises(SystemExit) as stop:
+        retrain.main(["--dataset", "demo", "--data", str(tmp_path / "absent"), flag, value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "data folder" not in err
