@@ -540,6 +540,34 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
 
 
+def describe_changes(diff: dict[str, tuple]) -> str:
+    """A config_diff (plus 'data': old and new data_record) as lines a person reads:
+    `--lr: 0.01 -> 0.1`, `labels file X: contents changed`, `fold assignment changed`."""
+    def plain(value: object) -> object:
+        return value.item() if isinstance(value, np.generic) else value
+
+    lines = []
+    for key, (old, new) in diff.items():
+        if key == "data":
+            continue
+        lines.append(f"--{key.replace('_', '-')}: {plain(old)!r} -> {plain(new)!r}")
+    if "data" in diff:
+        old, new = (d or {} for d in diff["data"])
+        old_src, new_src = old.get("sources", {}), new.get("sources", {})
+        for path in sorted(set(old_src) | set(new_src)):
+            if path not in new_src:
+                lines.append(f"labels file {path}: no longer used")
+            elif path not in old_src:
+                lines.append(f"labels file {path}: not used before")
+            elif old_src[path] != new_src[path]:
+                lines.append(f"labels file {path}: its contents changed")
+        if plain(old.get("images")) != plain(new.get("images")):
+            lines.append(f"images: {plain(old.get('images'))} -> {plain(new.get('images'))}")
+        if old.get("folds_sha256") != new.get("folds_sha256"):
+            lines.append("the fold assignment changed")
+    return "\n  ".join(lines)
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; last.pt was saved first."""
 
@@ -816,8 +844,9 @@ def restore(run: Run, state: dict) -> None:
     if state.get("data") != run.data:
         diff["data"] = (state.get("data"), run.data)
     if diff and not cfg.force:
-        raise DataError(f"{run.last_path} was written with other settings or data: {diff}. "
-                        "Resume with the same settings and data, or pass --force.")
+        raise DataError(f"{run.last_path} was written with other settings or data:\n  "
+                        f"{describe_changes(diff)}\nResume with the same settings and data, or "
+                        "pass --force.")
     run.net.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
@@ -832,8 +861,9 @@ def restore(run: Run, state: dict) -> None:
             f"{run.partial.batches}")
     else:
         say(f"resuming {cfg.run_dir} after epoch {state['epoch']}")
-    say(f"  best val loss so far {run.schedule.best_loss:.4f} (epoch "
-        f"{run.schedule.best_epoch})")
+    if run.schedule.best_epoch:  # none before the first epoch has ended
+        say(f"  best val loss so far {run.schedule.best_loss:.4f} (epoch "
+            f"{run.schedule.best_epoch})")
     if state.get("stopped"):
         say("that run had already stopped early; going straight to the test predictions")
         run.start_epoch = cfg.epochs + 1

@@ -124,7 +124,10 @@ def test_resume_refuses_changed_data(data, tmp_path, capsys):
     labels.loc[0, "Finding Labels"] = "Hernia"
     labels.to_csv(entry, index=False)
     assert train(data, tmp_path, "--resume") == 2
-    assert "other settings or data" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other settings or data" in err
+    assert f"labels file {entry}: its contents changed" in err
+    assert "fold assignment" not in err and "sha256" not in err and "{" not in err
     assert train(data, tmp_path, "--resume", "--force") == 0
 
 

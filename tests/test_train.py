@@ -94,7 +94,7 @@ def test_existing_run_and_changed_config_are_refused(demo_root, tmp_path, capsys
     assert retrain.main(base) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert retrain.main(base + ["--resume", "--lr", "0.1"]) == 2
-    assert "'lr': (0.01, 0.1)" in capsys.readouterr().err
+    assert "--lr: 0.01 -> 0.1" in capsys.readouterr().err
     assert retrain.main(base + ["--name", "absent", "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 
