@@ -61,7 +61,7 @@ lint: $(VENV)/.test-deps
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT)/demo
 
-.PHONY: bench-data bench-bootstrap bench-train bench-localization
+.PHONY: bench-data bench-bootstrap bench-train bench-localization bench-subgroups
 bench-data: $(VENV)/.deps
 	$(PY) benchmarks/data_pipeline.py
 bench-bootstrap: $(VENV)/.deps
@@ -70,3 +70,5 @@ bench-train: $(VENV)/.deps
 	$(PY) benchmarks/train_throughput.py --check-amp --json benchmarks_train.json
 bench-localization: $(VENV)/.deps
 	$(PY) benchmarks/localization_demo.py
+bench-subgroups: $(VENV)/.deps
+	$(PY) benchmarks/subgroups_reference.py

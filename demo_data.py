@@ -1,27 +1,30 @@
 """Small synthetic chest X-ray datasets in the real NIH ChestX-ray14 and CheXphoto file formats.
 
 The whole pipeline (label building, patient split, training, evaluation, heatmaps) can then run
-anywhere in minutes without the 42 GB NIH download. Every image is a chest-like phantom (body,
-two lungs, mediastinum, heart, diaphragm domes, ribs, clavicles) on which each finding draws its own
-strong, distinct signature, big enough to survive downsampling to 64x64 px. Findings co-occur through
-a small latent-factor model, and follow-ups of one patient share anatomy and chronic findings, so an
-image-level split leaks just as it would on the real data.
+anywhere in minutes without the 42 GB NIH download. Every image is a chest-like phantom (body, two
+lungs, mediastinum, heart, diaphragm domes, ribs, clavicles) on which each finding draws its own
+strong, distinct signature, big enough to survive downsampling to 64x64 px. Findings co-occur
+through a small latent-factor model, and follow-ups of one patient share anatomy and chronic
+findings, so an image-level split leaks just as it would on the real data.
 
 Conventions
 - Images are drawn in "anatomical" coordinates: x and y are fractions of the image width/height
   (0..1, y down) before a small per-image shift/scale/rotation. Radiological convention: the
   patient's right is on the image left, so the heart bulges to the image right. In code a lung's
-  `side` is -1 (image left, patient's right lung) or +1 (image right, patient's left lung); "lateral"
-  means away from the midline.
+  `side` is -1 (image left, patient's right lung) or +1 (image right, patient's left lung);
+  "lateral" means away from the midline.
 - Intensities are 0-255 grey levels: air outside the body ~20, lungs ~45-70, soft tissue ~120-145,
   mediastinum/heart ~150-175, bone brighter.
-- Randomness: each image draws from its own seeded streams (`numpy.random.default_rng([seed, ...])`),
-  so the output bytes do not depend on the number of worker processes. Each finding draws from its own
-  stream, so adding a finding to an image leaves the phantom and the other findings untouched; chronic
-  findings (a mass, emphysema, ...) are seeded per patient so they reappear in place on follow-ups.
+- Randomness: each image draws from its own seeded streams
+  (`numpy.random.default_rng([seed, ...])`), so the output bytes do not depend on the number of
+  worker processes. Each finding draws from its own stream, so adding a finding to an image leaves
+  the phantom and the other findings untouched; chronic findings (a mass, emphysema, ...) are
+  seeded per patient so they reappear in place on follow-ups.
 
 Typical use:
     python demo_data.py --out demo_data --kind both --n-images 3000 --size 128 --workers 2
+    python demo_data.py --out demo_biased --kind nih --underdiagnose F:0.7   # a known subgroup
+        # effect: 70% of women's positive labels removed (images unchanged), for subgroups.py
 """
 from __future__ import annotations
 
@@ -67,7 +70,8 @@ RENDITIONS = ("natural", "synthetic/digital", "synthetic/photographic")
 EXTRA_SIGNATURES: tuple[str, ...] = ("Widened_Mediastinum", "Rib_Fracture", "Support_Device")
 ALL_SIGNATURES: tuple[str, ...] = NIH_FINDINGS + EXTRA_SIGNATURES
 
-# A box: (finding name as in NIH_FINDINGS / EXTRA_SIGNATURES, x, y, w, h), pixels of the output image.
+# A box: (finding name as in NIH_FINDINGS / EXTRA_SIGNATURES, x, y, w, h), pixels of the output
+# image.
 Box = tuple[str, int, int, int, int]
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +315,8 @@ class _Canvas:
         rows, cols = np.flatnonzero(on.any(1)), np.flatnonzero(on.any(0))
         if rows.size == 0:
             return None
-        return (int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+        return (int(cols[0]), int(rows[0]),
+                int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
 
 
 def _box(cv: _Canvas, name: str, mask: np.ndarray, thr: float = 0.1) -> list[Box]:
@@ -374,7 +379,8 @@ def _draw_anatomy(cv: _Canvas, anat: Anatomy, texture_rng: np.random.Generator) 
     top = h["y"] - 0.6 * h["hh"]
     med = cv.soft(g["med_hw"] - np.abs(X - 0.5)) * cv.soft(top + 0.02 - Y)
     cv.blend(med, anat.tissue + 30.0)
-    cv.blend(cv.disc(0.5 + g["med_hw"] + 0.004, top - 0.06, 0.026), anat.tissue + 30.0)  # aortic knob
+    # aortic knob
+    cv.blend(cv.disc(0.5 + g["med_hw"] + 0.004, top - 0.06, 0.026), anat.tissue + 30.0)
     trachea = cv.soft(0.011 - np.abs(X - 0.5)) * cv.soft(top - 0.08 - Y)
     cv.blend(trachea * 0.6, anat.lung_grey + 25.0)
     heart = _heart_mask(cv, h)
@@ -413,7 +419,8 @@ def _heart_mask(cv: _Canvas, h: Mapping[str, float]) -> np.ndarray:
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int, amplitude: float) -> np.ndarray:
-    """(size, size) float32 smooth random field: a cells x cells normal grid, bilinearly upsampled."""
+    """(size, size) float32 smooth random field: a cells x cells normal grid, bilinearly
+    upsampled."""
     small = (amplitude * rng.standard_normal((cells, cells))).astype(np.float32)
     return np.asarray(Image.fromarray(small).resize((size, size), Image.BILINEAR), np.float32)
 
@@ -689,8 +696,8 @@ def _draw_rib_fracture(cv: _Canvas, rng: np.random.Generator) -> list[Box]:
     step = rng.uniform(0.01, 0.016)
     length = 0.05
     m1 = cv.segments([(x0 - side * length, y_lat - 0.01), (x0 - side * 0.006, y_lat)], 0.011)
-    m2 = cv.segments([(x0 + side * 0.006, y_lat + step), (x0 + side * length, y_lat + step + 0.012)],
-                     0.011)
+    m2 = cv.segments([(x0 + side * 0.006, y_lat + step),
+                      (x0 + side * length, y_lat + step + 0.012)], 0.011)
     callus = cv.disc(x0, y_lat + step / 2, 0.02) * 0.6
     m = np.maximum(np.maximum(m1, m2), callus)
     cv.img += rng.uniform(60, 80) * m
@@ -761,8 +768,8 @@ def _finish(img: np.ndarray, anat: Anatomy, rng: np.random.Generator) -> np.ndar
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def render_phantom(rng: np.random.Generator, findings: Iterable[str], anatomy: Anatomy | None = None,
-                   size: int = 128,
+def render_phantom(rng: np.random.Generator, findings: Iterable[str],
+                   anatomy: Anatomy | None = None, size: int = 128,
                    finding_rngs: Mapping[str, np.random.Generator] | None = None
                    ) -> tuple[np.ndarray, list[Box]]:
     """Draw one frontal (PA/AP) chest phantom with the given findings.
@@ -787,7 +794,8 @@ def render_phantom(rng: np.random.Generator, findings: Iterable[str], anatomy: A
     findings = set(findings)
     unknown = findings - set(ALL_SIGNATURES)
     if unknown:
-        raise ValueError(f"unknown findings {sorted(unknown)}; expected names from {ALL_SIGNATURES}")
+        raise ValueError(f"unknown findings {sorted(unknown)}; "
+                         f"expected names from {ALL_SIGNATURES}")
     base_rng, texture_rng, noise_rng, sig_rng = rng.spawn(4)
     own = dict(zip(ALL_SIGNATURES, sig_rng.spawn(len(ALL_SIGNATURES))))
     own.update(finding_rngs or {})
@@ -795,7 +803,8 @@ def render_phantom(rng: np.random.Generator, findings: Iterable[str], anatomy: A
         anatomy = sample_anatomy(base_rng)
     shift = (float(np.clip(base_rng.normal(0, 0.015), -0.035, 0.035)),
              float(np.clip(base_rng.normal(0, 0.015), -0.035, 0.035)))
-    cv = _Canvas(size, shift, base_rng.uniform(0.94, 1.04), math.radians(base_rng.uniform(-2.5, 2.5)))
+    cv = _Canvas(size, shift, base_rng.uniform(0.94, 1.04),
+                 math.radians(base_rng.uniform(-2.5, 2.5)))
     cv.g = _layout(anatomy)
     present = [f for f in DRAW_ORDER if f in findings]
     for f in present:
@@ -809,12 +818,13 @@ def render_phantom(rng: np.random.Generator, findings: Iterable[str], anatomy: A
     return _finish(cv.img, anatomy, noise_rng), boxes
 
 
-def render_lateral(rng: np.random.Generator, findings: Iterable[str], anatomy: Anatomy | None = None,
-                   size: int = 128) -> np.ndarray:
-    """Draw a simple lateral chest phantom (anterior to the image left) for CheXphoto lateral views.
+def render_lateral(rng: np.random.Generator, findings: Iterable[str],
+                   anatomy: Anatomy | None = None, size: int = 128) -> np.ndarray:
+    """Draw a simple lateral chest phantom (anterior to the image left) for CheXphoto lateral
+    views.
 
-    Only the findings visible on a lateral film are drawn, coarsely (bigger heart, darker larger lung,
-    posterior effusion, focal opacities, retrocardiac gas, devices); no boxes are produced.
+    Only the findings visible on a lateral film are drawn, coarsely (bigger heart, darker larger
+    lung, posterior effusion, focal opacities, retrocardiac gas, devices); no boxes are produced.
 
     Args:
         rng: random generator.
@@ -865,7 +875,8 @@ def render_lateral(rng: np.random.Generator, findings: Iterable[str], anatomy: A
             x, y = cx + r.uniform(-0.5, 0.5) * hw, cy + r.uniform(-0.5, 0.3) * hh
             rad = r.uniform(0.05, 0.065) if f == "Mass" else r.uniform(0.016, 0.02)
             cv.blend(cv.disc(x, y, rad), r.uniform(200, 240))
-        elif f in ("Pneumonia", "Consolidation", "Infiltration", "Atelectasis", "Edema", "Fibrosis"):
+        elif f in ("Pneumonia", "Consolidation", "Infiltration", "Atelectasis", "Edema",
+                   "Fibrosis"):
             x, y = cx + r.uniform(-0.4, 0.4) * hw, cy + r.uniform(-0.2, 0.5) * hh
             cv.img += r.uniform(50, 75) * cv.gauss(x, y, 0.06, 0.05) * lung
         elif f == "Pneumothorax":
@@ -927,7 +938,8 @@ def _run_jobs(fn: Callable, jobs: list, workers: int, progress: bool, desc: str)
     try:
         if workers > 1:
             # fork is cheap on Linux; elsewhere it is unsafe or absent, so spawn (slower start).
-            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            ctx = multiprocessing.get_context(method)
             with ctx.Pool(workers) as pool:
                 for out in pool.imap(fn, jobs, chunksize=16):
                     if bar is not None:
@@ -953,8 +965,123 @@ def _follow_up_counts(rng: np.random.Generator, n_images: int) -> list[int]:
     return counts
 
 
+def remove_positive_labels(labels: np.ndarray, sex: np.ndarray, target: str, fraction: float,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Under-diagnosis in the labels: each positive label of an image of sex `target` is
+    removed with probability `fraction`, as a reader who misses findings more often in one
+    group would write them. The images are untouched: they still show the finding.
+
+    Args:
+        labels: (N, F) bool, the findings each image shows.
+        sex: (N,) the `Patient Gender` of each image ("M" or "F").
+        target: the sex whose labels lose positives.
+        fraction: probability of removing each of its positive labels, in [0, 1].
+        rng: random generator (consumed: one uniform per entry of labels).
+
+    Returns:
+        (N, F) bool, the labels as written to Data_Entry_2017.csv.
+    """
+    if target not in ("M", "F") or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"underdiagnose ({target!r}, {fraction}): expected sex 'M' or 'F' and "
+                         "a fraction in [0, 1]")
+    drop = (rng.random(labels.shape) < fraction) & (np.asarray(sex) == target)[:, None]
+    return labels & ~drop
+
+
+def stand_in_scores(shown: np.ndarray, seed: int = 0, separation: float = 2.5,
+                    overconfidence: float = 1.0) -> np.ndarray:
+    """Probabilities of a stand-in model that sees what each demo image shows, for exercising
+    the evaluation without training: a known answer to check an analysis against.
+
+    Each finding's evidence is x = separation * shown + N(0, 1); the Bayes posterior given x
+    and the finding's prevalence in `shown` is sigmoid(separation * x - separation^2 / 2 +
+    log odds of the prevalence), so with overconfidence 1 the probabilities are calibrated (in
+    expectation) and the AUC is about Phi(separation / sqrt 2). overconfidence k multiplies
+    that logit: k > 1 gives the over-confident probabilities temperature scaling corrects
+    (its fitted temperature is about k).
+
+    Args:
+        shown: (N, F) 0/1, the findings the images show (e.g. the labels of a demo generated
+            without --underdiagnose).
+        seed: seed of the evidence noise.
+        separation, overconfidence: as above.
+
+    Returns:
+        (N, F) float64 probabilities.
+    """
+    shown = np.asarray(shown, np.float64)
+    rng = np.random.default_rng([seed, 11])
+    evidence = separation * shown + rng.standard_normal(shown.shape)
+    prevalence = np.clip(shown.mean(axis=0), 1e-6, 1 - 1e-6)
+    logit = separation * evidence - separation ** 2 / 2 + np.log(prevalence / (1 - prevalence))
+    return 1.0 / (1.0 + np.exp(-overconfidence * logit))
+
+
+def _plan_nih_images(root: Path, size: int, seed: int, rng: np.random.Generator,
+                     counts: np.ndarray, labels: np.ndarray, written: np.ndarray,
+                     anatomies: Sequence[Anatomy], ages: np.ndarray, genders: np.ndarray
+                     ) -> tuple[list[_NihJob], list[list[str]]]:
+    """Plan the NIH images, patient by patient and follow-up by follow-up: one render job and one
+    Data_Entry_2017.csv row per image.
+
+    Args:
+        root: output folder; images go to root/images.
+        size: image width = height in pixels.
+        seed: random seed of make_nih_demo (passed on to the render jobs).
+        rng: make_nih_demo's generator, consumed here: one uniform per image (view position).
+        counts: (P,) number of images of each patient.
+        labels: (N, 14) bool, the findings each image shows (drawn).
+        written: (N, 14) bool, the findings written to the CSV (labels, or fewer).
+        anatomies, ages, genders: per patient.
+
+    Returns:
+        (jobs, rows): the _NihJob of each image and its 11-column CSV row, in image order.
+    """
+    jobs, rows, i = [], [], 0
+    for p, count in enumerate(counts):
+        pid = p + 1
+        for fu in range(count):
+            findings = tuple(f for f, on in zip(NIH_FINDINGS, labels[i]) if on)
+            name = f"{pid:08d}_{fu:03d}.png"
+            jobs.append(_NihJob(str(root / "images" / name), seed, pid, fu, findings, anatomies[p],
+                                size))
+            view = "AP" if rng.random() < (0.5 if findings else 0.25) else "PA"
+            spacing = 350.0 / size
+            labelled = [f for f, on in zip(NIH_FINDINGS, written[i]) if on]
+            rows.append([name, "|".join(labelled) or NIH_NO_FINDING, str(fu), str(pid),
+                         str(min(int(ages[p]) + fu // 2, 95)), str(genders[p]), view, str(size),
+                         str(size), repr(spacing), repr(spacing)])
+            i += 1
+    return jobs, rows
+
+
+def _write_nih_csvs(root: Path, rows: list[list[str]], jobs: Sequence[_NihJob],
+                    all_boxes: Iterable[list[Box]]) -> tuple[Path, Path, int]:
+    """Write root/Data_Entry_2017.csv (the rows) and root/BBox_List_2017.csv (one line per box of
+    each job's image, NIH label spelling, empty trailing columns as in the real file).
+
+    Returns:
+        (data entry path, bbox list path, number of boxes written).
+    """
+    entry = root / NIH_ENTRY_FILE
+    with open(entry, "w", newline="") as fh:
+        fh.write(NIH_ENTRY_HEADER + "\n")
+        csv.writer(fh, lineterminator="\n").writerows(rows)
+    bbox = root / NIH_BBOX_FILE
+    n_boxes = 0
+    with open(bbox, "w", newline="") as fh:
+        fh.write(NIH_BBOX_HEADER + "\n")
+        for job, boxes in zip(jobs, all_boxes):
+            for f, x, y, w, h in boxes:
+                fh.write(f"{Path(job.path).name},{BBOX_LABEL_NAME.get(f, f)},"
+                         f"{float(x)},{float(y)},{float(w)},{float(h)},,,\n")
+                n_boxes += 1
+    return entry, bbox, n_boxes
+
+
 def make_nih_demo(root: str | os.PathLike, n_images: int = 3000, size: int = 128, seed: int = 0,
-                  workers: int = 1, progress: bool = False) -> dict:
+                  workers: int = 1, progress: bool = False,
+                  underdiagnose: tuple[str, float] | None = None) -> dict:
     """Write a small synthetic NIH ChestX-ray14 look-alike.
 
     Layout (as the real release): `root/images/PPPPPPPP_FFF.png` (mode L, size x size; patient id,
@@ -970,10 +1097,16 @@ def make_nih_demo(root: str | os.PathLike, n_images: int = 3000, size: int = 128
         seed: random seed; the output bytes depend only on (n_images, size, seed).
         workers: processes rendering images.
         progress: show a tqdm progress bar.
+        underdiagnose: (sex, fraction), e.g. ("F", 0.5): inject a known subgroup effect, each
+            positive label of that sex's images removed from Data_Entry_2017.csv with that
+            probability (`remove_positive_labels`). Off by default. Images, boxes and every
+            other column are the same as without it (its draws come from their own stream).
 
     Returns:
         Summary dict: n_images, n_patients, n_boxes, no_finding (fraction), prevalence
-        {finding: fraction of images}, seconds, and paths root / images / data_entry / bbox.
+        {finding: fraction of images}, both as the labels are written, removed_labels (how many
+        positive labels the injection removed, 0 without it), seconds, and paths root /
+        images / data_entry / bbox.
     """
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
@@ -984,40 +1117,22 @@ def make_nih_demo(root: str | os.PathLike, n_images: int = 3000, size: int = 128
     counts = _follow_up_counts(rng, n_images)
     patient_of_image = np.repeat(np.arange(len(counts)), counts)
     labels = sample_findings(rng, patient_of_image)  # (N, 14)
-    anatomies = [sample_anatomy(np.random.default_rng([seed, 2, p + 1])) for p in range(len(counts))]
+    anatomies = [sample_anatomy(np.random.default_rng([seed, 2, p + 1]))
+                 for p in range(len(counts))]
     ages = rng.integers(18, 86, len(counts))
     genders = rng.choice(["M", "F"], len(counts), p=[0.56, 0.44])
-    jobs, rows, i = [], [], 0
-    for p, count in enumerate(counts):
-        pid = p + 1
-        for fu in range(count):
-            findings = tuple(f for f, on in zip(NIH_FINDINGS, labels[i]) if on)
-            name = f"{pid:08d}_{fu:03d}.png"
-            jobs.append(_NihJob(str(root / "images" / name), seed, pid, fu, findings, anatomies[p],
-                                size))
-            view = "AP" if rng.random() < (0.5 if findings else 0.25) else "PA"
-            spacing = 350.0 / size
-            rows.append([name, "|".join(findings) or NIH_NO_FINDING, str(fu), str(pid),
-                         str(min(int(ages[p]) + fu // 2, 95)), str(genders[p]), view, str(size),
-                         str(size), repr(spacing), repr(spacing)])
-            i += 1
+    written = labels
+    if underdiagnose is not None:
+        written = remove_positive_labels(labels, genders[patient_of_image], *underdiagnose,
+                                         np.random.default_rng([seed, 9]))
+    jobs, rows = _plan_nih_images(root, size, seed, rng, counts, labels, written, anatomies, ages,
+                                  genders)
     all_boxes = list(_run_jobs(_render_nih, jobs, workers, progress, "NIH demo"))
-    entry = root / NIH_ENTRY_FILE
-    with open(entry, "w", newline="") as fh:
-        fh.write(NIH_ENTRY_HEADER + "\n")
-        csv.writer(fh, lineterminator="\n").writerows(rows)
-    bbox = root / NIH_BBOX_FILE
-    n_boxes = 0
-    with open(bbox, "w", newline="") as fh:
-        fh.write(NIH_BBOX_HEADER + "\n")
-        for job, boxes in zip(jobs, all_boxes):
-            for f, x, y, w, h in boxes:
-                fh.write(f"{Path(job.path).name},{BBOX_LABEL_NAME.get(f, f)},"
-                         f"{float(x)},{float(y)},{float(w)},{float(h)},,,\n")
-                n_boxes += 1
+    entry, bbox, n_boxes = _write_nih_csvs(root, rows, jobs, all_boxes)
     return dict(n_images=n_images, n_patients=len(counts), n_boxes=n_boxes,
-                no_finding=float((~labels.any(1)).mean()),
-                prevalence={f: float(labels[:, k].mean()) for k, f in enumerate(NIH_FINDINGS)},
+                no_finding=float((~written.any(1)).mean()),
+                prevalence={f: float(written[:, k].mean()) for k, f in enumerate(NIH_FINDINGS)},
+                removed_labels=int(labels.sum() - written.sum()),
                 seconds=round(time.perf_counter() - t0, 2),
                 paths=dict(root=str(root), images=str(root / "images"), data_entry=str(entry),
                            bbox=str(bbox)))
@@ -1053,7 +1168,8 @@ def chexpert_observations(findings: Iterable[str]) -> dict[str, bool]:
     obs["Pleural Other"] = "Pleural_Thickening" in f
     obs["Fracture"] = "Rib_Fracture" in f
     obs["Support Devices"] = "Support_Device" in f
-    obs["No Finding"] = not any(v for o, v in obs.items() if o not in ("No Finding", "Support Devices"))
+    obs["No Finding"] = not any(v for o, v in obs.items()
+                                if o not in ("No Finding", "Support Devices"))
     return obs
 
 
@@ -1118,7 +1234,8 @@ def render_rendition(xray: np.ndarray, rendition: str, rng: np.random.Generator)
         rgb = img[..., None] * tint
     elif rendition == "synthetic/digital":
         ang, f = rng.uniform(0, np.pi), rng.uniform(0.28, 0.45) * size  # cycles per image
-        grating = np.sin(2 * np.pi * f * (u * math.cos(ang) + v * math.sin(ang)) + rng.uniform(0, 6.3))
+        grating = np.sin(2 * np.pi * f * (u * math.cos(ang) + v * math.sin(ang))
+                         + rng.uniform(0, 6.3))
         beat = np.sin(2 * np.pi * rng.uniform(2, 5) * (u * math.sin(ang) - v * math.cos(ang)))
         img = img + rng.uniform(7, 14) * grating * (0.5 + 0.5 * beat)
         img = img - rng.uniform(3, 7) * ((np.arange(size) % 3) == 0)[None, :]  # screen pixel grid
@@ -1181,7 +1298,8 @@ def _render_photo(job: _PhotoJob) -> None:
 
 
 def _chexphoto_split(root: Path, split: str, n_rows: int, first_patient: int, seed: int, size: int,
-                     renditions_per_xray: int) -> tuple[list[_PhotoJob], list[list[str]], np.ndarray]:
+                     renditions_per_xray: int
+                     ) -> tuple[list[_PhotoJob], list[list[str]], np.ndarray]:
     """Plan one split: jobs to render, CSV rows, and the (rows, observations) 0/1 label matrix."""
     tag = 20 if split == "train" else 30
     rng = np.random.default_rng([seed, tag])
@@ -1203,7 +1321,8 @@ def _chexphoto_split(root: Path, split: str, n_rows: int, first_patient: int, se
     study_keys = sorted({(pp, s) for pp, s, _ in views})
     study_index = {k: i for i, k in enumerate(study_keys)}
     labels = sample_findings(rng, np.array([k[0] for k in study_keys]), ALL_SIGNATURES)
-    anatomies = [sample_anatomy(np.random.default_rng([seed, tag, 2, q])) for q in range(n_patients)]
+    anatomies = [sample_anatomy(np.random.default_rng([seed, tag, 2, q]))
+                 for q in range(n_patients)]
     sexes = rng.choice(["Male", "Female"], n_patients)
     ages = rng.integers(18, 90, n_patients)
     jobs, rows, obs_rows = [], [], []
@@ -1257,10 +1376,10 @@ def make_chexphoto_demo(root: str | os.PathLike, n_train: int = 1200, n_valid: i
     Layout (as the real release): `root/CheXphoto-v1.1/{train,valid}.csv` in the CheXpert schema
     (`Path,Sex,Age,Frontal/Lateral,AP/PA` + the 14 observations) and RGB JPEGs at
     `root/<Path>`, e.g. `CheXphoto-v1.1/train/natural/patient00001/study1/view1_frontal.jpg` or
-    `CheXphoto-v1.1/valid/synthetic/digital/patient64541/study1/view1_frontal.jpg`. Train rows are one
-    rendition per X-ray with values 1.0/0.0/-1.0/blank; valid X-rays (patients from 64541) appear in
-    all three renditions with the same labels, values 1.0/0.0 only. About 12% of studies add a
-    lateral view (`view2_lateral.jpg`, AP/PA blank).
+    `CheXphoto-v1.1/valid/synthetic/digital/patient64541/study1/view1_frontal.jpg`. Train rows are
+    one rendition per X-ray with values 1.0/0.0/-1.0/blank; valid X-rays (patients from 64541)
+    appear in all three renditions with the same labels, values 1.0/0.0 only. About 12% of studies
+    add a lateral view (`view2_lateral.jpg`, AP/PA blank).
 
     Args:
         root: output folder (created).
@@ -1310,10 +1429,24 @@ def _print_prevalence(title: str, prevalence: Mapping[str, float]) -> None:
         print(f"  {name:<28} {100 * frac:5.1f}%")
 
 
+def _underdiagnose_arg(text: str) -> tuple[str, float]:
+    """argparse type of --underdiagnose: 'F:0.5' -> ('F', 0.5)."""
+    sex, _, fraction = text.partition(":")
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = math.nan
+    if sex not in ("M", "F") or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SEX:FRACTION with SEX M or F and "
+                                         "FRACTION in [0, 1], e.g. F:0.5")
+    return sex, value
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point: parse arguments, write the dataset(s), print a summary."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder; writes OUT/nih and/or OUT/chexphoto")
+    ap.add_argument("--out", required=True,
+                    help="output folder; writes OUT/nih and/or OUT/chexphoto")
     ap.add_argument("--kind", choices=("nih", "chexphoto", "both"), default="both")
     ap.add_argument("--n-images", type=int, default=3000, help="NIH images")
     ap.add_argument("--n-train", type=int, default=1200, help="CheXphoto train rows")
@@ -1321,13 +1454,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=128, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="rendering processes")
+    ap.add_argument("--underdiagnose", metavar="SEX:FRACTION", type=_underdiagnose_arg,
+                    help="NIH demo: remove each positive label of one sex's images with this "
+                    "probability (a known subgroup effect in the labels), e.g. F:0.5; off by "
+                    "default")
     args = ap.parse_args(argv)
     out = Path(args.out)
     result = {}
     if args.kind in ("nih", "both"):
-        s = make_nih_demo(out / "nih", args.n_images, args.size, args.seed, args.workers, progress=True)
-        print(f"NIH demo: {s['n_images']} images of {s['n_patients']} patients, {s['n_boxes']} boxes, "
-              f"{100 * s['no_finding']:.1f}% No Finding, {s['seconds']} s -> {s['paths']['root']}")
+        s = make_nih_demo(out / "nih", args.n_images, args.size, args.seed, args.workers,
+                          progress=True, underdiagnose=args.underdiagnose)
+        print(f"NIH demo: {s['n_images']} images of {s['n_patients']} patients, "
+              f"{s['n_boxes']} boxes, {100 * s['no_finding']:.1f}% No Finding, "
+              f"{s['seconds']} s -> {s['paths']['root']}")
+        if args.underdiagnose:
+            sex, fraction = args.underdiagnose
+            print(f"injected under-diagnosis: {s['removed_labels']} positive labels of sex {sex} "
+                  f"removed (each with probability {fraction}); the images still show them")
         _print_prevalence("prevalence per finding:", s["prevalence"])
         result["nih"] = s
     if args.kind in ("chexphoto", "both"):

@@ -16,6 +16,16 @@ ids name them: NIH `NNNNNNNN_NNN.png`, CheXphoto `.../patientNNNNN/...`; else of
 chosen on the validation predictions (`val_preds.csv` next to --preds, written by
 retrain.py): the test fold never chooses a threshold. --compare B.csv is a paired comparison
 of two runs on the same images: AUC difference with its bootstrap CI and DeLong's test.
+
+--by sex,age,view,followup: subgroup AUCs with patient-bootstrap CIs and the gap of each
+subgroup to the rest of the test fold (same resamples for both sides), written to
+subgroups.csv beside --out; the attributes come from --labels (Data_Entry_2017*.csv or a
+CheXpert-schema CSV), else from the run folder's config.json. It also reports under-diagnosis
+(the false-positive rate of "No Finding" per subgroup) at the F1-maximising threshold chosen on
+the validation predictions (underdiagnosis.csv). --calibration: ECE (equal-mass bins), Brier
+score and reliability diagrams, and temperature scaling fitted on the validation predictions,
+written to preds_calibrated.csv next to --preds. Neither ever fits anything on the test fold;
+without validation predictions --nofinding-rate sets a labelled fallback threshold.
 """
 from __future__ import annotations
 
@@ -31,7 +41,9 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from cxr_dataset import DataError, read_chexpert_csv, read_nih_labels
-from labels import NIH_FINDINGS, NIH_IMAGE_COL, PUBLISHED_AUCS, PUBLISHED_MEAN_AUC
+from labels import (
+    CHEXPHOTO_FINDINGS, NIH_FINDINGS, NIH_IMAGE_COL, PUBLISHED_AUCS, PUBLISHED_MEAN_AUC,
+)
 
 PROB_PREFIX = "prob_"
 ID_COLUMNS = (NIH_IMAGE_COL, "Path", "image_id")
@@ -104,16 +116,65 @@ def id_column(df: pd.DataFrame, source: str) -> str:
 
 
 def read_preds(path: str | Path) -> tuple[pd.DataFrame, str, list[str]]:
-    """Read a predictions CSV. Returns (frame, id column, findings in column order)."""
+    """Read a predictions CSV. Returns (frame, id column, findings in column order).
+
+    Raises:
+        DataError: the file is missing or empty; an image is listed twice; a probability is
+            missing, not a number or outside [0, 1] (logits, say); or the columns cover only
+            part of a known label set (a missing finding would silently change the mean).
+            Each names the file, and the column and row where it applies.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found.")
-    preds = pd.read_csv(path)
+    try:
+        preds = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; expected reproduce-chexnet's preds.csv "
+                        "format (an id column, then prob_<Finding> columns).") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV ({str(err)[:200]}).") from None
     findings = [c[len(PROB_PREFIX):] for c in preds.columns if c.startswith(PROB_PREFIX)]
     if not findings:
         raise DataError(f"{path}: no '{PROB_PREFIX}<Finding>' columns; expected the "
                         "reproduce-chexnet preds.csv format.")
-    return preds, id_column(preds, str(path)), findings
+    id_col = id_column(preds, str(path))
+    _check_preds(preds, path, id_col, findings)
+    return preds, id_col, findings
+
+
+def _check_preds(preds: pd.DataFrame, path: Path, id_col: str, findings: list[str]) -> None:
+    """The checks of `read_preds`: rows are scored once, probabilities are probabilities, and a
+    known label set is complete."""
+    twice = preds[id_col].duplicated(keep=False)
+    if twice.any():
+        rows = (np.flatnonzero(twice.to_numpy()) + 2).tolist()
+        raise DataError(f"{path}: image {preds[id_col][twice].iloc[0]!r} is listed more than "
+                        f"once ({int(twice.sum())} rows with repeated ids, CSV rows "
+                        f"{rows[:6]}); each image must be scored once.")
+    for f in findings:
+        col = PROB_PREFIX + f
+        values = pd.to_numeric(preds[col], errors="coerce")
+        bad = values.isna() | ~values.between(0, 1)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raw = preds[col].iloc[row]
+            raw = raw.item() if isinstance(raw, np.generic) else raw  # 1.6, not np.float64(1.6)
+            why = ("is not a number" if pd.isna(values.iloc[row]) else
+                   "is outside [0, 1]: these look like logits, apply a sigmoid first")
+            raise DataError(f"{path}: column '{col}', CSV row {row + 2} ({id_col} "
+                            f"{preds[id_col].iloc[row]!r}): {raw!r} {why}. Probabilities must "
+                            "be numbers in [0, 1].")
+        preds[col] = values
+    for known in (NIH_FINDINGS, CHEXPHOTO_FINDINGS):
+        # Most, but not all, of a known label set: a lost column rather than a chosen subset
+        # (cross_eval.py's 7 shared findings, or a model of a few findings, are subsets).
+        missing = [f for f in known if f not in findings]
+        present = len(known) - len(missing)
+        if set(findings) <= set(known) | {"No Finding"} and len(known) // 2 < present < len(known):
+            raise DataError(f"{path}: no column for {', '.join(PROB_PREFIX + m for m in missing)}"
+                            f" ({len(findings)} of the {len(known)} findings): the mean AUC "
+                            "would be over a different set of findings. Add the column(s).")
 
 
 def read_truth(path: str | Path, findings: Sequence[str]) -> pd.DataFrame:
@@ -197,6 +258,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "val_preds.csv next to --preds)")
     parser.add_argument("--compare", metavar="PREDS_B", help="paired comparison with another "
                         "run's predictions on the same images (diff = A - B)")
+    parser.add_argument("--by", metavar="ATTRS", help="subgroup AUCs and under-diagnosis by "
+                        "these comma-separated attributes: sex, age, view, followup (or all)")
+    parser.add_argument("--age-bands", default="0,20,40,60,80", metavar="EDGES",
+                        help="age band edges for --by age (default 0,20,40,60,80: 0-19 ... 80+)")
+    parser.add_argument("--followup-bands", default="0,1,5,10,20", metavar="EDGES",
+                        help="follow-up number band edges for --by followup (default 0,1,5,10,20)")
+    parser.add_argument("--nofinding-rate", type=float, metavar="FRACTION",
+                        help="without validation predictions: call this fraction of the test "
+                        "images normal for the under-diagnosis rates (a threshold set on the test "
+                        "scores, reported as such), e.g. the training fold's No Finding rate")
+    parser.add_argument("--calibration", action="store_true", help="ECE, Brier score, "
+                        "reliability diagrams; temperature scaling fitted on --val-preds, "
+                        "written to preds_calibrated.csv")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -211,6 +285,9 @@ def _run(args: argparse.Namespace) -> int:
     preds_path = Path(args.preds)
     folder = preds_path.parent
     y_true, y_score, findings, ids = truth_and_scores(preds_path, args.labels)
+    # Every input is checked before any file is written: a failing --compare must not leave
+    # a fresh aucs.csv behind as if the command had worked.
+    pair = metrics.align_preds(preds_path, args.compare) if args.compare else None
     groups = patients_of(ids)
     table, n = score(preds_path, args.labels, published=not args.no_published)
     print(f"AUC on {n} images ({args.preds}):")
@@ -249,8 +326,7 @@ def _run(args: argparse.Namespace) -> int:
         print(metrics.format_ci_table(report))
         report.to_csv(folder / "thresholds.csv", index=False)
         print(f"wrote {folder / 'thresholds.csv'}")
-    if args.compare:
-        pair = metrics.align_preds(preds_path, args.compare)
+    if pair is not None:
         truth = pair.y_true if pair.y_true is not None else y_true
         cmp = metrics.compare_runs(truth, pair.score_a, pair.score_b, pair.findings,
                                    args.n_boot, args.seed, patients_of(pair.ids))
@@ -259,7 +335,125 @@ def _run(args: argparse.Namespace) -> int:
         print(metrics.format_ci_table(cmp))
         cmp.to_csv(folder / "compare.csv", index=False)
         print(f"wrote {folder / 'compare.csv'}")
+    validation = _validation(args, folder, findings) if args.by or args.calibration else None
+    if args.by:
+        _subgroup_outputs(args, out.parent, y_true, y_score, findings, ids, groups, validation)
+    if args.calibration:
+        _calibration_outputs(args, y_true, y_score, findings, validation)
     return 0
+
+
+def _validation(args: argparse.Namespace, folder: Path, findings: list[str]
+                ) -> tuple[np.ndarray, np.ndarray, Path] | None:
+    """(y_true, y_score, path) of the validation predictions (--val-preds, else val_preds.csv
+    next to --preds), or None when there are none."""
+    val_path = Path(args.val_preds) if args.val_preds else folder / "val_preds.csv"
+    if not val_path.is_file():
+        return None
+    v_true, v_score, v_findings, _ = truth_and_scores(val_path, args.labels)
+    if v_findings != findings:
+        raise DataError(f"{val_path}: findings differ from {args.preds}.")
+    return v_true, v_score, val_path
+
+
+def _subgroup_outputs(args: argparse.Namespace, out_dir: Path, y_true: np.ndarray,
+                      y_score: np.ndarray, findings: list[str], ids: list[str],
+                      groups: np.ndarray | None, validation: tuple | None) -> None:
+    """--by: subgroups.csv and underdiagnosis.csv in out_dir, both printed."""
+    import subgroups
+
+    wanted = (list(subgroups.ATTRIBUTES) if args.by == "all"
+              else [a.strip() for a in args.by.split(",") if a.strip()])
+    unknown = [a for a in wanted if a not in subgroups.ATTRIBUTES]
+    if unknown or not wanted:
+        raise DataError(f"--by {args.by}: unknown attribute(s) {unknown}; choose from "
+                        f"{', '.join(subgroups.ATTRIBUTES)} (comma-separated) or all.")
+    edges = (subgroups.parse_edges(args.age_bands, "--age-bands"),
+             subgroups.parse_edges(args.followup_bands, "--followup-bands"))
+    candidates = ([[Path(args.labels)]] if args.labels
+                  else subgroups.metadata_files(Path(args.preds).parent))
+    attrs, notes = subgroups.find_attributes(ids, candidates, *edges)
+    if attrs is None:
+        raise DataError("--by needs subgroup columns (Patient Gender, Patient Age, View "
+                        "Position, Follow-up # or Sex, Age, AP/PA): pass --labels with a "
+                        "Data_Entry_2017*.csv or a CheXpert-schema CSV. "
+                        + " ".join(notes))
+    print(f"\n{attrs.describe()}")
+    absent = [a for a in wanted if a not in attrs.available]
+    if absent:
+        print(f"left out (not in {attrs.source}): {', '.join(absent)}", file=sys.stderr)
+    present = [a for a in wanted if a in attrs.available]
+    if not present:
+        raise DataError(f"{attrs.source}: none of --by {args.by} is available.")
+    units = groups if groups is not None else attrs.patients
+    table = subgroups.subgroup_auc(y_true, y_score, attrs.table[present], units, findings,
+                                   args.n_boot, args.seed, progress=True)
+    unit = "patients" if units is not None else "images"
+    print(f"Mean AUC per subgroup, gap = subgroup minus the rest of the test fold, 95% CIs "
+          f"from the same {args.n_boot} resamples of {unit} (seed {args.seed}):")
+    print(subgroups.format_subgroups(table))
+    table.to_csv(out_dir / "subgroups.csv", index=False)
+    print(f"wrote {out_dir / 'subgroups.csv'} (every finding)")
+    _underdiagnosis_output(args, out_dir, y_true, y_score, findings, attrs.table[present], units,
+                           validation)
+
+
+def _underdiagnosis_output(args: argparse.Namespace, out_dir: Path, y_true: np.ndarray,
+                           y_score: np.ndarray, findings: list[str], attributes: pd.DataFrame,
+                           units: np.ndarray | None, validation: tuple | None) -> None:
+    """--by: underdiagnosis.csv at the validation F1 threshold (or --nofinding-rate's)."""
+    import subgroups
+
+    truth, score, how = subgroups.no_finding(y_true, y_score, findings)
+    if validation is not None:
+        v_truth, v_score, _ = subgroups.no_finding(validation[0], validation[1], findings)
+        threshold = subgroups.f1_threshold(v_truth, v_score)
+        rule = f"the F1-maximising threshold on {validation[2].name} (validation fold)"
+    elif args.nofinding_rate is not None:
+        threshold = subgroups.rate_threshold(score, args.nofinding_rate)
+        rule = (f"NO VALIDATION PREDICTIONS: a threshold set on the TEST fold's scores (not its "
+                f"labels) so that {args.nofinding_rate:.1%} of the images are called normal "
+                "(--nofinding-rate); compare subgroups with it, not the absolute rate")
+    else:
+        print("\nunder-diagnosis: skipped. Its threshold is chosen on validation predictions "
+              "(val_preds.csv next to --preds, or --val-preds), never on the test fold; "
+              "--nofinding-rate sets a labelled fallback.", file=sys.stderr)
+        return
+    if not np.isfinite(threshold):
+        print("\nunder-diagnosis: skipped, the validation fold has one No Finding class.",
+              file=sys.stderr)
+        return
+    under = subgroups.underdiagnosis(truth, score, threshold, attributes, units, args.n_boot,
+                                     args.seed)
+    print(f"\nUnder-diagnosis: images with a finding that the model calls 'No Finding' "
+          f"(score >= {threshold:.4f}, {rule}; {how}):")
+    print(subgroups.format_underdiagnosis(under))
+    under.to_csv(out_dir / "underdiagnosis.csv", index=False)
+    print(f"wrote {out_dir / 'underdiagnosis.csv'}")
+
+
+def _calibration_outputs(args: argparse.Namespace, y_true: np.ndarray, y_score: np.ndarray,
+                         findings: list[str], validation: tuple | None) -> None:
+    """--calibration: calibration.csv and reliability.png next to --preds, and
+    preds_calibrated.csv when validation predictions fit the temperatures."""
+    import subgroups
+
+    folder = Path(args.preds).parent
+    cal = subgroups.calibrate(y_true, y_score, findings, *(validation[:2] if validation
+                                                            else (None, None)))
+    print(f"\nCalibration of the test predictions (ECE: {subgroups.N_BINS} equal-mass bins); "
+          + cal.note)
+    print(format_table(cal.table))
+    cal.table.to_csv(folder / "calibration.csv", index=False)
+    subgroups.plot_reliability(y_true, y_score, findings, cal.calibrated,
+                               out_png=folder / "reliability.png")
+    print(f"wrote {folder / 'calibration.csv'} and {folder / 'reliability.png'}")
+    if cal.calibrated is not None:
+        preds, _, _ = read_preds(args.preds)
+        for j, f in enumerate(findings):
+            preds[PROB_PREFIX + f] = cal.calibrated[:, j]
+        preds.to_csv(folder / "preds_calibrated.csv", index=False)
+        print(f"wrote {folder / 'preds_calibrated.csv'} (temperature-scaled; AUCs unchanged)")
 
 
 if __name__ == "__main__":

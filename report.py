@@ -11,8 +11,10 @@ external references (a Content-Security-Policy forbids them), so it opens from d
 browser and can be mailed or archived as is.
 
 Sections (each a `<section id=...>`): config, convergence, aucs, roc, thresholds, heatmaps,
-and compare with --compare-to. Published AUCs (labels.PUBLISHED_AUCS) are shown for runs on
-the 14 NIH findings; each was measured on its own test split, never on this run's test fold.
+subgroups (subgroup AUCs, under-diagnosis, calibration and reliability diagrams, from
+subgroups.py), and compare with --compare-to. Published AUCs (labels.PUBLISHED_AUCS) are shown
+for runs on the 14 NIH findings; each was measured on its own test split, never on this run's
+test fold.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from matplotlib.figure import Figure
 import metrics
 import plot_training
 import retrain
+import subgroups
 import visualize_prediction
 from cxr_dataset import DataError, build_transform, load_xray
 from eval_model import PROB_PREFIX, patients_of, per_label_auc, read_preds, truth_and_scores
@@ -49,6 +52,7 @@ SECTIONS = {
     "roc": "ROC curves",
     "thresholds": "Thresholds",
     "heatmaps": "Heatmaps",
+    "subgroups": "Subgroups and calibration",
     "compare": "Comparison",
 }
 # Published columns shown next to the run's AUCs (arnoweng/CheXNet is in labels.py too, but
@@ -510,6 +514,102 @@ def heatmaps_section(run: Run, top: int, data: str | None, n_findings: int = HEA
     return section("heatmaps", "\n".join(parts))
 
 
+def _ci_text(value: float, low: float, high: float) -> str:
+    """'[0.8300, 0.8460]' (the interval of metrics.format_ci), or 'n/a'."""
+    return metrics.format_ci(value, low, high).partition(" ")[2] or "n/a"
+
+
+def subgroup_auc_part(run: Run, attrs: subgroups.Attributes, n_boot: int, seed: int) -> str:
+    """Mean AUC per subgroup with its CI and the gap to the rest (same resamples), then the
+    full per-finding table, folded."""
+    units = patients_of(run.ids)
+    units = units if units is not None else attrs.patients
+    table = subgroups.subgroup_auc(run.y_true, run.y_score, attrs.table, units, run.findings,
+                                   n_boot, seed)
+    mean = table[table["finding"] == "mean"]
+    shown = pd.DataFrame({
+        "attribute": mean["attribute"], "group": mean["group"], "images": mean["n"],
+        "patients": mean["patients"], "mean AUC": mean["auc"],
+        "95% CI": [_ci_text(*v) for v in zip(mean["auc"], mean["ci_low"], mean["ci_high"])],
+        "gap to rest": mean["gap"],
+        "95% CI of gap": [_ci_text(*v) for v in zip(mean["gap"], mean["gap_ci_low"],
+                                                     mean["gap_ci_high"])]})
+    unit = "patients" if units is not None else "images"
+    return "\n".join([
+        "<h3>AUC per subgroup</h3>",
+        note(f"Mean AUC over the findings defined in both the subgroup and the rest of the test "
+             f"fold; gap = subgroup minus the rest. Both intervals: {n_boot} resamples of "
+             f"{unit}, the same resamples for a subgroup and its rest (seed {seed})."),
+        html_table(shown, total_label=None),
+        "<details><summary>every finding (subgroups.csv)</summary>"
+        f"{html_table(table, total_label=None)}</details>"])
+
+
+def underdiagnosis_part(run: Run, attrs: subgroups.Attributes, n_boot: int, seed: int) -> str:
+    """Under-diagnosis rates at the F1 threshold of No Finding chosen on val_preds.csv."""
+    val_path = run.path / "val_preds.csv"
+    parts = ["<h3>Under-diagnosis</h3>"]
+    if not val_path.is_file():
+        return "\n".join(parts + [note(f"{val_path} not found: the No Finding threshold is "
+                                        "chosen on the validation fold only, so no "
+                                        "under-diagnosis rate is reported.", warn=True)])
+    v_true, v_score, _, _ = truth_and_scores(val_path, None)
+    v_truth, v_normal, _ = subgroups.no_finding(v_true, v_score, run.findings)
+    threshold = subgroups.f1_threshold(v_truth, v_normal)
+    if not math.isfinite(threshold):
+        return "\n".join(parts + [note("the validation fold has one No Finding class: no "
+                                        "threshold, no under-diagnosis rate.", warn=True)])
+    truth, normal, how = subgroups.no_finding(run.y_true, run.y_score, run.findings)
+    units = patients_of(run.ids)
+    table = subgroups.underdiagnosis(truth, normal, threshold, attrs.table,
+                                     units if units is not None else attrs.patients, n_boot,
+                                     seed)
+    shown = table.assign(**{"95% CI": [_ci_text(*v) for v in
+                                       zip(table["rate"], table["ci_low"], table["ci_high"])],
+                            "95% CI of gap": [_ci_text(*v) for v in
+                                              zip(table["gap"], table["gap_ci_low"],
+                                                  table["gap_ci_high"])]})
+    shown = shown[["attribute", "group", "with_finding", "underdiagnosed", "rate", "95% CI",
+                   "gap", "95% CI of gap"]]
+    return "\n".join(parts + [
+        note(f"Images with a finding that the model calls normal (Seyyed-Kalantari et al., "
+             f"Nature Medicine 2021): score >= {threshold:.4f}, the F1-maximising threshold of "
+             f"No Finding on {val_path.name}; {how}."),
+        html_table(shown, total_label=None)])
+
+
+def calibration_part(run: Run, dpi: int) -> str:
+    """ECE and Brier per finding and pooled, before and after temperature scaling fitted on
+    val_preds.csv, and the reliability diagrams."""
+    val_path = run.path / "val_preds.csv"
+    val = truth_and_scores(val_path, None)[:2] if val_path.is_file() else (None, None)
+    cal = subgroups.calibrate(run.y_true, run.y_score, run.findings, *val)
+    fig = subgroups.plot_reliability(run.y_true, run.y_score, run.findings, cal.calibrated)
+    return "\n".join([
+        "<h3>Calibration</h3>",
+        note(f"Expected calibration error over {subgroups.N_BINS} equal-mass bins and Brier "
+             f"score on the test fold; {cal.note}", warn=cal.calibrated is None),
+        html_table(cal.table, total_label="pooled"),
+        img_tag(figure_png(fig, dpi), "reliability diagrams",
+                "Observed frequency against mean probability per equal-mass bin; dotted: "
+                "perfect calibration.")])
+
+
+def subgroups_section(run: Run, n_boot: int, seed: int, dpi: int, data: str | None) -> str:
+    """Subgroup AUCs and under-diagnosis (attributes from the run's labels file, when it has
+    the columns), then calibration (always)."""
+    attrs, notes = subgroups.find_attributes(run.ids, subgroups.metadata_files(run.path, data))
+    if attrs is None:
+        parts = [note("No subgroup attributes: no labels file of this run has sex, age, view or "
+                      "follow-up columns (nih_labels.csv has none; Data_Entry_2017*.csv and "
+                      "CheXphoto's CSVs do). " + " ".join(notes), warn=True)]
+    else:
+        parts = [note(attrs.describe()), subgroup_auc_part(run, attrs, n_boot, seed),
+                 underdiagnosis_part(run, attrs, n_boot, seed)]
+    parts.append(calibration_part(run, dpi))
+    return section("subgroups", "\n".join(parts))
+
+
 def compare_section(run: Run, other: Run, n_boot: int, seed: int, dpi: int) -> str:
     """Settings that differ, both training curves, and the paired AUC comparison."""
     parts = [note(f"This run ({run.name}, A) against {other.path} (B).")]
@@ -597,7 +697,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, n_boot: int
     ci, how = auc_ci_table(run, n_boot, seed)
     sections = [config_section(run), convergence_section(run, dpi),
                 aucs_section(run, ci, how, dpi), roc_section(run, ci, dpi),
-                thresholds_section(run), heatmaps_section(run, top, data, heatmap_findings)]
+                thresholds_section(run), heatmaps_section(run, top, data, heatmap_findings),
+                subgroups_section(run, n_boot, seed, dpi, data)]
     if other is not None:
         sections.append(compare_section(run, other, n_boot, seed, dpi))
     ids = [s for s in SECTIONS if other is not None or s != "compare"]

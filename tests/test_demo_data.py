@@ -39,8 +39,9 @@ def chexphoto(tmp_path_factory) -> tuple[Path, dict]:
 def test_nih_data_entry_schema(nih):
     root, summary = nih
     text = (root / "Data_Entry_2017.csv").read_text().splitlines()
-    assert text[0] == ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
-                       "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+    assert text[0] == ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,"
+                       "Patient Gender,View Position,OriginalImage[Width,Height],"
+                       "OriginalImagePixelSpacing[x,y]")
     rows = list(csv.reader(text[1:]))
     assert len(rows) == N_NIH == summary["n_images"]
     assert all(len(r) == 11 for r in rows)
@@ -111,7 +112,8 @@ def test_nih_patients_have_follow_ups_sharing_anatomy(nih):
 
 def test_nih_deterministic_and_worker_independent(tmp_path):
     def files(root: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        return {str(p.relative_to(root)): p.read_bytes()
+                for p in sorted(root.rglob("*")) if p.is_file()}
 
     a = files(Path(dd.make_nih_demo(tmp_path / "a", 12, SIZE, seed=5)["paths"]["root"]))
     b = files(Path(dd.make_nih_demo(tmp_path / "b", 12, SIZE, seed=5, workers=2)["paths"]["root"]))
@@ -291,3 +293,42 @@ def test_each_finding_is_learnable_by_a_linear_proxy(tmp_path):
         aucs[f] = roc_auc_score(y[test, k], model.decision_function(fte))
     assert all(a > 0.6 for a in aucs.values()), aucs
     assert np.mean(list(aucs.values())) > 0.8, aucs
+
+
+# ------------------------------------------------------------------------------ injected effect
+def test_underdiagnosis_injection_is_off_by_default_and_touches_only_one_sexs_labels(tmp_path):
+    clean = dd.make_nih_demo(tmp_path / "a", n_images=300, size=16, seed=3)
+    default = dd.make_nih_demo(tmp_path / "b", n_images=300, size=16, seed=3, underdiagnose=None)
+    injected = dd.make_nih_demo(tmp_path / "c", n_images=300, size=16, seed=3,
+                                underdiagnose=("F", 0.6))
+    entry = {k: (tmp_path / k / "Data_Entry_2017.csv").read_text() for k in "abc"}
+    assert entry["a"] == entry["b"] and clean["removed_labels"] == default["removed_labels"] == 0
+    a, c = (pd.read_csv(tmp_path / k / "Data_Entry_2017.csv") for k in "ac")
+    assert a.drop(columns="Finding Labels").equals(c.drop(columns="Finding Labels"))
+    shown, written = _nih_labels(a), _nih_labels(c)
+    women = (a["Patient Gender"] == "F").to_numpy()
+    assert (written[~women] == shown[~women]).all()          # men's labels untouched
+    assert not (written & ~shown).any()                     # only removals
+    removed = (shown & ~written).sum()
+    assert removed == injected["removed_labels"]
+    assert removed / shown[women].sum() == pytest.approx(0.6, abs=0.08)
+    for name in a["Image Index"][:20]:                      # the images still show them
+        assert (tmp_path / "a" / "images" / name).read_bytes() == \
+            (tmp_path / "c" / "images" / name).read_bytes()
+    assert (tmp_path / "a" / "BBox_List_2017.csv").read_text() == \
+        (tmp_path / "c" / "BBox_List_2017.csv").read_text()
+    with pytest.raises(ValueError, match="expected sex 'M' or 'F'"):
+        dd.make_nih_demo(tmp_path / "d", n_images=10, size=16, underdiagnose=("X", 0.5))
+
+
+def test_underdiagnose_cli_flag(tmp_path, capsys):
+    dd.main(["--out", str(tmp_path), "--kind", "nih", "--n-images", "40", "--size", "16",
+             "--underdiagnose", "F:1"])
+    out = capsys.readouterr().out
+    entry = pd.read_csv(tmp_path / "nih" / "Data_Entry_2017.csv")
+    women = entry[entry["Patient Gender"] == "F"]
+    # every positive label of a woman's image removed
+    assert len(women) and (women["Finding Labels"] == NIH_NO_FINDING).all()
+    assert "injected under-diagnosis" in out
+    with pytest.raises(SystemExit):
+        dd.main(["--out", str(tmp_path), "--underdiagnose", "F:2"])

@@ -1,11 +1,13 @@
 """Re-scoring: the published table from the reference predictions, masks, one-class labels."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 import eval_model
 from conftest import shared
@@ -133,7 +135,8 @@ def test_cli_ci_roc_thresholds_and_compare(tmp_path, capsys):
 
 
 def test_patients_of():
-    assert list(eval_model.patients_of(["00000001_000.png", "00000001_001.png"])) == ["00000001"] * 2
+    assert list(eval_model.patients_of(["00000001_000.png", "00000001_001.png"])) \
+        == ["00000001"] * 2
     assert list(eval_model.patients_of(["X/valid/natural/patient00042/study1/view1_frontal.jpg"])) \
         == ["patient00042"]
     assert eval_model.patients_of(["a.png"]) is None
@@ -143,3 +146,138 @@ def test_no_published_columns_on_request(tmp_path):
     make_preds(tmp_path / "preds.csv")
     assert eval_model.main(["--preds", str(tmp_path / "preds.csv"), "--no-published"]) == 0
     assert "CheXNet paper" not in pd.read_csv(tmp_path / "aucs.csv").columns
+
+
+# ------------------------------------------------------------------------------ --by, --calibration
+
+SUB_FINDINGS = list(NIH_FINDINGS[:3])
+
+
+def write_subgroup_run(folder, seed=0):
+    """preds.csv (200 test images) and val_preds.csv (100) with ground truth, 3 findings, NIH
+    names (2 images per patient), and a Data_Entry-style file covering both folds: women's
+    scores are noise, men's follow their labels."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    names = [f"{i // 2:08d}_{i % 2:03d}.png" for i in range(n)]
+    sex = np.where((np.arange(n) // 2) % 2 == 0, "F", "M")
+    truth = rng.integers(0, 2, (n, 3))
+    score = np.where(sex[:, None] == "M", 0.6 * truth + 0.4 * rng.random((n, 3)),
+                     rng.random((n, 3)))
+    entry = pd.DataFrame({"Image Index": names, "Finding Labels": [
+        "|".join(f for f, on in zip(SUB_FINDINGS, row) if on) or "No Finding" for row in truth],
+        "Follow-up #": np.arange(n) % 2, "Patient ID": np.arange(n) // 2 + 1,
+        "Patient Age": 20 + (np.arange(n) // 2) % 60, "Patient Gender": sex,
+        "View Position": np.where(np.arange(n) % 3 == 0, "AP", "PA")})
+    entry.to_csv(folder / "Data_Entry_2017.csv", index=False)
+    for name, rows in (("preds.csv", slice(0, 200)), ("val_preds.csv", slice(200, n))):
+        df = pd.DataFrame({"Image Index": names[rows]})
+        for j, f in enumerate(SUB_FINDINGS):
+            df[f"prob_{f}"] = score[rows, j]
+        for j, f in enumerate(SUB_FINDINGS):
+            df[f] = truth[rows, j]
+        df.to_csv(folder / name, index=False)
+    return truth, score, sex
+
+
+def _f1_threshold_by_hand(truth, score):
+    """Normal = no finding; normal score = 1 - max probability; the F1-best threshold."""
+    normal, s = (truth.sum(axis=1) == 0), 1 - score.max(axis=1)
+    best, best_f1 = None, -1.0
+    for thr in np.unique(s):
+        pred = s >= thr
+        f1 = 2 * (pred & normal).sum() / (pred.sum() + normal.sum())
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = thr, f1
+    return best
+
+
+def test_cli_by_writes_subgroups_and_underdiagnosis(tmp_path, capsys):
+    truth, score, sex = write_subgroup_run(tmp_path)
+    score[200:] *= 0.5      # validation scores on another scale: its threshold is not test's
+    val = pd.read_csv(tmp_path / "val_preds.csv")
+    for j, f in enumerate(SUB_FINDINGS):
+        val[f"prob_{f}"] = score[200:, j]
+    val.to_csv(tmp_path / "val_preds.csv", index=False)
+    assert eval_model.main(["--preds", str(tmp_path / "preds.csv"), "--labels",
+                            str(tmp_path / "Data_Entry_2017.csv"), "--by", "sex,view",
+                            "--n-boot", "100", "--no-published"]) == 0
+    out = capsys.readouterr().out
+    assert "subgroup attributes from" in out and "sex, age, view, followup" in out
+    assert "same 100 resamples of patients" in out
+    table = pd.read_csv(tmp_path / "subgroups.csv")
+    assert {"attribute", "group", "finding", "n", "positives", "auc", "ci_low", "ci_high", "gap",
+            "gap_ci_low", "gap_ci_high"} <= set(table.columns)
+    assert len(table) == 4 * 4 and set(table["finding"]) == {*SUB_FINDINGS, "mean"}
+    rows = table.set_index(["attribute", "group", "finding"])
+    test_sex = sex[:200]
+    for j, f in enumerate(SUB_FINDINGS):
+        women = test_sex == "F"
+        assert rows.loc[("sex", "F", f), "auc"] == pytest.approx(
+            roc_auc_score(truth[:200][women, j], score[:200][women, j]))
+        assert rows.loc[("sex", "F", f), "positives"] == truth[:200][women, j].sum()
+    assert rows.loc[("sex", "F", "mean"), "gap_ci_high"] < 0       # women's scores are noise
+    threshold = _f1_threshold_by_hand(truth[200:], score[200:])
+    under = pd.read_csv(tmp_path / "underdiagnosis.csv").set_index(["attribute", "group"])
+    for g in ("F", "M"):
+        with_finding = (truth[:200].sum(axis=1) > 0) & (test_sex == g)
+        called = with_finding & (1 - score[:200].max(axis=1) >= threshold)
+        assert under.loc[("sex", g), "with_finding"] == with_finding.sum()
+        assert under.loc[("sex", g), "underdiagnosed"] == called.sum()
+    assert "val_preds.csv (validation fold)" in out and "1 - the highest" in out
+
+
+def test_cli_by_from_the_run_folder_and_without_validation(tmp_path, capsys):
+    write_subgroup_run(tmp_path)
+    (tmp_path / "val_preds.csv").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "demo", "data": str(tmp_path)}))
+    args = ["--preds", str(tmp_path / "preds.csv"), "--by", "all", "--n-boot", "50",
+            "--no-published"]
+    assert eval_model.main(args) == 0                  # attributes found through config.json
+    captured = capsys.readouterr()
+    assert "under-diagnosis: skipped" in captured.err and "never on the test fold" in captured.err
+    assert not (tmp_path / "underdiagnosis.csv").exists()
+    assert set(pd.read_csv(tmp_path / "subgroups.csv")["attribute"]) == {"sex", "age", "view",
+                                                                          "followup"}
+    assert eval_model.main(args + ["--nofinding-rate", "0.3"]) == 0
+    assert "NO VALIDATION PREDICTIONS" in capsys.readouterr().out
+    assert (tmp_path / "underdiagnosis.csv").is_file()
+
+
+def test_cli_by_errors(tmp_path, capsys):
+    write_subgroup_run(tmp_path)
+    base = ["--preds", str(tmp_path / "preds.csv"), "--labels",
+            str(tmp_path / "Data_Entry_2017.csv"), "--n-boot", "20"]
+    assert eval_model.main(base + ["--by", "sex,colour"]) == 2
+    assert "error: --by sex,colour: unknown attribute(s) ['colour']" in capsys.readouterr().err
+    assert eval_model.main(base + ["--by", "age", "--age-bands", "40,20"]) == 2
+    assert "--age-bands '40,20'" in capsys.readouterr().err
+    entry = pd.read_csv(tmp_path / "Data_Entry_2017.csv")
+    plain = pd.DataFrame({"Image Index": entry["Image Index"], "Patient ID": entry["Patient ID"],
+                          **{f: 0 for f in NIH_FINDINGS}})
+    plain.to_csv(tmp_path / "plain.csv", index=False)
+    assert eval_model.main(["--preds", str(tmp_path / "preds.csv"), "--labels",
+                            str(tmp_path / "plain.csv"), "--by", "sex"]) == 2
+    assert "--by needs subgroup columns" in capsys.readouterr().err
+
+
+def test_cli_calibration_writes_calibrated_preds(tmp_path, capsys):
+    write_subgroup_run(tmp_path)
+    args = ["--preds", str(tmp_path / "preds.csv"), "--calibration", "--no-published"]
+    assert eval_model.main(args) == 0
+    assert "fitted on the validation fold (100 images)" in capsys.readouterr().out
+    preds = pd.read_csv(tmp_path / "preds.csv")
+    calibrated = pd.read_csv(tmp_path / "preds_calibrated.csv")
+    assert list(calibrated.columns) == list(preds.columns)
+    cal = pd.read_csv(tmp_path / "calibration.csv").set_index("finding")
+    for f in SUB_FINDINGS:
+        assert roc_auc_score(preds[f], calibrated[f"prob_{f}"]) == roc_auc_score(
+            preds[f], preds[f"prob_{f}"])
+        assert not np.allclose(calibrated[f"prob_{f}"], preds[f"prob_{f}"])
+        assert cal.loc[f, "temperature"] > 0
+    assert (tmp_path / "reliability.png").stat().st_size > 10_000
+    (tmp_path / "val_preds.csv").unlink()
+    (tmp_path / "preds_calibrated.csv").unlink()
+    assert eval_model.main(args) == 0
+    assert "none was fitted" in capsys.readouterr().out
+    assert not (tmp_path / "preds_calibrated.csv").exists()

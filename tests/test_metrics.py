@@ -320,10 +320,10 @@ def test_align_preds_reorders_rows_and_names_missing_ids(tmp_path):
     truth = np.array([[1, 0], [0, 1], [0, 0], [1, 1], [0, np.nan]])
     write_preds(tmp_path / "a.csv", ids, sa)                    # no ground truth in A
     order = [3, 0, 4, 1, 2]
-    write_preds(tmp_path / "b.csv", [ids[i] for i in order], sa[order] + 1, truth[order])
+    write_preds(tmp_path / "b.csv", [ids[i] for i in order], sa[order] / 2 + 0.5, truth[order])
     aligned = metrics.align_preds(tmp_path / "a.csv", tmp_path / "b.csv")
     assert aligned.ids.tolist() == ids and aligned.findings == ["Mass", "Nodule"]
-    np.testing.assert_array_equal(aligned.score_b, sa + 1)
+    np.testing.assert_array_equal(aligned.score_b, sa / 2 + 0.5)
     np.testing.assert_array_equal(aligned.y_true, truth)
     write_preds(tmp_path / "c.csv", ids[:4] + ["99999999_000.png"], sa)
     with pytest.raises(DataError, match=r"1 ids only in .*a.csv.*00000004_000.png.*"

@@ -12,6 +12,9 @@ from sklearn.metrics import roc_auc_score
 from conftest import ROOT
 from labels import NIH_FINDINGS
 
+# Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
+pytestmark = pytest.mark.slow
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -176,3 +179,36 @@ def check_show_next(nb, run_dir, data, label):
         for name, prob, ground_truth in rows:
             assert abs(prob - preds.at[image_id, "prob_" + name]) <= 5e-4 + 1e-6, name
             assert ground_truth == (name in truth), name
+
+
+def test_subgroups_and_calibration_on_the_demo(tmp_path, monkeypatch):
+    """The injected gap for women is found (interval excludes 0) and the clean labels show
+    none; the saved tables match sklearn on the notebook's own files; temperature scaling
+    lowers the ECE and leaves every AUC as it was."""
+    nb = execute("Subgroups_and_calibration.ipynb", monkeypatch, CHEXNET_DEMO_IMAGES=1500,
+                 CHEXNET_IMAGE_SIZE=16, CHEXNET_N_BOOT=300, CHEXNET_OUT=tmp_path)
+    out = text_of(nb)
+    assert re.search(r"with injection: gap F - M -0\.\d+ \[-0\.\d+, -0\.\d+\], interval "
+                     r"excludes 0: True", out)
+    assert "without injection: gap F - M" in out and "interval excludes 0: False" in out
+    assert "F1-maximising on the validation fold" in out and out.count("image/png") == 1
+    entry = pd.read_csv(tmp_path / "injected" / "Data_Entry_2017.csv").set_index("Image Index")
+    preds = pd.read_csv(tmp_path / "run_injected" / "preds.csv")
+    women = (entry.loc[preds["Image Index"], "Patient Gender"] == "F").to_numpy()
+    want = np.mean([roc_auc_score(preds.loc[women, f], preds.loc[women, f"prob_{f}"])
+                    for f in NIH_FINDINGS])
+    table = pd.read_csv(tmp_path / "run_injected" / "subgroups.csv")
+    row = table[(table["group"] == "F") & (table["finding"] == "mean")].iloc[0]
+    assert row["auc"] == pytest.approx(want)
+    clean = pd.read_csv(tmp_path / "run_clean" / "preds.csv")
+    calibrated = pd.read_csv(tmp_path / "run_clean" / "preds_calibrated.csv")
+    temperature = pd.read_csv(tmp_path / "run_clean" / "calibration.csv").set_index("finding")[
+        "temperature"]
+    for f in NIH_FINDINGS:
+        assert roc_auc_score(clean[f], calibrated[f"prob_{f}"]) == roc_auc_score(
+            clean[f], clean[f"prob_{f}"])
+        p = clean[f"prob_{f}"].to_numpy()
+        by_hand = 1 / (1 + (p / (1 - p)) ** (-1 / temperature[f]))   # sigmoid(logit(p) / T)
+        np.testing.assert_allclose(calibrated[f"prob_{f}"], by_hand, rtol=1e-9)
+    pooled = pd.read_csv(tmp_path / "run_clean" / "calibration.csv").iloc[-1]
+    assert pooled["ece_calibrated"] < 0.5 * pooled["ece"]

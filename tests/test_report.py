@@ -190,3 +190,36 @@ def test_headless_chromium_renders_report(request, tmp_path):
         assert img.format == "PNG" and img.size == (1200, 3000)
         pixels = np.asarray(img.convert("L"))
     assert pixels.std() > 10 and len(np.unique(pixels)) > 50
+
+
+def test_report_subgroups_section(report_html, run_dir, tmp_path):
+    """Attributes from the demo's Data_Entry_2017.csv (the run's data folder), under-diagnosis
+    at the validation F1 threshold, calibration with a reliability diagram; and, for a run
+    whose labels file has no subgroup columns, a note saying so (calibration still shown)."""
+    import json
+
+    import pandas as pd
+
+    section = parse(report_html).sections["subgroups"]
+    text = section["text"]
+    assert "Data_Entry_2017.csv: sex, age, view, followup" in text
+    assert "AUC per subgroup" in text and "same resamples" in text
+    assert "F1-maximising threshold of No Finding on val_preds.csv" in text
+    assert "temperature" in text and "pooled" in text
+    assert len(section["images"]) == 1 and section["images"][0].startswith(PNG_URI)
+    data = tmp_path / "data"
+    data.mkdir()
+    preds = pd.read_csv(run_dir / "preds.csv")
+    pd.DataFrame({"Image Index": preds["Image Index"], "fold": "test",
+                  **{f: preds[f].astype(int) for f in report.NIH_FINDINGS}}).to_csv(
+        data / "nih_labels.csv", index=False)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(run_dir / "preds.csv", bare / "preds.csv")
+    config = json.loads((run_dir / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "data": str(data)}))
+    other = parse(report.build_report(bare, tmp_path / "bare.html", n_boot=20))
+    text = other.sections["subgroups"]["text"]
+    assert "No subgroup attributes" in text and "nih_labels.csv: no subgroup column" in text
+    assert "no validation predictions" in text and "never on test" in text
+    assert len(other.sections["subgroups"]["images"]) == 1

@@ -291,7 +291,6 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(demo_ro
     """The first run is paused (SIGSTOP from tests/faults.py) after its first step, so it
     holds the folder; the second must leave every file of the first alone."""
     import os
-    import signal
     import subprocess
     import sys
 
