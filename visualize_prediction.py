@@ -50,6 +50,7 @@ from cxr_dataset import DataError, build_transform, load_xray
 from eval_model import PROB_PREFIX, read_preds
 from labels import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model
+from xray_io import load_any
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -761,7 +762,7 @@ def _one_image_main(args: argparse.Namespace) -> int:
         if args.label and args.label not in findings:
             raise DataError(f"--label {args.label!r} is not a finding of this model: "
                             f"{', '.join(findings)}")
-        gray = load_xray(args.image)
+        gray = load_any(args.image)  # PNG, JPEG or DICOM, as predict.py reads them
         x = build_transform(size, train=False)(gray)[None]
         with torch.inference_mode():
             probs = torch.sigmoid(model(x))[0]

@@ -399,3 +399,24 @@ def test_out_refusals_name_the_file_and_keep_the_old_csv(tmp_path, trained, caps
     with pytest.raises(SystemExit):
         predict.main([str(png), "--checkpoint", str(ckpt), "--out", str(out), "--top", "3"])
     assert "--top" in capsys.readouterr().err
+
+
+def test_visualize_prediction_reads_a_dicom_as_predict_does(tmp_path, trained, capsys):
+    """It said 'corrupt or truncated' for a valid DICOM: it now reads it with the same reader
+    as predict.py, and draws the same heatmap as for the PNG with the same pixels."""
+    import visualize_prediction as vp
+
+    gray = random_gray(5)
+    mono2, _ = dicom_twins(tmp_path, gray, "scan")
+    png = tmp_path / "scan.png"
+    Image.fromarray(gray, "L").save(png)
+    _, checkpoint = trained
+    outs = []
+    for source in (mono2, png):
+        out = tmp_path / f"heat_{source.suffix[1:]}.png"
+        assert vp.main(["--checkpoint", str(checkpoint), "--image", str(source), "--label",
+                        "Mass", "--out", str(out)]) == 0
+        outs.append(np.asarray(Image.open(out)))
+    err = capsys.readouterr().err
+    assert "corrupt" not in err and "Traceback" not in err
+    np.testing.assert_array_equal(outs[0], outs[1])
