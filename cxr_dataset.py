@@ -317,7 +317,7 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: labels file not found. Pass --labels with the path to "
                         "nih_labels.csv or Data_Entry_2017_v2020.csv.")
-    df = pd.read_csv(path)
+    df = read_csv_or_explain(path)
     if NIH_IMAGE_COL not in df.columns:
         raise DataError(f"{path}: no '{NIH_IMAGE_COL}' column (columns: {list(df.columns)[:8]}). "
                         "Expected nih_labels.csv or Data_Entry_2017*.csv.")
@@ -334,7 +334,7 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
             row, col = np.argwhere(bad.to_numpy())[0]
             raise DataError(f"{path}: row {row + 2}, column '{NIH_FINDINGS[col]}' holds "
                             f"{labels.iat[row, col]!r}; finding columns must be 0 or 1.")
-    out = pd.DataFrame({"image_id": df[NIH_IMAGE_COL].astype(str)})
+    out = pd.DataFrame({"image_id": stripped_ids(df[NIH_IMAGE_COL], path)})
     if NIH_PATIENT_COL in df.columns:
         out["patient"] = df[NIH_PATIENT_COL].astype(str)
     else:
@@ -375,6 +375,30 @@ def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference",
     out = out.reset_index(drop=True)
     out.attrs["split"] = split
     return out
+
+
+def read_csv_or_explain(path: Path) -> pd.DataFrame:
+    """pd.read_csv, with an empty or unparsable file reported by name instead of a traceback."""
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty. Expected a labels CSV with a header "
+                        "row (nih_labels.csv, Data_Entry_2017*.csv or the CheXpert schema).") \
+            from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV ({str(err)[:200]}).") from None
+
+
+def stripped_ids(ids: pd.Series, path: Path) -> pd.Series:
+    """Image ids without surrounding spaces, which no file name on disk has; says so when it
+    strips any (an invisible trailing space otherwise makes every image 'missing')."""
+    ids = ids.astype(str)
+    clean = ids.str.strip()
+    changed = clean != ids
+    if changed.any():
+        print(f"{path}: {int(changed.sum())} image ids had leading or trailing spaces, removed "
+              f"(first: {ids[changed].iloc[0]!r} -> {clean[changed].iloc[0]!r})")
+    return clean
 
 
 def _parse_finding_labels(col: pd.Series, path: Path) -> pd.DataFrame:
@@ -441,9 +465,9 @@ def attach_paths(table: pd.DataFrame, paths: dict[str, Path], source: str,
         if missing != "skip":
             raise DataError(
                 f"{len(ids)} of {len(table)} images listed in {source} are not under the data "
-                f"folder (first: {', '.join(ids[:3])}). Point --data at the folder holding them, "
-                "or pass --missing skip to train on the images present (the skipped ids are "
-                "written to the run folder).")
+                f"folder (first: {', '.join(repr(i) for i in ids[:3])}). Point --data at the "
+                "folder holding them, or pass --missing skip to train on the images present "
+                "(the skipped ids are written to the run folder).")
         table = table.loc[~absent].reset_index(drop=True)
         return table, ids
     return table, []
@@ -494,7 +518,7 @@ def read_chexpert_csv(path: str | os.PathLike, policy: str = "zeros",
     if not path.is_file():
         raise DataError(f"{path}: CheXphoto CSV not found. Pass --data with the folder that "
                         "holds train.csv/valid.csv (e.g. .../CheXphoto-v1.1).")
-    df = pd.read_csv(path)
+    df = read_csv_or_explain(path)
     missing = [c for c in ("Path", *findings) if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected the CheXpert schema "

@@ -158,3 +158,38 @@ def test_chexphoto_train_csv_gives_patient_val_and_valid_test(tmp_path):
     assert (table.loc[table["patient"] == "patient64541", "fold"] == "test").all()
     assert set(table["fold"]) == {"train", "val", "test"}
     assert table.loc[table["fold"] != "test", "Edema"].isna().all()  # uncertain masked
+
+
+def test_an_empty_labels_file_is_named_not_a_traceback(tmp_path, capsys):
+    import retrain
+
+    empty = tmp_path / "labels.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match="labels.csv: the file is empty"):
+        read_nih_labels(empty)
+    (tmp_path / "images").mkdir()
+    code = retrain.main(["--dataset", "demo", "--data", str(tmp_path), "--labels", str(empty),
+                         "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{empty}: the file is empty" in err and "Traceback" not in err
+
+
+def test_ids_with_trailing_spaces_are_stripped_and_reported(tmp_path, capsys):
+    path = tmp_path / "nih_labels.csv"
+    rows = ["Image Index,Patient ID," + ",".join(NIH_FINDINGS) + ",fold",
+            "00000001_000.png ,1," + ",".join("0" * 14) + ",train",
+            "00000002_000.png,2," + ",".join("0" * 14) + ",test"]
+    path.write_text("\n".join(rows) + "\n")
+    table = read_nih_labels(path)
+    assert list(table["image_id"]) == ["00000001_000.png", "00000002_000.png"]
+    out = capsys.readouterr().out
+    assert "1 image ids had leading or trailing spaces, removed" in out
+    assert "'00000001_000.png ' -> '00000001_000.png'" in out
+
+
+def test_missing_images_are_shown_quoted(tmp_path):
+    from cxr_dataset import attach_paths
+
+    table = pd.DataFrame({"image_id": ["a.png", "b .png"]})
+    with pytest.raises(DataError, match=r"first: 'a.png', 'b .png'"):
+        attach_paths(table, {}, "labels.csv")
