@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from cxr_cache import (
-    DEFAULT_SIZE, BuildResult, build_cache, cache_dir, default_workers, labels_sha256,
+    DEFAULT_SIZE, DONE, BuildResult, build_cache, cache_dir, default_workers, labels_sha256,
     peak_rss_mb,
 )
 from cxr_dataset import (
@@ -95,7 +95,32 @@ def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str |
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: folder not found. Pass --root with the NIH dataset folder.")
+    previous = (root / "nih_labels.csv").read_bytes() if (root / "nih_labels.csv").is_file() \
+        else None
+    folder = cache_dir(root, size)
+    had_cache = folder.exists()
     labels_file = write_nih_labels(root, labels, split, seed)
+    try:
+        return _cache_nih(root, size, labels_file, split, workers, skip_bad, **build_kw)
+    except DataError:
+        # Nothing cached: leave the folder as it was (no new labels file, no empty cache).
+        if not had_cache and not _has_cached_rows(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            if previous is None:
+                labels_file.unlink(missing_ok=True)
+            else:
+                labels_file.write_bytes(previous)
+        raise
+
+
+def _has_cached_rows(folder: Path) -> bool:
+    done = folder / "done.npy"
+    return done.is_file() and bool((np.load(done) == DONE).any())
+
+
+def _cache_nih(root: Path, size: int, labels_file: Path, split: str | None,
+               workers: int | None, skip_bad: bool, **build_kw) -> BuildResult:
+    """Cache every image the labels file lists (prepare_nih, once the labels are written)."""
     ids = pd.read_csv(labels_file, usecols=[NIH_IMAGE_COL], dtype=str)[NIH_IMAGE_COL].tolist()
     found = index_images(root)
     present = [i for i in ids if i in found]
@@ -136,6 +161,16 @@ def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least 1")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,7 +178,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("nih", "chexphoto"):
         s = sub.add_parser(name, help=f"prepare {name}")
         s.add_argument("--root", required=True, help="dataset folder")
-        s.add_argument("--size", type=int, default=DEFAULT_SIZE,
+        s.add_argument("--size", type=_positive, default=DEFAULT_SIZE,
                        help="cached image side in pixels (224: the reference recipe; 256: for "
                        "random-crop training)")
         s.add_argument("--workers", type=int, default=default_workers(),

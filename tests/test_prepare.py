@@ -292,3 +292,27 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
     by_id = table.set_index("image_id")[findings]
     for image_id, target in seen.items():
         np.testing.assert_array_equal(target.numpy(), by_id.loc[image_id].to_numpy(np.float32))
+
+
+def test_a_failed_prepare_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """Every listed image missing (a wrong --root): exit 2, and neither a new nih_labels.csv
+    nor an empty cache folder is left behind; an earlier nih_labels.csv is kept as it was."""
+    make_nih(tmp_path, n=4, shapes=[("L", 40, 40)])
+    for image in (tmp_path / "images").iterdir():
+        image.unlink()
+    args = ["nih", "--root", str(tmp_path), "--size", "16", "--workers", "1", "--labels",
+            str(tmp_path / "Data_Entry_2017.csv"), "--split", "random"]
+    assert prepare_data.main(args) == 2
+    assert "not under the data folder" in capsys.readouterr().err
+    assert not (tmp_path / "nih_labels.csv").exists() and not (tmp_path / "cache").exists()
+    (tmp_path / "nih_labels.csv").write_text("an earlier file\n")
+    assert prepare_data.main(args) == 2
+    assert (tmp_path / "nih_labels.csv").read_text() == "an earlier file\n"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_size_zero_is_refused_while_parsing(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        prepare_data.main(["nih", "--root", str(tmp_path), "--size", "0"])
+    assert "--size: 0 is too small" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
