@@ -145,10 +145,12 @@ def plot_runs(logs: Sequence[pd.DataFrame], labels: Sequence[str]) -> Figure:
     colours = [f"C{i % 10}" for i in range(len(logs))]
     for log, label, colour in zip(logs, labels, colours):
         summary = convergence_summary(log)
+        # A one-epoch run is a single point per curve: a line alone would not show it.
+        marker = "o" if len(log) == 1 else None
         ax.plot(log["epoch"], log["train_loss"], ls="--", color=colour, gid="train",
-                label=f"{label} train")
+                marker=marker, label=f"{label} train")
         ax.plot(log["epoch"], log["val_loss"], ls="-", color=colour, gid="val",
-                label=f"{label} val")
+                marker=marker, label=f"{label} val")
         if summary["best_epoch"] is not None:
             ax.plot([summary["best_epoch"]], [summary["best_val_loss"]], ls="none", marker="*",
                     ms=14, color=colour, markeredgecolor="black", gid="best",
@@ -166,6 +168,14 @@ def plot_runs(logs: Sequence[pd.DataFrame], labels: Sequence[str]) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def lr_note(log: pd.DataFrame) -> str:
+    """Why a run shows no LR step: its log has no lr, or the lr never changed."""
+    lr = log["lr"].dropna()
+    if lr.empty:
+        return "not logged (no lr column)"
+    return f"none (lr constant at {lr.iloc[0]:g})"
 
 
 def run_label(path: str | Path) -> str:
@@ -192,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for label, log in zip(labels, logs):
         s = convergence_summary(log)
-        steps = ", ".join(map(str, s["lr_steps"])) or "none logged"
+        steps = ", ".join(map(str, s["lr_steps"])) or lr_note(log)
         print(f"{label}: {s['epochs']} epochs, best epoch {s['best_epoch']} "
               f"(val loss {s['best_val_loss']:.4f}), LR steps at epochs: {steps}")
     plot_runs(logs, labels).savefig(args.out, dpi=120)

@@ -139,3 +139,22 @@ def test_cli_default_labels_and_errors(run_dir, tmp_path, capsys):
     assert "no training log" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot_training.main([str(run_dir), "--labels", "a", "b", "--out", str(out)])
+
+
+def test_no_lr_steps_says_why(tmp_path, capsys):
+    """A run that logs its lr but never decays it is not 'none logged'."""
+    log = tmp_path / "log_train.csv"
+    log.write_text("epoch,train_loss,val_loss,lr,seconds\n1,0.5,0.4,0.01,3\n2,0.4,0.35,0.01,3\n")
+    assert plot_training.main([str(log), "--out", str(tmp_path / "a.png")]) == 0
+    assert "LR steps at epochs: none (lr constant at 0.01)" in capsys.readouterr().out
+    reference = shared("reference", "reproduce_chexnet_pretrained_log_train.csv")
+    assert plot_training.main([str(reference), "--out", str(tmp_path / "b.png")]) == 0
+    assert "LR steps at epochs: not logged (no lr column)" in capsys.readouterr().out
+
+
+def test_a_one_epoch_run_is_drawn_with_markers(tmp_path):
+    log = tmp_path / "log_train.csv"
+    log.write_text("epoch,train_loss,val_loss,lr,seconds\n1,0.5,0.4,0.01,3\n")
+    fig = plot_training.plot_runs([plot_training.read_log(log)], ["one"])
+    lines = {line.get_gid(): line for line in fig.axes[0].lines}
+    assert lines["train"].get_marker() == "o" and lines["val"].get_marker() == "o"
