@@ -31,6 +31,26 @@ def shared(*parts: str) -> Path:
     return path
 
 
+def reference_densenet(seed: int = 0):
+    """The network reproduce-chexnet and arnoweng/CheXNet train: torchvision DenseNet-121 with a
+    Sequential(Linear(1024, 14), Sigmoid) head; random weights and BatchNorm statistics (so
+    that evaluation mode matters), in evaluation mode."""
+    import torchvision
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = torchvision.models.densenet121(weights=None)
+    net.classifier = nn.Sequential(nn.Linear(1024, len(NIH_FINDINGS)), nn.Sigmoid())
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+    return net.eval()
+
+
 def load_benchmark(name: str):
     """A script of benchmarks/ as a module (benchmarks are scripts, not part of the package)."""
     import importlib.util

@@ -13,28 +13,13 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import convert_checkpoint as cc
 import visualize_prediction as vp
+from conftest import reference_densenet
 from labels import NIH_FINDINGS
 from model import build_model
-
-
-def reference_densenet(seed: int = 0) -> nn.Module:
-    """The network both reference projects train: DenseNet-121 + Sequential(Linear, Sigmoid)."""
-    torch.manual_seed(seed)
-    net = torchvision.models.densenet121(weights=None)
-    net.classifier = nn.Sequential(nn.Linear(1024, len(NIH_FINDINGS)), nn.Sigmoid())
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_(0, 0.1)
-    return net.eval()
 
 
 def old_torchvision_keys(state: dict) -> dict:

@@ -17,14 +17,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from torch import nn
 from torchvision import transforms
 
 import convert_checkpoint
 import predict
-from conftest import shared
+from conftest import reference_densenet, shared
 
 # reproduce-chexnet's finding order and preds.csv columns (its pretrained/preds.csv header).
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
@@ -33,21 +32,6 @@ FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "
 HEADER = ["Image Index"] + [f"prob_{f}" for f in FINDINGS]
 RGBA_NIH = ["00000100_000.png", "00001369_000.png"]   # the two RGBA files of the sample
 TOLERANCE = 1e-5
-
-
-def reference_model(seed: int = 0) -> nn.Module:
-    """reproduce-chexnet's network with random weights and BatchNorm statistics, eval mode."""
-    torch.manual_seed(seed)
-    model = torchvision.models.densenet121(weights=None)
-    model.classifier = nn.Sequential(nn.Linear(1024, 14), nn.Sigmoid())
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
 
 
 def reference_probs(model: nn.Module, paths) -> np.ndarray:
@@ -63,7 +47,7 @@ def reference_probs(model: nn.Module, paths) -> np.ndarray:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> tuple:
     """(the reference model, its reproduce-chexnet checkpoint converted by the CLI)."""
-    model = reference_model()
+    model = reference_densenet()
     folder = tmp_path_factory.mktemp("reference")
     src, out = folder / "checkpoint", folder / "converted.pt"
     torch.save({"model": model, "best_loss": 0.1623, "epoch": 7,
