@@ -277,6 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an output folder that is read-only, full or missing
+        print(f"error: cannot write {err.filename or 'an output file'}: "
+              f"{err.strerror or err}. Choose a writable place with --out (the AUC table; "
+              "the other outputs go beside --preds).", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -85,3 +85,22 @@ def test_a_failing_compare_leaves_the_previous_aucs_csv(tmp_path, capsys):
                             str(other)]) == 2
     assert "error:" in capsys.readouterr().err
     assert (tmp_path / "aucs.csv").read_text() == before
+
+
+def test_a_read_only_output_folder_is_a_message(tmp_path, capsys, monkeypatch):
+    """The suite runs as root, which chmod cannot stop: the refusal is simulated at the
+    filesystem boundary, as a read-only folder (e.g. Kaggle's input) raises it."""
+    path = tmp_path / "preds.csv"
+    preds_frame().to_csv(path, index=False)
+    real = pd.DataFrame.to_csv
+
+    def read_only(self, target=None, *args, **kwargs):
+        if target is not None:
+            raise PermissionError(13, "Permission denied", str(target))
+        return real(self, target, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", read_only)
+    assert eval_model.main(["--preds", str(path), "--no-published"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'aucs.csv'}: Permission denied" in err
+    assert "--out" in err and "Traceback" not in err
