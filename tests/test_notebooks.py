@@ -55,12 +55,26 @@ def demo(tmp_path_factory):
 
 
 def test_retrain_colab_trains_then_resumes_on_rerun(demo, tmp_path, monkeypatch):
-    env = {"CHEXNET_DATA": demo / "nih", "CHEXNET_OUT": tmp_path, "CHEXNET_NAME": "colab"}
+    """Run twice, as after a disconnect: the images are copied to the local disk once (the
+    second run copies nothing), training output streams into the notebook (progress bars
+    included, not only the last lines at the end), and the second run resumes."""
+    import shutil
+
+    data = tmp_path / "local_disk"
+    data.mkdir()
+    shutil.copyfile(demo / "nih" / "Data_Entry_2017.csv", data / "Data_Entry_2017.csv")
+    n = len(list((demo / "nih" / "images").iterdir()))
+    env = {"CHEXNET_DATA": data, "CHEXNET_COPY_FROM": demo / "nih" / "images",
+           "CHEXNET_OUT": tmp_path, "CHEXNET_NAME": "colab"}
     nb = execute("Retrain_colab.ipynb", monkeypatch, **env)
+    out = text_of(nb)
     assert (tmp_path / "colab" / "aucs.csv").is_file()
-    assert "continuing" not in text_of(nb)
+    assert f"images: {n} copied to {data / 'images'}, 0 already there" in out
+    assert "continuing" not in out
+    assert "epoch 1 train" in out and "epoch 1: train loss" in out  # streamed, stderr too
     nb = execute("Retrain_colab.ipynb", monkeypatch, **env, CHEXNET_EPOCHS=2)
     out = text_of(nb)
+    assert f"images: 0 copied to {data / 'images'}, {n} already there" in out
     assert "continuing" in out and "resuming" in out
     import pandas as pd
     assert list(pd.read_csv(tmp_path / "colab" / "log_train.csv")["epoch"]) == [1, 2]
