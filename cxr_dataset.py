@@ -377,14 +377,31 @@ def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference",
     return out
 
 
-def read_csv_or_explain(path: Path) -> pd.DataFrame:
-    """pd.read_csv, with an empty or unparsable file reported by name instead of a traceback."""
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type for the command lines: an integer >= low, checked before any data is
+    read ('--image-size: 16 is too small: it must be at least 32')."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least {low}")
+        return value
+    return parse
+
+
+def read_csv_or_explain(path: Path, expected: str = "a labels CSV with a header row "
+                        "(nih_labels.csv, Data_Entry_2017*.csv or the CheXpert schema)"
+                        ) -> pd.DataFrame:
+    """pd.read_csv, with an empty or unparsable file reported by name instead of a traceback;
+    `expected` says what the file should have been."""
     try:
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty. Expected a labels CSV with a header "
-                        "row (nih_labels.csv, Data_Entry_2017*.csv or the CheXpert schema).") \
-            from None
+        raise DataError(f"{path}: the file is empty. Expected {expected}.") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({str(err)[:200]}).") from None
 

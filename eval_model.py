@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from cxr_dataset import DataError, read_chexpert_csv, read_nih_labels
+from cxr_dataset import DataError, read_chexpert_csv, read_csv_or_explain, read_nih_labels
 from labels import (
     CHEXPHOTO_FINDINGS, NIH_FINDINGS, NIH_IMAGE_COL, PUBLISHED_AUCS, PUBLISHED_MEAN_AUC,
 )
@@ -127,13 +127,8 @@ def read_preds(path: str | Path) -> tuple[pd.DataFrame, str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found.")
-    try:
-        preds = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty; expected reproduce-chexnet's preds.csv "
-                        "format (an id column, then prob_<Finding> columns).") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV ({str(err)[:200]}).") from None
+    preds = read_csv_or_explain(path, "reproduce-chexnet's preds.csv format (an id column, "
+                                "then prob_<Finding> columns)")
     findings = [c[len(PROB_PREFIX):] for c in preds.columns if c.startswith(PROB_PREFIX)]
     if not findings:
         raise DataError(f"{path}: no '{PROB_PREFIX}<Finding>' columns; expected the "

@@ -41,8 +41,8 @@ from cxr_cache import (
     peak_rss_mb,
 )
 from cxr_dataset import (
-    DEFAULT_NIH_LABELS, DataError, chexphoto_table, find_chexphoto_root, index_images,
-    nih_labels_table,
+    DEFAULT_NIH_LABELS, DataError, at_least, chexphoto_table, find_chexphoto_root,
+    index_images, nih_labels_table,
 )
 from labels import NIH_IMAGE_COL
 
@@ -161,16 +161,6 @@ def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least 1")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,7 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("nih", "chexphoto"):
         s = sub.add_parser(name, help=f"prepare {name}")
         s.add_argument("--root", required=True, help="dataset folder")
-        s.add_argument("--size", type=_positive, default=DEFAULT_SIZE,
+        s.add_argument("--size", type=at_least(1), default=DEFAULT_SIZE,
                        help="cached image side in pixels (224: the reference recipe; 256: for "
                        "random-crop training)")
         s.add_argument("--workers", type=int, default=default_workers(),

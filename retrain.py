@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 from cxr_cache import cache_loaders
 from cxr_dataset import (
-    SPLITS, CXRDataset, DataError, build_transform, chexphoto_table, drops_single_image,
-    nih_table, DEFAULT_NIH_LABELS,
+    SPLITS, CXRDataset, DataError, at_least, build_transform, chexphoto_table,
+    drops_single_image, nih_table, DEFAULT_NIH_LABELS,
 )
 from eval_model import PROB_PREFIX, auc_table, format_table, per_label_auc
 from labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
@@ -1054,19 +1054,6 @@ def load_run_config(run_dir: str | os.PathLike, data: str | None = None) -> Trai
 
 
 MIN_IMAGE_SIZE = 32  # DenseNet-121 downsamples by 32: a smaller input has no feature map left
-
-
-def at_least(low: int) -> Callable[[str], int]:
-    """argparse type: an integer >= low, checked before any data is read."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least {low}")
-        return value
-    return parse
 
 
 def batch_size_arg(text: str) -> int:

@@ -737,11 +737,17 @@ def format_subgroups(table: pd.DataFrame, finding: str = "mean") -> str:
     shown = pd.DataFrame({
         "attribute": rows["attribute"], "group": rows["group"], "n": rows["n"],
         "patients": rows["patients"], "positives": rows["positives"],
-        "auc [95% CI]": [metrics.format_ci(a, lo, hi) for a, lo, hi in
-                         zip(rows["auc"], rows["ci_low"], rows["ci_high"])],
-        "gap to rest [95% CI]": [_signed_ci(g, lo, hi) for g, lo, hi in
-                                 zip(rows["gap"], rows["gap_ci_low"], rows["gap_ci_high"])]})
+        "auc [95% CI]": _ci_column(rows, "auc", metrics.format_ci),
+        "gap to rest [95% CI]": _ci_column(rows, "gap", _signed_ci)})
     return shown.to_string(index=False)
+
+
+def _ci_column(table: pd.DataFrame, value: str, fmt) -> list[str]:
+    """`fmt(value, low, high)` per row; the interval columns are `ci_low`/`ci_high` for the
+    estimate and `<value>_ci_low`/`<value>_ci_high` otherwise (the gap)."""
+    prefix = "" if value in ("auc", "rate") else f"{value}_"
+    return [fmt(v, lo, hi) for v, lo, hi in
+            zip(table[value], table[f"{prefix}ci_low"], table[f"{prefix}ci_high"])]
 
 
 def _signed_ci(value: float, low: float, high: float) -> str:
@@ -757,8 +763,6 @@ def format_underdiagnosis(table: pd.DataFrame) -> str:
     shown = pd.DataFrame({
         "attribute": table["attribute"], "group": table["group"],
         "with finding": table["with_finding"], "called normal": table["underdiagnosed"],
-        "rate [95% CI]": [metrics.format_ci(r, lo, hi) for r, lo, hi in
-                          zip(table["rate"], table["ci_low"], table["ci_high"])],
-        "gap to rest [95% CI]": [_signed_ci(g, lo, hi) for g, lo, hi in
-                                 zip(table["gap"], table["gap_ci_low"], table["gap_ci_high"])]})
+        "rate [95% CI]": _ci_column(table, "rate", metrics.format_ci),
+        "gap to rest [95% CI]": _ci_column(table, "gap", _signed_ci)})
     return shown.to_string(index=False)
