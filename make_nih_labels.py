@@ -24,8 +24,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from cxr_dataset import DataError, nih_labels_table
-from labels import NIH_PATIENT_COL
+from chexnet.data import DataError, nih_labels_table
+from chexnet.labels import NIH_PATIENT_COL
 
 SPLIT_CHOICES = ("reference", "random", "official")
 

@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-import metrics
-from eval_model import PROB_PREFIX, read_preds, read_truth
+from chexnet import metrics
+from chexnet.scoring import PROB_PREFIX, read_preds, read_truth
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,11 +35,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
-from cxr_cache import (
+from chexnet.cache import (
     CacheLoader, batch_transform, build_cache, cache_dir, default_workers, labels_sha256,
     open_cache, peak_rss_mb,
 )
-from labels import IMAGENET_MEAN, IMAGENET_STD
+from chexnet.labels import IMAGENET_MEAN, IMAGENET_STD
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,10 +31,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pandas as pd
 import torch
 
-import demo_data
-import localization
-import retrain
-from cxr_dataset import DataError
+from chexnet import demo as demo_data
+from chexnet import localization
+from chexnet.data import DataError
+from chexnet.train import TrainConfig, fit
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,15 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--size", str(args.data_size), "--workers", str(max(1, args.workers))])
     run = work / "runs" / f"loc{args.image_size}"
     if not (run / "preds.csv").is_file():
-        rc = retrain.main(["--dataset", "demo", "--data", str(data / "nih"),
-                           "--name", run.name, "--out", str(run.parent),
-                           "--image-size", str(args.image_size),
-                           "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                           "--epochs", str(args.epochs), "--weights", "none",
-                           "--workers", str(args.workers)]
-                          + (["--resume"] if (run / "last.pt").is_file() else []))
-        if rc != 0:
-            return rc
+        fit(TrainConfig(dataset="demo", data=str(data / "nih"), name=run.name,
+                        out=str(run.parent), image_size=args.image_size,
+                        batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
+                        weights="none", workers=args.workers,
+                        resume=(run / "last.pt").is_file()))
     aucs = pd.read_csv(run / "aucs.csv").set_index("label")["auc"]
     tables = {}
     for method in METHODS:

@@ -34,10 +34,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-import metrics
-import subgroups
-from cxr_dataset import DataError, read_nih_labels
-from labels import FOLDS, NIH_FINDINGS, NIH_IMAGE_COL
+from chexnet import metrics
+from chexnet import subgroups
+from chexnet.data import DataError, read_nih_labels
+from chexnet.labels import FOLDS, NIH_FINDINGS, NIH_IMAGE_COL
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
 ROOT = Path(__file__).resolve().parents[1]

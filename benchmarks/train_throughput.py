@@ -58,18 +58,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cxr_cache import (
+from chexnet.cache import (
     CACHE_VERSION, DONE, DONE_FILE, IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, cache_dir,
     cache_loaders, labels_sha256,
 )
-from cxr_dataset import DEFAULT_NIH_LABELS
-from labels import findings_for
-from model import build_model
-from retrain import (
+from chexnet.data import DEFAULT_NIH_LABELS
+from chexnet.labels import findings_for
+from chexnet.model import build_model
+from chexnet.train import (
     EpochProgress, EpochSampler, NonFiniteLoss, Precision, TrainConfig, evaluate, load_tables,
     make_loaders, seed_everything, train_one_epoch,
 )
-from runtime import (
+from chexnet.runtime import (
     AMP_CHOICES, REFERENCE_BATCH, grad_scaler, maybe_compile, probe_batch_size, resolve_amp,
     scaled_lr,
 )
@@ -451,7 +451,7 @@ def check_amp(sizes: Sizes, device: torch.device, amp_choice: str, workdir: Path
               say: Callable[[str], None]) -> dict:
     """Train the same seeded model for the same steps in fp32 and in AMP on a generated demo
     set, with retrain's loaders, training step and evaluation; compare validation losses."""
-    from demo_data import make_nih_demo
+    from chexnet.demo import make_nih_demo
 
     # On a CPU, `auto` means fp32 (resolve_amp): bf16 autocast is forced to exercise the path.
     amp = resolve_amp("bf16" if device.type == "cpu" else amp_choice, device)

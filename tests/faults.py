@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from chexnet import train as training
 import retrain
 
 
@@ -32,13 +33,13 @@ def _signal_at_step() -> None:
     step, _, rest = spec.partition(":")
     name, _, group = rest.partition(":")
     at, signum = int(step), getattr(signal, name or "SIGKILL")
-    real = retrain.train_one_epoch
+    real = training.train_one_epoch
 
     def train_one_epoch(model, loader, optimizer, device, progress, seed=0, on_step=None,
                         *args, **kwargs):
         per_epoch = progress.batches + len(loader)  # the whole epoch, resumed mid-way or not
 
-        def hooked(p: retrain.EpochProgress) -> None:
+        def hooked(p: training.EpochProgress) -> None:
             if (p.epoch - 1) * per_epoch + p.batches == at:
                 if group:
                     os.killpg(os.getpgid(0), signum)
@@ -49,14 +50,14 @@ def _signal_at_step() -> None:
 
         return real(model, loader, optimizer, device, progress, seed, hooked, *args, **kwargs)
 
-    retrain.train_one_epoch = train_one_epoch
+    training.train_one_epoch = train_one_epoch
 
 
 def _kill_in_save() -> None:
     nth = int(os.environ.get("CHEXNET_TEST_KILL_IN_SAVE", "0"))
     if not nth:
         return
-    real = retrain.atomic_torch_save
+    real = training.atomic_torch_save
     saves = 0
 
     def atomic_torch_save(obj: object, path: Path) -> None:
@@ -71,7 +72,7 @@ def _kill_in_save() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         real(obj, path)
 
-    retrain.atomic_torch_save = atomic_torch_save
+    training.atomic_torch_save = atomic_torch_save
 
 
 if __name__ == "__main__":

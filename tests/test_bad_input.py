@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from chexnet import train as training
 import retrain
 from conftest import nih_demo
-from cxr_dataset import ImageReadError, load_xray
+from chexnet.data import ImageReadError, load_xray
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
         "--workers", "0", "--epochs", "1"]
@@ -41,7 +42,7 @@ def train(root, out, *extra):
 
 
 def train_ids(root):
-    table, _, _ = retrain.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+    table, _, _ = training.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(root)]))
     return table.query("fold == 'train'")["image_id"].tolist()
 
@@ -81,7 +82,7 @@ def test_empty_fold(data, tmp_path, capsys):
     labels = pd.read_csv(data / "Data_Entry_2017.csv")
     table = pd.DataFrame({"Image Index": labels["Image Index"],
                           "Patient ID": labels["Patient ID"], "fold": "train"})
-    for f in retrain.findings_for("nih"):
+    for f in training.findings_for("nih"):
         table[f] = labels["Finding Labels"].str.contains(f).astype(int)
     table.loc[: len(table) // 2, "fold"] = "test"
     table.to_csv(tmp_path / "labels.csv", index=False)
@@ -149,8 +150,8 @@ def test_no_swallowed_exceptions_in_the_code():
 
 
 def test_unwritable_folder_message_does_not_blame_the_disk(tmp_path):
-    with pytest.raises(retrain.SaveError) as err:
-        retrain.atomic_write_text("x", tmp_path / "absent" / "f.txt")
+    with pytest.raises(training.SaveError) as err:
+        training.atomic_write_text("x", tmp_path / "absent" / "f.txt")
     assert "exists and is writable" in str(err.value) and "Free some space" not in str(err.value)
 
 

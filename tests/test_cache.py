@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import cxr_cache
-import prepare_data
+from chexnet import cache as cxr_cache
+from chexnet import prepare as prepare_data
 from conftest import ROOT, load_benchmark, make_nih, shared, xray_like
-from cxr_cache import (
+from chexnet.cache import (
     CacheLoader, batch_transform, cache_dir, open_cache, resize_center_crop,
 )
-from cxr_dataset import build_transform, load_xray
-from labels import NIH_FINDINGS
+from chexnet.data import build_transform, load_xray
+from chexnet.labels import NIH_FINDINGS
 
 
 def reference_batch(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -227,25 +227,25 @@ def test_loader_rejects_rows_outside_the_cache(generated_cache):
 def test_cache_loaders_serve_what_the_reference_loaders_serve(tmp_path, capsys):
     """With retrain's EpochSampler and its own flips, every batch equals make_loaders' batch,
     mid-epoch starts included, and retrain's training and evaluation loops accept them."""
-    import retrain
+    from chexnet import train as training
     from torch import nn
 
     make_nih(tmp_path, n=12, shapes=[("L", 40, 40), ("RGBA", 50, 40)], folds=True)
-    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path),
+    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path),
                               labels=str(tmp_path / "labels.csv"), image_size=32, batch_size=2,
                               eval_batch_size=5, workers=0, seed=3)
-    table, findings, _ = retrain.load_tables(cfg)
+    table, findings, _ = training.load_tables(cfg)
     device = torch.device("cpu")
-    sampler = lambda n: retrain.EpochSampler(n, cfg.seed)  # noqa: E731
+    sampler = lambda n: training.EpochSampler(n, cfg.seed)  # noqa: E731
     assert cxr_cache.cache_loaders(cfg, table, findings, device, sampler, flip=False) is None
 
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
     cfg.labels = None  # the same labels now sit in DATA/nih_labels.csv, which is the default
-    table, findings, _ = retrain.load_tables(cfg)
+    table, findings, _ = training.load_tables(cfg)
     ours = cxr_cache.cache_loaders(cfg, table, findings, device, sampler, flip=False)
     assert "uint8 cache" in capsys.readouterr().out
-    theirs = retrain.make_loaders(cfg, table, findings, device)
+    theirs = training.make_loaders(cfg, table, findings, device)
     for epoch, start in [(1, 0), (2, 4)]:
         for loaders in (ours, theirs):
             loaders["train"].sampler.set_epoch(epoch, start)
@@ -260,22 +260,22 @@ def test_cache_loaders_serve_what_the_reference_loaders_serve(tmp_path, capsys):
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, len(findings)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ours["train"].sampler.set_epoch(1)
-    loss = retrain.train_one_epoch(model, ours["train"], optimizer, device,
-                                   retrain.EpochProgress(1), cfg.seed)
+    loss = training.train_one_epoch(model, ours["train"], optimizer, device,
+                                   training.EpochProgress(1), cfg.seed)
     assert np.isfinite(loss)
-    _, probs, targets, ids = retrain.evaluate(model, ours["test"], device)
+    _, probs, targets, ids = training.evaluate(model, ours["test"], device)
     assert ids == table.loc[table["fold"] == "test", "image_id"].tolist()
     assert probs.shape == targets.shape == (3, len(NIH_FINDINGS))
 
 
 def test_cache_loaders_own_shuffle_and_flips_follow_the_generator(tmp_path):
-    import retrain
+    from chexnet import train as training
 
     make_nih(tmp_path, n=12, shapes=[("L", 40, 40)], folds=True)
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
-    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4)
-    table, findings, _ = retrain.load_tables(cfg)
+    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4)
+    table, findings, _ = training.load_tables(cfg)
     train = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))["train"]
     assert train.sampler is None and len(train) == 2 and len(train.dataset) == 6
 
@@ -289,14 +289,14 @@ def test_cache_loaders_own_shuffle_and_flips_follow_the_generator(tmp_path):
 
 
 def test_cache_loaders_split_evaluation_over_processes(tmp_path):
-    import retrain
+    from chexnet import train as training
 
     make_nih(tmp_path, n=16, shapes=[("L", 40, 40)], folds=True)
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
-    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4,
+    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4,
                               eval_batch_size=2)
-    table, findings, _ = retrain.load_tables(cfg)
+    table, findings, _ = training.load_tables(cfg)
     full = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
     parts = [cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"), rank=r, world=2)
              for r in (0, 1)]
@@ -308,18 +308,18 @@ def test_cache_loaders_split_evaluation_over_processes(tmp_path):
 
 
 def test_stale_cache_is_not_used(tmp_path, capsys):
-    import retrain
+    from chexnet import train as training
 
     make_nih(tmp_path, n=8, shapes=[("L", 40, 40)], folds=True)
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
-    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32)
-    table, findings, _ = retrain.load_tables(cfg)
+    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32)
+    table, findings, _ = training.load_tables(cfg)
     assert cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu")) is not None
     labels = pd.read_csv(tmp_path / "nih_labels.csv")
     labels.loc[0, "Hernia"] = 1 - labels.loc[0, "Hernia"]
     labels.to_csv(tmp_path / "nih_labels.csv", index=False)
-    table, findings, _ = retrain.load_tables(cfg)
+    table, findings, _ = training.load_tables(cfg)
     capsys.readouterr()
     assert cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu")) is None
     assert "another labels file" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, reference_densenet
-from labels import NIH_FINDINGS
+from chexnet.labels import NIH_FINDINGS
 
 pytestmark = pytest.mark.slow  # one Python process (and a torch import) per case
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # one Python process (and a torch import) per cas
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The bad inputs, and a small good dataset to point them at."""
-    from demo_data import make_nih_demo
+    from chexnet.demo import make_nih_demo
 
     root = tmp_path_factory.mktemp("bad")
     make_nih_demo(root / "demo", n_images=12, size=16, seed=0)

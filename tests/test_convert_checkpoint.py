@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-import convert_checkpoint as cc
-import visualize_prediction as vp
+from chexnet import convert_checkpoint as cc
+from chexnet import cam
 from conftest import reference_densenet
-from labels import NIH_FINDINGS
-from model import build_model
+from chexnet.labels import NIH_FINDINGS
+from chexnet.model import build_model
 
 
 def old_torchvision_keys(state: dict) -> dict:
@@ -109,7 +109,7 @@ def test_arnoweng_state_dict_with_old_names_matches(tmp_path, ref, x, zip_format
     with torch.inference_mode():
         torch.testing.assert_close(torch.sigmoid(converted_model(out)(x)), ref(x))
     # Converted files load as retrain.py checkpoints everywhere in the project.
-    model, findings, size = vp.load_trained(out)
+    model, findings, size = cam.load_trained(out)
     assert findings == list(NIH_FINDINGS) and size == 256
     assert not list(out.parent.glob("*.tmp")), "temp file left behind"
 

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import photo_corruptions as pc
+from chexnet import corruptions as pc
 from conftest import tiny_run
-from labels import NIH_FINDINGS
+from chexnet.labels import NIH_FINDINGS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def xray() -> Image.Image:
     """A 64 px demo phantom (body, lungs, heart, ribs: edges and smooth regions alike)."""
-    from demo_data import render_phantom, sample_anatomy
+    from chexnet.demo import render_phantom, sample_anatomy
 
     rng = np.random.default_rng(0)
     img, _ = render_phantom(rng, ("Cardiomegaly",), sample_anatomy(rng), 64)

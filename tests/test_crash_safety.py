@@ -58,9 +58,10 @@ def reference(demo_root, tmp_path_factory):
 
 
 def test_sigkill_at_random_points_then_resume_is_bitwise_identical(demo_root, reference, tmp_path):
+    from chexnet import train as training
     import retrain
 
-    table, _, _ = retrain.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+    table, _, _ = training.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(demo_root)]))
     steps_per_epoch = int(np.ceil((table["fold"] == "train").sum() / 8))
     rng = np.random.default_rng(2026)

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import demo_data as dd
-from labels import (CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, NIH_BBOX_ALIASES, NIH_FINDINGS,
-                    NIH_NO_FINDING)
+from chexnet import demo as dd
+from chexnet.labels import (
+    CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, NIH_BBOX_ALIASES, NIH_FINDINGS, NIH_NO_FINDING,
+)
 
 SIZE = 64
 N_NIH = 60

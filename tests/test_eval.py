@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from chexnet import scoring
 import eval_model
 from conftest import shared
-from labels import NIH_FINDINGS
+from chexnet.labels import NIH_FINDINGS
 
 
 def test_rescoring_reference_predictions_reproduces_published_aucs(tmp_path, capsys):
@@ -33,8 +34,8 @@ def test_rescoring_against_committed_nih_labels_matches_data_entry(tmp_path):
     from conftest import ROOT
 
     preds = shared("reference", "reproduce_chexnet_pretrained_preds.csv")
-    a, n = eval_model.score(preds, ROOT / "nih_labels.csv")
-    b, _ = eval_model.score(preds, shared("nih", "Data_Entry_2017_v2020.csv.gz"))
+    a, n = scoring.score(preds, ROOT / "nih_labels.csv")
+    b, _ = scoring.score(preds, shared("nih", "Data_Entry_2017_v2020.csv.gz"))
     assert n == 22_433
     np.testing.assert_allclose(a["auc"], b["auc"], rtol=0, atol=1e-12)
 
@@ -42,7 +43,7 @@ def test_rescoring_against_committed_nih_labels_matches_data_entry(tmp_path):
 def test_per_label_auc_masks_nan_and_flags_one_class(capsys):
     y_true = np.array([[1, 0, 1], [0, 0, np.nan], [1, 0, 0], [0, 0, np.nan]], dtype=float)
     y_score = np.array([[0.9, 0.1, 0.2], [0.1, 0.2, 0.9], [0.8, 0.3, 0.1], [0.2, 0.4, 0.9]])
-    aucs = eval_model.per_label_auc(y_true, y_score, ["A", "B", "C"])
+    aucs = scoring.per_label_auc(y_true, y_score, ["A", "B", "C"])
     assert aucs["A"] == 1.0
     assert math.isnan(aucs["B"])
     assert aucs["C"] == 1.0  # the two NaN rows (scored 0.9, would make it 0.5) are left out
@@ -135,11 +136,11 @@ def test_cli_ci_roc_thresholds_and_compare(tmp_path, capsys):
 
 
 def test_patients_of():
-    assert list(eval_model.patients_of(["00000001_000.png", "00000001_001.png"])) \
+    assert list(scoring.patients_of(["00000001_000.png", "00000001_001.png"])) \
         == ["00000001"] * 2
-    assert list(eval_model.patients_of(["X/valid/natural/patient00042/study1/view1_frontal.jpg"])) \
+    assert list(scoring.patients_of(["X/valid/natural/patient00042/study1/view1_frontal.jpg"])) \
         == ["patient00042"]
-    assert eval_model.patients_of(["a.png"]) is None
+    assert scoring.patients_of(["a.png"]) is None
 
 
 def test_no_published_columns_on_request(tmp_path):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import eval_model
-from labels import NIH_FINDINGS
+from chexnet.labels import NIH_FINDINGS
 
 
 def preds_frame(n: int = 8, seed: int = 0) -> pd.DataFrame:

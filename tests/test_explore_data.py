@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import explore_data as ed
+from chexnet import explore as ed
 from conftest import shared
-from cxr_dataset import DataError
-from labels import CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, NIH_FINDINGS
+from chexnet.data import DataError
+from chexnet.labels import CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, NIH_FINDINGS
 
 COMMON_FILES = {
     "class_balance.csv", "class_balance.png", "cooccurrence_counts.csv",
@@ -160,7 +160,7 @@ def test_rendition_counts_per_group():
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    from demo_data import make_chexphoto_demo, make_nih_demo
+    from chexnet.demo import make_chexphoto_demo, make_nih_demo
 
     root = tmp_path_factory.mktemp("explore_demo")
     make_nih_demo(root / "nih", n_images=40, size=32, seed=0)

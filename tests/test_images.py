@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr_dataset import ImageReadError, build_transform, index_images, load_xray
+from chexnet.data import ImageReadError, build_transform, index_images, load_xray
 from conftest import shared
 
 

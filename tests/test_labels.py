@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr_dataset import (
+from chexnet.data import (
     DataError, chexpert_targets, chexphoto_table, read_chexpert_csv, read_nih_labels,
 )
-from labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, NIH_FINDINGS
+from chexnet.labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, NIH_FINDINGS
 
 DATA_ENTRY_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,"
                      "Patient Gender,View Position,OriginalImage[Width,Height],"
@@ -188,7 +188,7 @@ def test_ids_with_trailing_spaces_are_stripped_and_reported(tmp_path, capsys):
 
 
 def test_missing_images_are_shown_quoted(tmp_path):
-    from cxr_dataset import attach_paths
+    from chexnet.data import attach_paths
 
     table = pd.DataFrame({"image_id": ["a.png", "b .png"]})
     with pytest.raises(DataError, match=r"first: 'a.png', 'b .png'"):

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-import localization as loc
+from chexnet import localization as loc
 from conftest import shared, tiny_run
-from cxr_dataset import DataError, nih_table
-from labels import NIH_FINDINGS
+from chexnet.data import DataError, nih_table
+from chexnet.labels import NIH_FINDINGS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +22,7 @@ BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from demo_data import make_nih_demo
+    from chexnet.demo import make_nih_demo
 
     root = tmp_path_factory.mktemp("loc_demo")
     make_nih_demo(root, n_images=16, size=64, seed=3)

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import metrics
+from chexnet import metrics
 from conftest import shared
-from cxr_dataset import DataError
-from eval_model import per_label_auc
-from labels import NIH_FINDINGS, PUBLISHED_AUCS
+from chexnet.data import DataError
+from chexnet.scoring import per_label_auc
+from chexnet.labels import NIH_FINDINGS, PUBLISHED_AUCS
 
 
 def tied_data(n: int = 240, k: int = 3, seed: int = 0, masked: int = 15
@@ -352,7 +352,7 @@ def test_format_ci_and_table():
 def test_reference_predictions_with_patient_bootstrap():
     """The 22,433 reference test predictions: point AUCs reproduce the published column, and
     patient resampling (NIH patients have many follow-ups) widens every interval."""
-    from eval_model import PROB_PREFIX, read_preds, read_truth
+    from chexnet.scoring import PROB_PREFIX, read_preds, read_truth
 
     preds, id_col, findings = read_preds(shared("reference",
                                                 "reproduce_chexnet_pretrained_preds.csv"))

@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from conftest import ROOT
-from labels import NIH_FINDINGS
+from chexnet.labels import NIH_FINDINGS
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ def test_notebooks_are_stored_without_outputs():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from demo_data import make_chexphoto_demo, make_nih_demo
+    from chexnet.demo import make_chexphoto_demo, make_nih_demo
 
     root = tmp_path_factory.mktemp("nbdemo")
     make_nih_demo(root / "nih", n_images=60, size=40, seed=5)
@@ -171,12 +171,12 @@ def check_show_next(nb, run_dir, data, label):
     labels in Data_Entry_2017.csv, sorted by probability; the prevalence is the training fold's."""
     import pandas as pd
 
-    import retrain
+    from chexnet import train as training
 
     preds = pd.read_csv(run_dir / "preds.csv").set_index("Image Index")
     positives = list(preds.index[preds[label] == 1])          # preds.csv is in test order
     entries = pd.read_csv(data / "Data_Entry_2017.csv").set_index("Image Index")
-    table, _, _ = retrain.load_tables(retrain.load_run_config(run_dir))
+    table, _, _ = training.load_tables(training.load_run_config(run_dir))
     train_rate = (table.loc[table["fold"] == "train", label] == 1).mean()
     assert train_rate != pytest.approx((table.loc[table["fold"] == "test", label] == 1).mean())
     shown = shown_examples(nb)

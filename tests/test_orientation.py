@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-import cxr_cache
-import predict
-from cxr_dataset import build_transform, load_xray
+from chexnet import cache as cxr_cache
+from chexnet import predict
+from chexnet.data import build_transform, load_xray
 
 ORIENTATION = 0x0112
 

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
+from chexnet import train as training
 import retrain
 from conftest import nih_demo
-import runtime
+from chexnet import runtime
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
         "--workers", "0", "--epochs", "1"]
@@ -54,10 +55,10 @@ def test_bf16_autocast_and_channels_last_train_close_to_fp32(demo_root, tmp_path
 
 def test_channels_last_forward_equals_nchw():
     torch.manual_seed(0)
-    net = retrain.build_model(14, "none").eval()
+    net = training.build_model(14, "none").eval()
     x = torch.randn(4, 3, 64, 64)
     ref = net(x)
-    nhwc = retrain.Precision(channels_last=True)
+    nhwc = training.Precision(channels_last=True)
     out = net.to(memory_format=torch.channels_last)(nhwc.prepare(x))
     assert nhwc.prepare(x).is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
@@ -96,8 +97,8 @@ def test_batch_size_auto_on_cpu_keeps_the_reference_batch(demo_root, tmp_path, c
 
 def test_memory_efficient_densenet_matches_standard():
     torch.manual_seed(0)
-    a = retrain.build_model(14, "none")
-    b = retrain.build_model(14, "none", memory_efficient=True)
+    a = training.build_model(14, "none")
+    b = training.build_model(14, "none", memory_efficient=True)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 64, 64)
     a.eval(), b.eval()
@@ -146,28 +147,28 @@ def test_train_step_bookkeeping_and_a_non_finite_step_changes_no_weight():
     labelled entry, and a non-finite loss stops before the optimizer touches the weights."""
     model = _Linear()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: the loss can be replayed
-    progress = retrain.EpochProgress(1)
+    progress = training.EpochProgress(1)
     batches = _batches(3)
-    retrain.train_one_epoch(model, batches, opt, torch.device("cpu"), progress)
+    training.train_one_epoch(model, batches, opt, torch.device("cpu"), progress)
     assert progress.batches == 3 and progress.count == 3 * (4 * 14 - 1)
     with torch.no_grad():  # replay: the documented per-batch flips, the loss summed per entry
-        want = sum(float(retrain.masked_bce_with_logits(
+        want = sum(float(training.masked_bce_with_logits(
             model(naive_flips(x, (0 * 1_000_003 + 1) * 100_003 + b)), y, reduction="sum"))
             for b, (x, y, _) in enumerate(batches))
-        unflipped = sum(float(retrain.masked_bce_with_logits(model(x), y, reduction="sum"))
+        unflipped = sum(float(training.masked_bce_with_logits(model(x), y, reduction="sum"))
                         for x, y, _ in batches)
     assert progress.loss_sum == pytest.approx(want, rel=1e-6)
     assert abs(unflipped - want) > 1e-3 * abs(want)  # the flips are really applied
 
     model = _Linear()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    progress = retrain.EpochProgress(1)
+    progress = training.EpochProgress(1)
     good = _batches(1)
-    retrain.train_one_epoch(model, good, opt, torch.device("cpu"), progress)
+    training.train_one_epoch(model, good, opt, torch.device("cpu"), progress)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     momentum = opt.state[model.fc.weight]["momentum_buffer"].clone()
-    with pytest.raises(retrain.NonFiniteLoss, match="img0_0.png"):
-        retrain.train_one_epoch(model, _batches(1, poison=0), opt, torch.device("cpu"), progress)
+    with pytest.raises(training.NonFiniteLoss, match="img0_0.png"):
+        training.train_one_epoch(model, _batches(1, poison=0), opt, torch.device("cpu"), progress)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert torch.equal(opt.state[model.fc.weight]["momentum_buffer"], momentum)

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-import predict
+from chexnet import predict
 from conftest import shared
-from cxr_dataset import CXRDataset, build_transform, load_xray
-from labels import NIH_FINDINGS
-from model import build_model
+from chexnet.data import CXRDataset, build_transform, load_xray
+from chexnet.labels import NIH_FINDINGS
+from chexnet.model import build_model
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -404,7 +404,7 @@ def test_out_refusals_name_the_file_and_keep_the_old_csv(tmp_path, trained, caps
 def test_visualize_prediction_reads_a_dicom_as_predict_does(tmp_path, trained, capsys):
     """It said 'corrupt or truncated' for a valid DICOM: it now reads it with the same reader
     as predict.py, and draws the same heatmap as for the PNG with the same pixels."""
-    import visualize_prediction as vp
+    import visualize_prediction as visualize
 
     gray = random_gray(5)
     mono2, _ = dicom_twins(tmp_path, gray, "scan")
@@ -414,7 +414,7 @@ def test_visualize_prediction_reads_a_dicom_as_predict_does(tmp_path, trained, c
     outs = []
     for source in (mono2, png):
         out = tmp_path / f"heat_{source.suffix[1:]}.png"
-        assert vp.main(["--checkpoint", str(checkpoint), "--image", str(source), "--label",
+        assert visualize.main(["--checkpoint", str(checkpoint), "--image", str(source), "--label",
                         "Mass", "--out", str(out)]) == 0
         outs.append(np.asarray(Image.open(out)))
     err = capsys.readouterr().err

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import cxr_cache
-import prepare_data
+from chexnet import cache as cxr_cache
+from chexnet import prepare as prepare_data
 from conftest import ROOT, make_nih, save_image, xray_like
-from cxr_cache import DONE, cache_dir, labels_sha256, open_cache
-from cxr_dataset import DEFAULT_NIH_LABELS, build_transform, load_xray
-from labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS
+from chexnet.cache import DONE, cache_dir, labels_sha256, open_cache
+from chexnet.data import DEFAULT_NIH_LABELS, build_transform, load_xray
+from chexnet.labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS
 
 def reference(path: str | Path, size: int) -> torch.Tensor:
     """The reference preprocessing of one file: (3, S, S) normalised."""
@@ -149,9 +149,9 @@ def test_killed_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     make_nih(tmp_path, n=8, shapes=[("L", 64, 64), ("RGB", 64, 48)])
     labels = tmp_path / "Data_Entry_2017.csv"
     code = (
-        "import os, signal, sys; import prepare_data\n"
+        "import os, signal, sys; from chexnet import prepare\n"
         "kill = lambda k: os.kill(os.getpid(), signal.SIGKILL) if k == 2 else None\n"
-        "prepare_data.prepare_nih(sys.argv[2], 32, sys.argv[3], workers=1, chunk_size=2, "
+        "prepare.prepare_nih(sys.argv[2], 32, sys.argv[3], workers=1, chunk_size=2, "
         "on_chunk=kill, progress=False)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path), str(labels)],
                           capture_output=True, text=True)
@@ -207,7 +207,7 @@ def test_changed_labels_or_size_rebuild_with_a_message(tmp_path, monkeypatch, ca
 
 
 def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
-    import retrain
+    from chexnet import train as training
 
     make_nih(tmp_path, n=12, shapes=[("L", 48, 48)], folds=True)
     bad = tmp_path / "images" / "00000005_000.png"
@@ -225,10 +225,10 @@ def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
     assert json.loads((folder / "manifest.json").read_text())["skipped"] == ["00000005_000.png"]
 
     # Training batches of 1: no epoch ends on a dropped single-image batch, so every image shows.
-    cfg = retrain.TrainConfig(dataset="nih", data=str(tmp_path), image_size=24, batch_size=1,
+    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=24, batch_size=1,
                               eval_batch_size=4)
-    table, findings, _ = retrain.load_tables(cfg)
-    with pytest.raises(retrain.DataError, match="00000005_000.png"):
+    table, findings, _ = training.load_tables(cfg)
+    with pytest.raises(training.DataError, match="00000005_000.png"):
         cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
     cfg.missing = "skip"
     loaders = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
@@ -262,7 +262,7 @@ def write_chexphoto(base: Path, rng: np.random.Generator) -> Path:
 
 
 def test_chexphoto_cache_holds_every_row(tmp_path):
-    import retrain
+    from chexnet import train as training
 
     root = write_chexphoto(tmp_path, np.random.default_rng(0))
     result = prepare_data.prepare_chexphoto(tmp_path, size=32, workers=1, progress=False)
@@ -279,9 +279,9 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
     cache = open_cache(root, 32, [root / "train.csv", root / "valid.csv"])
     assert cache is not None and cache.manifest["dataset"] == "chexphoto"
 
-    cfg = retrain.TrainConfig(dataset="chexphoto", data=str(tmp_path), image_size=32,
+    cfg = training.TrainConfig(dataset="chexphoto", data=str(tmp_path), image_size=32,
                               batch_size=1, eval_batch_size=2)
-    table, findings, _ = retrain.load_tables(cfg)  # frontal views only (the default)
+    table, findings, _ = training.load_tables(cfg)  # frontal views only (the default)
     loaders = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
     seen = {}
     for loader in loaders.values():

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
-import cxr_cache
-import predict
+from chexnet import cache as cxr_cache
+from chexnet import predict
 from conftest import shared
-from cxr_dataset import build_transform, load_xray, normalize_uint8
+from chexnet.data import build_transform, load_xray, normalize_uint8
 
 SIZE = 224
 RGBA_FILES = ("00000100_000.png", "00001369_000.png")

@@ -21,8 +21,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-import convert_checkpoint
-import predict
+from chexnet import convert_checkpoint
+from chexnet import predict
 from conftest import reference_densenet, shared
 
 # reproduce-chexnet's finding order and preds.csv columns (its pretrained/preds.csv header).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import report
+from chexnet import heatmaps, report
 import retrain
-import visualize_prediction
+pass
 
 PNG_URI = "data:image/png;base64,"
 # Sections whose content is a figure (the others are tables and notes).
@@ -67,7 +68,7 @@ def parse(path: Path) -> ReportParser:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished one-epoch demo run (tiny: 40 images of 32 px)."""
-    from demo_data import make_nih_demo
+    from chexnet.demo import make_nih_demo
 
     base = tmp_path_factory.mktemp("report_run")
     make_nih_demo(base / "nih", n_images=40, size=32, seed=0)
@@ -141,12 +142,22 @@ def test_report_without_optional_files(run_dir, tmp_path):
     assert doc.sections["roc"]["images"]
 
 
-def test_fallback_gallery_without_visualize_gallery(run_dir, tmp_path, monkeypatch):
+def test_report_gallery_is_heatmapss_with_the_data_folder(run_dir, tmp_path,
+                                                                      monkeypatch):
+    """The report draws its heatmaps with heatmaps's gallery, passing --data on."""
+    calls = []
+    real = heatmaps.gallery
+
+    def gallery(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(heatmaps, "gallery", gallery)
     run = report.read_run(run_dir)
     label = report.prevalent_findings(run)[0]
-    monkeypatch.delattr(visualize_prediction, "gallery", raising=False)
-    png, how = report.render_gallery(run, label, 2, tmp_path / "g.png", None)
-    assert how == "report.fallback_gallery"
+    data = json.loads((run_dir / "config.json").read_text())["data"]
+    png = report.render_gallery(run, label, 2, tmp_path / "g.png", data)
+    assert [(a[1], a[2], kw.get("data")) for a, kw in calls] == [(label, 2, data)]
     with Image.open(png) as img:
         assert img.format == "PNG"
         assert np.asarray(img.convert("L")).std() > 5

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import shared
-from retrain import PlateauSchedule
+from chexnet.train import PlateauSchedule
 
 
 def run(losses, decay=10.0, patience=3):

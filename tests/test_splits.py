@@ -10,8 +10,8 @@ import pytest
 
 import make_nih_labels
 from conftest import ROOT, shared
-from cxr_dataset import DataError, apply_split, nih_table, patient_split, read_nih_labels
-from labels import NIH_FINDINGS
+from chexnet.data import DataError, apply_split, nih_table, patient_split, read_nih_labels
+from chexnet.labels import NIH_FINDINGS
 
 
 def test_patient_split_is_disjoint_and_proportional():

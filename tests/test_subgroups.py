@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import demo_data
-import metrics
-import subgroups
+from chexnet import demo as demo_data
+from chexnet import metrics
+from chexnet import subgroups
 from conftest import load_benchmark, shared
-from cxr_dataset import DataError
-from labels import NIH_FINDINGS
+from chexnet.data import DataError
+from chexnet.labels import NIH_FINDINGS
 
 FINDINGS = list(NIH_FINDINGS)
 

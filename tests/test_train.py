@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
+from chexnet import train as training
 import retrain
 from conftest import nih_demo, shared
-from labels import NIH_FINDINGS
+from chexnet.labels import NIH_FINDINGS
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
 pytestmark = pytest.mark.slow
@@ -44,7 +45,7 @@ def test_run_writes_every_output(demo_root, tmp_path):
     assert list(preds.columns) == (["Image Index"] + [f"prob_{f}" for f in NIH_FINDINGS]
                                    + list(NIH_FINDINGS))
     entries = pd.read_csv(demo_root / "Data_Entry_2017.csv")
-    test_ids = set(retrain.load_tables(retrain.parse_args(
+    test_ids = set(training.load_tables(retrain.parse_args(
         ["--dataset", "demo", "--data", str(demo_root)]))[0].query("fold == 'test'")["image_id"])
     assert set(preds["Image Index"]) == test_ids and test_ids <= set(entries["Image Index"])
     probs = preds[[f"prob_{f}" for f in NIH_FINDINGS]].to_numpy()
@@ -59,10 +60,10 @@ def test_checkpoint_round_trip_reproduces_predictions(demo_root, tmp_path):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # state dicts only
     assert set(ckpt) >= {"model", "epoch", "val_loss", "config", "findings"}
     cfg = retrain.parse_args(["--dataset", "demo", "--data", str(demo_root), *FAST])
-    table, findings, _ = retrain.load_tables(cfg)
-    net = retrain.build_model(len(findings), str(run / "checkpoint.pt"))
-    loaders = retrain.make_loaders(cfg, table, findings, torch.device("cpu"))
-    _, probs, _, ids = retrain.evaluate(net, loaders["test"], torch.device("cpu"))
+    table, findings, _ = training.load_tables(cfg)
+    net = training.build_model(len(findings), str(run / "checkpoint.pt"))
+    loaders = training.make_loaders(cfg, table, findings, torch.device("cpu"))
+    _, probs, _, ids = training.evaluate(net, loaders["test"], torch.device("cpu"))
     preds = pd.read_csv(run / "preds.csv")
     assert list(preds["Image Index"]) == ids
     np.testing.assert_allclose(preds[[f"prob_{f}" for f in findings]].to_numpy(), probs,
@@ -130,7 +131,7 @@ def test_real_nih_sample_trains_end_to_end(tmp_path, capsys):
     run = tmp_path / "nih"
     assert len((run / "skipped.txt").read_text().split()) == 112_120 - 120
     cfg = retrain.parse_args(args)
-    table, _, _ = retrain.load_tables(cfg)
+    table, _, _ = training.load_tables(cfg)
     assert len(table) == 120
     assert {"00000100_000.png", "00001369_000.png"} <= set(table["image_id"])
     preds = pd.read_csv(run / "preds.csv")
@@ -144,7 +145,7 @@ def test_demo_run_through_the_cache_equals_the_png_run(demo_root, tmp_path, caps
     """prepare_data.py once, then retrain reads the uint8 cache: bitwise the same run."""
     import shutil
 
-    import prepare_data
+    from chexnet import prepare as prepare_data
 
     root = tmp_path / "demo"
     shutil.copytree(demo_root, root)
@@ -170,7 +171,7 @@ def test_cache_on_without_a_cache_says_how_to_build_it(demo_root, tmp_path, caps
 
 
 def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
-    import prepare_data
+    from chexnet import prepare as prepare_data
 
     images = shared("nih", "images")
     entry = shared("nih", "Data_Entry_2017_v2020.csv.gz")
@@ -187,23 +188,23 @@ def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
     assert "reading images from the uint8 cache" in out
     assert "nih: 120 images" in out
     assert len(pd.read_csv(tmp_path / "run" / "preds.csv")) == len(
-        retrain.load_tables(retrain.parse_args(args))[0].query("fold == 'test'"))
+        training.load_tables(retrain.parse_args(args))[0].query("fold == 'test'"))
 
 
 def test_a_final_batch_of_one_image_is_dropped_not_crashing(demo_root, tmp_path):
     """BatchNorm cannot train on one image whose feature map is 1x1 (32 px input)."""
-    from cxr_dataset import drops_single_image
+    from chexnet.data import drops_single_image
 
     assert drops_single_image(33, 16) and not drops_single_image(34, 16)
     assert not drops_single_image(5, 1)
-    table, _, _ = retrain.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+    table, _, _ = training.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(demo_root)]))
     batch = int((table["fold"] == "train").sum()) - 1  # the epoch ends on a single image
     args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name",
             "one", *FAST, "--epochs", "1", "--batch-size", str(batch)]
     assert retrain.main(args) == 0
     cfg = retrain.parse_args(args)
-    loaders = retrain.make_loaders(cfg, *retrain.load_tables(cfg)[:2], torch.device("cpu"))
+    loaders = training.make_loaders(cfg, *training.load_tables(cfg)[:2], torch.device("cpu"))
     assert len(loaders["train"]) == 1
 
 
@@ -213,7 +214,7 @@ def test_a_final_batch_of_one_image_is_dropped_not_crashing(demo_root, tmp_path)
 def scripted_val_losses(monkeypatch, losses):
     """Make fit() see these per-epoch validation losses (the real evaluation still runs, so
     the rest of the run is untouched)."""
-    real = retrain.evaluate
+    real = training.evaluate
 
     def evaluate(model, loader, device, desc="eval", *args, **kw):
         out = real(model, loader, device, desc, *args, **kw)

@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-import retrain
-import visualize_prediction as vp
+from chexnet import cam
+from chexnet import train as training
+from chexnet import heatmaps as vp
+import visualize_prediction as visualize
 from conftest import tiny_run
-from labels import NIH_FINDINGS
-from model import build_model
+from chexnet.labels import NIH_FINDINGS
+from chexnet.model import build_model
 
 
 
@@ -60,7 +62,7 @@ def test_cam_equals_reference_loop_and_forward():
     model = build_model(14, "none").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
-        cams, probs = vp.class_activation_maps(model, x)
+        cams, probs = cam.class_activation_maps(model, x)
         torch.testing.assert_close(probs, torch.sigmoid(model(x)))
         feats = torch.relu(model.features(x))
         w = model.classifier.weight
@@ -78,7 +80,7 @@ def test_gradcam_equals_brute_force_autograd():
     net = _tiny_net()
     x = torch.randn(3, 3, 12, 12)
     ks = [2, 0, 3]
-    maps, probs = vp.grad_cams(net, x, ks)
+    maps, probs = cam.grad_cams(net, x, ks)
     torch.testing.assert_close(probs, torch.sigmoid(net(x)))
     for b, k in enumerate(ks):
         # Textbook Grad-CAM through the whole model: keep the activation's gradient, backprop
@@ -100,7 +102,7 @@ def test_gradcam_equals_brute_force_autograd():
     assert (maps >= 0).all() and maps.max() > 0
     # For a GAP + linear head Grad-CAM is ReLU(CAM) / (h w).
     with torch.no_grad():
-        cams, _ = vp.class_activation_maps(net, x)
+        cams, _ = cam.class_activation_maps(net, x)
     for b, k in enumerate(ks):
         torch.testing.assert_close(maps[b], torch.relu(cams[b, k]) / (6 * 6))
 
@@ -118,17 +120,17 @@ def test_heatmap_is_upsampled_to_the_input():
     net = _tiny_net()
     x = torch.randn(3, 12, 12)
     for method in vp.METHODS:
-        heat = vp.heatmap(net, x, 2, method)
+        heat = cam.heatmap(net, x, 2, method)
         assert heat.shape == (12, 12) and heat.dtype == np.float32
-    assert (vp.heatmap(net, x, 2, "gradcam") >= 0).all()
+    assert (cam.heatmap(net, x, 2, "gradcam") >= 0).all()
     with torch.no_grad():
-        cams, _ = vp.class_activation_maps(net, x[None])
-    cam = vp.heatmap(net, x, 2, "cam")
+        cams, _ = cam.class_activation_maps(net, x[None])
+    one = cam.heatmap(net, x, 2, "cam")
     # Bilinear upsampling (align_corners=False) keeps values within the coarse map's range.
     low, high = float(cams[0, 2].min()), float(cams[0, 2].max())
-    assert low - 1e-5 <= cam.min() and cam.max() <= high + 1e-5
+    assert low - 1e-5 <= one.min() and one.max() <= high + 1e-5
     with pytest.raises(ValueError, match="method"):
-        vp.heatmap(net, x, 2, "lime")
+        cam.heatmap(net, x, 2, "lime")
 
 
 def test_cli_writes_heatmap(tmp_path, capsys):
@@ -138,19 +140,22 @@ def test_cli_writes_heatmap(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96), dtype=np.uint8)).save(
         tmp_path / "x.png")
     out = tmp_path / "h.png"
-    assert vp.main(["--checkpoint", str(tmp_path / "c.pt"), "--image", str(tmp_path / "x.png"),
-                    "--label", "Cardiomegaly", "--out", str(out)]) == 0
+    assert visualize.main(["--checkpoint", str(tmp_path / "c.pt"),
+                           "--image", str(tmp_path / "x.png"),
+                           "--label", "Cardiomegaly", "--out", str(out)]) == 0
     assert Image.open(out).size[0] > 400
     assert "Cardiomegaly" in capsys.readouterr().out
     out.unlink()
-    assert vp.main(["--checkpoint", str(tmp_path / "c.pt"), "--image", str(tmp_path / "x.png"),
-                    "--method", "gradcam", "--out", str(out)]) == 0
+    assert visualize.main(["--checkpoint", str(tmp_path / "c.pt"),
+                           "--image", str(tmp_path / "x.png"),
+                           "--method", "gradcam", "--out", str(out)]) == 0
     assert out.is_file()
     capsys.readouterr()
-    assert vp.main(["--checkpoint", str(tmp_path / "c.pt"), "--image", str(tmp_path / "x.png"),
-                    "--label", "Cardio", "--out", str(out)]) == 2
+    assert visualize.main(["--checkpoint", str(tmp_path / "c.pt"),
+                           "--image", str(tmp_path / "x.png"),
+                           "--label", "Cardio", "--out", str(out)]) == 2
     assert "not a finding of this model" in capsys.readouterr().err
-    assert vp.main(["--checkpoint", str(tmp_path / "c.pt"), "--out", str(out)]) == 2
+    assert visualize.main(["--checkpoint", str(tmp_path / "c.pt"), "--out", str(out)]) == 2
     assert "--image" in capsys.readouterr().err
 
 
@@ -197,25 +202,26 @@ def test_gallery_cli(run_dir, tmp_path, capsys):
     preds = pd.read_csv(run_dir / "preds.csv")
     label = max(NIH_FINDINGS, key=lambda f: (preds[f] == 1).sum())
     boxes = Path(json.loads((run_dir / "config.json").read_text())["data"]) / "BBox_List_2017.csv"
-    assert vp.main(["--run", str(run_dir), "--label", label, "--top", "2", "--out", str(out),
+    assert visualize.main(["--run", str(run_dir), "--label", label, "--top", "2", "--out", str(out),
                     "--boxes", str(boxes)]) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
-    assert vp.main(["--run", str(run_dir), "--out", str(out)]) == 2
+    assert visualize.main(["--run", str(run_dir), "--out", str(out)]) == 2
     assert "needs --label" in capsys.readouterr().err
-    assert vp.main(["--run", str(run_dir), "--label", "Lung Lesion", "--out", str(out)]) == 2
+    assert visualize.main(["--run", str(run_dir), "--label", "Lung Lesion", "--out", str(out)]) == 2
     assert "not a finding of" in capsys.readouterr().err
-    assert vp.main(["--run", str(tmp_path / "nope"), "--label", label, "--out", str(out)]) == 2
+    assert visualize.main(["--run", str(tmp_path / "nope"), "--label", label,
+                           "--out", str(out)]) == 2
     assert str(tmp_path / "nope" / "checkpoint.pt") in capsys.readouterr().err
 
 
 def test_run_config_rebuilds_the_table_and_reports_bad_folders(run_dir, tmp_path):
-    cfg, test = vp.run_test_table(run_dir)
+    cfg, test = training.run_test_table(run_dir)
     preds = pd.read_csv(run_dir / "preds.csv")
     assert cfg.dataset == "demo" and set(test.index) == set(preds["Image Index"])
     assert all(Path(p).is_file() for p in test["path"])
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(vp.DataError, match="config.json"):
-        vp.run_config(tmp_path)
+        training.run_config(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +261,7 @@ def test_reference_map_equals_the_reference_triple_loop():
         head.classifier.bias.uniform_(-2, 2)
     feats = torch.randn(2, 1024, 7, 7)        # negative entries too: the final ReLU matters
     k, prevalence = 9, 0.0925
-    maps, probs = vp.reference_log_odds_maps(head, feats, k, prevalence)
+    maps, probs = cam.reference_log_odds_maps(head, feats, k, prevalence)
     assert maps.shape == (2, 7, 7)
     w = head.classifier.weight.detach().double().numpy()
     b = head.classifier.bias.detach().double().numpy()
@@ -274,13 +280,13 @@ def test_reference_map_of_a_one_cell_densenet_is_the_output_over_prevalence():
     torch.manual_seed(0)
     model = build_model(14, "none").eval()
     x = torch.randn(3, 3, 32, 32)
-    maps, _ = vp.reference_log_odds_maps(model, x, 4, 0.2)
+    maps, _ = cam.reference_log_odds_maps(model, x, 4, 0.2)
     with torch.no_grad():
         expected = torch.log(torch.sigmoid(model(x))[:, 4].double() / 0.2).numpy()
     assert maps.shape == (3, 1, 1)
     np.testing.assert_allclose(maps[:, 0, 0], expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="prevalence"):
-        vp.reference_log_odds_maps(model, x, 4, 0.0)
+        cam.reference_log_odds_maps(model, x, 4, 0.0)
 
 
 def test_training_prevalence_counts_only_the_training_fold():
@@ -304,7 +310,7 @@ def test_training_prevalence_counts_only_the_training_fold():
 def _fold_rates(run_dir: Path) -> pd.DataFrame:
     """Per fold and finding, the fraction of positives: computed here with pandas from the
     run's label table, not with the code under test."""
-    table, findings, _ = retrain.load_tables(retrain.load_run_config(run_dir))
+    table, findings, _ = training.load_tables(training.load_run_config(run_dir))
     return table.groupby("fold")[list(findings)].mean().T          # (findings, folds)
 
 
@@ -448,15 +454,17 @@ def test_reference_cli_prevalence_sources(run_dir, tmp_path, capsys):
     one = ["--style", "reference", "--image", str(tmp_path / "x.png"), "--label", "Effusion",
            "--out", str(tmp_path / "r.png")]
     # A checkpoint that records no training data (e.g. converted): no silent default.
-    assert vp.main([*one, "--checkpoint", str(tmp_path / "c.pt")]) == 2
+    assert visualize.main([*one, "--checkpoint", str(tmp_path / "c.pt")]) == 2
     err = capsys.readouterr().err
     assert "c.pt: records no training data" in err and "--prevalence" in err
     assert "Traceback" not in err
-    assert vp.main([*one, "--checkpoint", str(tmp_path / "c.pt"), "--prevalence", "0.05"]) == 0
+    assert visualize.main([*one, "--checkpoint", str(tmp_path / "c.pt"),
+                           "--prevalence", "0.05"]) == 0
     assert "prevalence of Effusion: 0.0500" in capsys.readouterr().out
     assert Image.open(tmp_path / "r.png").format == "PNG"
     for bad, message in [("1.5", "(0, 1]"), (str(tmp_path / "nope"), "neither a fraction")]:
-        assert vp.main([*one, "--checkpoint", str(tmp_path / "c.pt"), "--prevalence", bad]) == 2
+        assert visualize.main([*one, "--checkpoint", str(tmp_path / "c.pt"),
+                               "--prevalence", bad]) == 2
         assert message in capsys.readouterr().err
     # A retrain.py checkpoint records its data: its training fold is the default, and a run
     # folder given to --prevalence means the same.
@@ -464,16 +472,16 @@ def test_reference_cli_prevalence_sources(run_dir, tmp_path, capsys):
     train_rate = _fold_rates(run_dir).at[label, "train"]
     one[one.index("Effusion")] = label
     for extra in ([], ["--prevalence", str(run_dir)]):
-        assert vp.main([*one, "--checkpoint", str(run_dir / "checkpoint.pt"), *extra]) == 0
+        assert visualize.main([*one, "--checkpoint", str(run_dir / "checkpoint.pt"), *extra]) == 0
         assert f"prevalence of {label}: {train_rate:.4f} (training fold of" in \
             capsys.readouterr().out
-    assert vp.main([*one, "--checkpoint", str(run_dir / "checkpoint.pt"), "--method",
+    assert visualize.main([*one, "--checkpoint", str(run_dir / "checkpoint.pt"), "--method",
                     "gradcam"]) == 2
     assert "--method gradcam" in capsys.readouterr().err
-    assert vp.main(["--checkpoint", str(run_dir / "checkpoint.pt"), "--image",
+    assert visualize.main(["--checkpoint", str(run_dir / "checkpoint.pt"), "--image",
                     str(tmp_path / "x.png"), "--prevalence", "0.1"]) == 2
     assert "only applies to --style reference" in capsys.readouterr().err
     out = tmp_path / "g.png"
-    assert vp.main(["--run", str(run_dir), "--label", label, "--style", "reference", "--top",
+    assert visualize.main(["--run", str(run_dir), "--label", label, "--style", "reference", "--top",
                     "2", "--out", str(out)]) == 0
     assert Image.open(out).format == "PNG"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxr_dataset import ImageReadError, load_xray
+from chexnet.data import ImageReadError, load_xray
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PYDICOM_PIN = "pydicom>=3.0,<4"

@@ -46,11 +46,11 @@ from torch.utils.data import Sampler
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from cxr_dataset import (
+from chexnet.data import (
     DEFAULT_NIH_LABELS, DataError, ImageReadError, drops_single_image, find_chexphoto_root,
     load_xray,
 )
-from labels import IMAGENET_MEAN, IMAGENET_STD
+from chexnet.labels import IMAGENET_MEAN, IMAGENET_STD
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied (version 1 caches may hold sideways photos)
 DEFAULT_SIZE = 224          # the reference recipe's Resize 224 + CenterCrop 224

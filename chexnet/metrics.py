@@ -6,7 +6,7 @@ Conventions shared by every function here:
     y_score  (N, K) float: probabilities or logits (only their order matters for AUC)
     groups   (N,) patient ids, or None: with ids, resampling draws patients, not images
 
-    import metrics
+    from chexnet import metrics
     table = metrics.bootstrap_auc(y_true, y_score, groups=patients, findings=findings)
     print(metrics.format_ci_table(table))          # auc [95% CI]: 0.8383 [0.8300, 0.8460]
 
@@ -612,7 +612,7 @@ def align_preds(path_a: str | Path, path_b: str | Path) -> AlignedPreds:
             file (the message names the first few of each), or ground truth that disagrees.
     """
     # eval_model pulls in torch through cxr_dataset; import it only where files are read.
-    from eval_model import PROB_PREFIX, DataError, read_preds
+    from chexnet.scoring import PROB_PREFIX, DataError, read_preds
 
     frames = []
     for path in (path_a, path_b):

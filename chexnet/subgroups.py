@@ -8,7 +8,7 @@ Conventions (as in metrics.py):
     attributes  DataFrame of N rows, one string column per attribute (`sex`, `age`, `view`,
                 `followup`): each image's subgroup, as `read_attributes` builds it
 
-    import subgroups
+    from chexnet import subgroups
     attrs = subgroups.read_attributes("Data_Entry_2017_v2020.csv.gz", ids)
     table = subgroups.subgroup_auc(y_true, y_score, attrs.table, attrs.patients, findings)
 
@@ -41,9 +41,9 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import precision_recall_curve
 
-import metrics
-from cxr_dataset import DataError, find_chexphoto_root
-from labels import NIH_IMAGE_COL, NIH_NO_FINDING, NIH_PATIENT_COL
+from chexnet import metrics
+from chexnet.data import DataError, find_chexphoto_root
+from chexnet.labels import NIH_IMAGE_COL, NIH_NO_FINDING, NIH_PATIENT_COL
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,0 +1,215 @@
+"""Prepare a dataset for fast training: the label file and a uint8 image cache.
+
+    python prepare_data.py nih --root /data/nih                          # reference split
+    python prepare_data.py nih --root /data/nih --split official         # NIH's own test list
+    python prepare_data.py nih --root data/demo/nih --labels data/demo/nih/Data_Entry_2017.csv \
+        --split random
+    python prepare_data.py chexphoto --root /data/CheXphoto-v1.1
+
+NIH writes ROOT/nih_labels.csv (what retrain.py reads by default):
+  --split reference  reproduce-chexnet's folds (arnoweng/CheXNet's lists): the committed
+                     nih_labels.csv, unchanged, or the labels of --labels FILE with those folds.
+                     The default, except that a --labels file with a fold column keeps its own.
+  --split random     a seeded patient-level 70/10/20 split of the labelled images.
+  --split official   test = ROOT/test_list.txt; the images of ROOT/train_val_list.txt are split
+                     by patient into train (87.5%) and val (12.5%).
+
+Both write the cache ROOT/cache/<S>/ (images.u8, index.csv, done.npy, manifest.json,
+skip.txt; see cxr_cache.py), every core decoding in parallel. --size 224 (default) stores
+exactly what the reference recipe (Resize 224 + CenterCrop 224, flips only) feeds the network;
+--size 256 is for random-crop training (crops of --image-size are drawn from it).
+
+An interrupted run (Ctrl-C, a killed session) resumes where it stopped when rerun. A cache
+built from another labels file is rebuilt, with a message. Missing or undecodable images stop
+the run (exit 2) and are named; --skip-bad leaves them out and lists them in skip.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from chexnet.cache import (
+    DEFAULT_SIZE, DONE, BuildResult, build_cache, cache_dir, default_workers, labels_sha256,
+    peak_rss_mb,
+)
+from chexnet.data import (
+    DEFAULT_NIH_LABELS, DataError, at_least, chexphoto_table, find_chexphoto_root,
+    index_images, nih_labels_table,
+)
+from chexnet.labels import NIH_IMAGE_COL
+
+SPLIT_CHOICES = ("reference", "random", "official")
+
+# --------------------------------------------------------------------------------------------
+# NIH labels
+# --------------------------------------------------------------------------------------------
+def write_nih_labels(root: Path, labels: str | os.PathLike | None = None,
+                     split: str | None = None, seed: int = 0) -> Path:
+    """Write ROOT/nih_labels.csv for the chosen labels and split; returns its path.
+
+    `split` None: the committed file as it is (the reference split), or with `labels` that
+    file's own folds when it has a fold column, else the reference split. A different file
+    already there is kept as nih_labels.csv.bak.
+    """
+    if split is not None and split not in SPLIT_CHOICES:
+        raise ValueError(f"split {split!r}: expected one of {SPLIT_CHOICES}")
+    out = root / "nih_labels.csv"
+    source = Path(labels) if labels else DEFAULT_NIH_LABELS
+    tmp = out.with_name(out.name + ".tmp")
+    if split in (None, "reference") and labels is None:
+        shutil.copyfile(source, tmp)
+    else:  # either schema -> nih_labels.csv columns, folds by the split
+        table = nih_labels_table(source, split, seed, root if split == "official" else None)
+        table.to_csv(tmp, index=False)
+    if out.is_file() and not filecmp.cmp(out, tmp, shallow=False):
+        shutil.copyfile(out, out.with_name(out.name + ".bak"))
+        print(f"{out}: replaced (the previous file is kept as {out.name}.bak)")
+    os.replace(tmp, out)
+    return out
+
+
+def _layout(root: Path, paths: Sequence[str | Path], limit: int = 20) -> list[str]:
+    """The folders (relative to root) the images were found in, for the manifest."""
+    parents = sorted({str(Path(p).parent.relative_to(root)) for p in paths})
+    return parents[:limit] + ([f"... {len(parents) - limit} more"] if len(parents) > limit else [])
+
+
+# --------------------------------------------------------------------------------------------
+# The two datasets
+# --------------------------------------------------------------------------------------------
+def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str | None = None,
+                split: str | None = None, workers: int | None = None, skip_bad: bool = False,
+                seed: int = 0, **build_kw) -> BuildResult:
+    """Write ROOT/nih_labels.csv, then cache every image it lists (see the module docstring).
+
+    `build_kw` goes to `cxr_cache.build_cache` (chunk_size, max_chunks, on_chunk, progress).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: folder not found. Pass --root with the NIH dataset folder.")
+    previous = (root / "nih_labels.csv").read_bytes() if (root / "nih_labels.csv").is_file() \
+        else None
+    folder = cache_dir(root, size)
+    had_cache = folder.exists()
+    labels_file = write_nih_labels(root, labels, split, seed)
+    try:
+        return _cache_nih(root, size, labels_file, split, workers, skip_bad, **build_kw)
+    except DataError:
+        # Nothing cached: leave the folder as it was (no new labels file, no empty cache).
+        if not had_cache and not _has_cached_rows(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            if previous is None:
+                labels_file.unlink(missing_ok=True)
+            else:
+                labels_file.write_bytes(previous)
+        raise
+
+
+def _has_cached_rows(folder: Path) -> bool:
+    done = folder / "done.npy"
+    return done.is_file() and bool((np.load(done) == DONE).any())
+
+
+def _cache_nih(root: Path, size: int, labels_file: Path, split: str | None,
+               workers: int | None, skip_bad: bool, **build_kw) -> BuildResult:
+    """Cache every image the labels file lists (prepare_nih, once the labels are written)."""
+    ids = pd.read_csv(labels_file, usecols=[NIH_IMAGE_COL], dtype=str)[NIH_IMAGE_COL].tolist()
+    found = index_images(root)
+    present = [i for i in ids if i in found]
+    absent = {i: "not found under the data folder" for i in ids if i not in found}
+    paths = [str(found[i]) for i in present]
+    print(f"{labels_file}: {len(ids)} images listed, {len(present)} found under {root}")
+    meta = {"dataset": "nih", "source_root": str(root.resolve()),
+            "labels_files": [labels_file.name], "split": split,
+            "layout": _layout(root, paths)}
+    return build_cache(cache_dir(root, size), present, paths, size, labels_sha256(labels_file),
+                       absent=absent, skip_bad=skip_bad, workers=workers, meta=meta, **build_kw)
+
+
+def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,
+                      workers: int | None = None, skip_bad: bool = False,
+                      **build_kw) -> BuildResult:
+    """Cache every row of CheXphoto's train.csv/valid.csv (all views, all renditions).
+
+    Row ids are the CSV's `Path` column; the cache goes under the folder holding the CSVs.
+    """
+    root = find_chexphoto_root(root)
+    table = chexphoto_table(root, source="all", view="all")
+    label_files = [p for p in (root / "train.csv", root / "valid.csv") if p.is_file()]
+    present = np.array([os.path.isfile(p) for p in table["path"]], dtype=bool)
+    ids = table["image_id"].tolist()
+    absent = {i: "file not found" for i, ok in zip(ids, present) if not ok}
+    kept = table.loc[present]
+    print(f"{root}: {len(table)} images listed in {', '.join(p.name for p in label_files)}, "
+          f"{int(present.sum())} found")
+    meta = {"dataset": "chexphoto", "source_root": str(root.resolve()),
+            "labels_files": [p.name for p in label_files],
+            "layout": sorted(set(kept["rendition"]))}
+    return build_cache(cache_dir(root, size), kept["image_id"].tolist(), kept["path"].tolist(),
+                       size, labels_sha256(label_files), absent=absent, skip_bad=skip_bad,
+                       workers=workers, meta=meta, **build_kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="dataset", required=True)
+    for name in ("nih", "chexphoto"):
+        s = sub.add_parser(name, help=f"prepare {name}")
+        s.add_argument("--root", required=True, help="dataset folder")
+        s.add_argument("--size", type=at_least(1), default=DEFAULT_SIZE,
+                       help="cached image side in pixels (224: the reference recipe; 256: for "
+                       "random-crop training)")
+        s.add_argument("--workers", type=int, default=default_workers(),
+                       help="decoding processes (default: every core)")
+        s.add_argument("--skip-bad", action="store_true",
+                       help="leave out missing or undecodable images (listed in skip.txt) "
+                       "instead of stopping")
+        if name == "nih":
+            s.add_argument("--labels", help="labels file instead of the committed "
+                           "nih_labels.csv (nih_labels.csv or Data_Entry_2017*.csv style)")
+            s.add_argument("--split", choices=SPLIT_CHOICES, default=None,
+                           help="reference: reproduce-chexnet's folds (the committed "
+                           "nih_labels.csv); random: seeded patient-level 70/10/20; official: "
+                           "ROOT/test_list.txt and ROOT/train_val_list.txt. Default: the "
+                           "--labels file's own folds when it has a fold column, else reference")
+            s.add_argument("--seed", type=int, default=0,
+                           help="patient shuffle of --split random and of the official "
+                           "train/val cut")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.dataset == "nih":
+            result = prepare_nih(args.root, args.size, args.labels, args.split, args.workers,
+                                 args.skip_bad, args.seed)
+        else:
+            result = prepare_chexphoto(args.root, args.size, args.workers, args.skip_bad)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rss = peak_rss_mb()
+    print(f"cache: {result.dir} ({result.count} images, {args.size}x{args.size} uint8; "
+          f"{result.decoded} decoded now, {result.count - result.decoded} already done)")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} listed images (ids and reasons in "
+              f"{result.dir / 'skip.txt'})")
+    if result.decoded:
+        memory = (f"; peak RSS {rss['self']:.0f} MiB (main), {rss['children']:.0f} MiB "
+                  "(largest worker)" if rss else "")
+        print(f"{result.wall_seconds:.1f} s with {result.workers} workers; "
+              f"{1000 * result.worker_cpu_seconds / result.decoded:.1f} ms CPU per image{memory}")
+    return 0

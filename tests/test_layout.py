@@ -1,0 +1,151 @@
+"""The code's shape, measured on the tree: one library (chexnet/), scripts that only call it.
+
+- no module imports a command-line script (a file with `if __name__ == "__main__"`), inside a
+  function or not: scripts, benchmarks and the package import only the package;
+- no import cycle among the project's modules (function-local imports included);
+- no function longer than 80 lines;
+- importing the library changes no environment variable.
+Tests are left out of the first two rules: they drive the scripts' `main()` on purpose.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+MAX_FUNCTION_LINES = 80
+
+
+def project_files() -> list[Path]:
+    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "chexnet").glob("*.py"))
+    return files + sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts)
+
+
+def is_script(tree: ast.Module) -> bool:
+    """A top-level `if __name__ == "__main__":`."""
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            names = [n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)]
+            consts = [n.value for n in ast.walk(node.test) if isinstance(n, ast.Constant)]
+            if "__name__" in names and "__main__" in consts:
+                return True
+    return False
+
+
+def imported_modules(tree: ast.Module) -> set[str]:
+    """Every module an import statement names, anywhere in the file (functions included):
+    `from chexnet import train` names both `chexnet` and `chexnet.train`."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def import_graph() -> tuple[dict[str, set[str]], set[str]]:
+    """(module -> the project modules it imports, the modules that are scripts)."""
+    trees = {module_name(p): ast.parse(p.read_text(), filename=str(p)) for p in project_files()}
+    graph = {name: {m for m in imported_modules(tree) if m in trees and m != name}
+             for name, tree in trees.items()}
+    scripts = {name for name, tree in trees.items() if is_script(tree)}
+    return graph, scripts
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}   # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_helpers_see_cycles_and_scripts():
+    """The checks below are only as good as these helpers: try them on known answers."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    assert is_script(ast.parse('import sys\nif __name__ == "__main__":\n    sys.exit(0)\n'))
+    assert not is_script(ast.parse('def main():\n    return __name__ == "__main__"\n'))
+    local = ast.parse("def f():\n    from chexnet import train as t\n    import retrain\n")
+    assert {"chexnet.train", "retrain"} <= imported_modules(local)
+
+
+def test_no_module_imports_a_script():
+    graph, scripts = import_graph()
+    offenders = sorted(f"{name} imports {dep}" for name, deps in graph.items()
+                       for dep in deps if dep in scripts)
+    assert offenders == []
+    # The package holds the logic: none of its modules is itself a script.
+    assert sorted(s for s in scripts if s.startswith("chexnet.")) == []
+
+
+def test_no_import_cycle():
+    graph, _ = import_graph()
+    assert find_cycle(graph) is None
+
+
+def test_the_design_card_files_stay_at_the_top_level():
+    for name in ("retrain.py", "model.py", "cxr_dataset.py", "eval_model.py",
+                 "visualize_prediction.py", "nih_batch_download_zips.py", "nih_labels.csv"):
+        assert (ROOT / name).is_file(), name
+
+
+def long_functions(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [f"{path.name}:{node.lineno} {node.name} "
+            f"({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_longer_than_80_lines(tmp_path):
+    long = tmp_path / "long.py"
+    long.write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert long_functions(long) == [f"long.py:1 f ({MAX_FUNCTION_LINES + 1} lines)"]
+    offenders = [f for p in project_files() for f in long_functions(p)]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("module", ["chexnet.train", "chexnet.data", "chexnet.cache",
+                                    "chexnet.heatmaps", "chexnet.report"])
+def test_importing_the_library_changes_no_environment_variable(module):
+    # The third-party libraries set a few of their own (torch: TORCHINDUCTOR_CACHE_DIR, the
+    # OpenMP runtime: KMP_*): they are imported first, so only the project's own changes count.
+    code = ("import json, os, sys, matplotlib, pandas, sklearn, scipy, torch, torchvision; "
+            "import sklearn.metrics, scipy.stats; before = dict(os.environ); "
+            f"import {module}; "
+            "print(json.dumps(sorted(k for k in set(before) | set(os.environ) "
+            "if before.get(k) != os.environ.get(k))))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
