@@ -35,9 +35,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
+from chexnet.files import sha256_file
 from chexnet.cache import (
-    CacheLoader, batch_transform, build_cache, cache_dir, default_workers, labels_sha256,
-    open_cache, peak_rss_mb,
+    CacheLoader, batch_transform, build_cache, cache_dir, default_workers, open_cache, peak_rss_mb,
 )
 from chexnet.labels import IMAGENET_MEAN, IMAGENET_STD
 
@@ -160,7 +160,7 @@ def measure(args: argparse.Namespace, work: Path, warmup: int) -> SimpleNamespac
     ids = [p.name for p in paths]
     labels_file = work / "labels.txt"  # stands in for the labels file the cache is keyed to
     labels_file.write_text("\n".join(ids) + "\n")
-    sha = labels_sha256(labels_file)
+    sha = sha256_file(labels_file)
     folder = cache_dir(work, args.size)
     rss_start = peak_rss_mb()["self"]
 

@@ -58,10 +58,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from chexnet.files import sha256_file
 from chexnet.cache import (
     CACHE_VERSION, DONE, DONE_FILE, IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, cache_dir,
-    cache_loaders, labels_sha256,
-)
+    cache_loaders, )
 from chexnet.data import DEFAULT_NIH_LABELS
 from chexnet.labels import findings_for
 from chexnet.model import build_model
@@ -376,7 +376,7 @@ def write_cache(root: Path, size: int, table: pd.DataFrame, labels_path: Path,
     np.save(folder / DONE_FILE, np.full(n, DONE, np.uint8))
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest = {"version": CACHE_VERSION, "size": size, "count": n,
-                "labels_sha256": labels_sha256(labels_path), "created": now, "completed": now,
+                "labels_sha256": sha256_file(labels_path), "created": now, "completed": now,
                 "complete": True, "skipped_count": 0, "skipped": [], "dataset": "nih",
                 "source_root": "benchmarks/train_throughput.py (random pixels)"}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -24,7 +24,6 @@ The cache is built by `prepare_data.py` (which calls `build_cache`) and read by 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import os
 import queue
@@ -46,6 +45,7 @@ from torch.utils.data import Sampler
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+from chexnet.files import atomic_write, atomic_write_text, sha256_file
 from chexnet.data import (
     DEFAULT_NIH_LABELS, DataError, ImageReadError, drops_single_image, find_chexphoto_root,
     load_xray,
@@ -72,18 +72,6 @@ class CacheBuildError(DataError):
 def cache_dir(root: str | os.PathLike, size: int) -> Path:
     """`<root>/cache/<size>`: where the cache of a dataset root at one image size lives."""
     return Path(root) / "cache" / str(int(size))
-
-
-def labels_sha256(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
-    """sha256 of a label file (or of several, concatenated in the given order)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    digest = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -115,12 +103,6 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _now() -> str:
@@ -258,18 +240,24 @@ def _reuse_reason(folder: Path, size: int, sha: str, ids: Sequence[str]) -> str 
 def _create(folder: Path, ids: Sequence[str], size: int, manifest: dict) -> None:
     """Fresh, empty cache files. images.u8 is created sparse: no N x S x S buffer in RAM."""
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     index = pd.DataFrame({"row": np.arange(len(ids)), "image_id": list(ids)})
-    _atomic_write_text(folder / INDEX_FILE, index.to_csv(index=False))
-    tmp = folder / (IMAGES_FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        f.truncate(len(ids) * size * size)
-    os.replace(tmp, folder / IMAGES_FILE)
-    done = np.lib.format.open_memmap(folder / (DONE_FILE + ".tmp.npy"), mode="w+",
-                                     dtype=np.uint8, shape=(len(ids),))
+    atomic_write_text(folder / INDEX_FILE, index.to_csv(index=False))
+    atomic_write(folder / IMAGES_FILE, lambda tmp: _sparse_file(tmp, len(ids) * size * size))
+    atomic_write(folder / DONE_FILE, lambda tmp: _zeros_npy(tmp, len(ids)))
+
+
+def _sparse_file(path: Path, n_bytes: int) -> None:
+    """A file of n_bytes zeros that takes no disk space until written (sparse)."""
+    with open(path, "wb") as f:
+        f.truncate(n_bytes)
+
+
+def _zeros_npy(path: Path, n: int) -> None:
+    """An .npy file of n uint8 zeros (the per-row 'done' flags), written without a RAM copy."""
+    done = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n,))
     done.flush()
     del done
-    os.replace(folder / (DONE_FILE + ".tmp.npy"), folder / DONE_FILE)
 
 
 def build_cache(folder: str | os.PathLike, ids: Sequence[str], paths: Sequence[str],
@@ -284,7 +272,7 @@ def build_cache(folder: str | os.PathLike, ids: Sequence[str], paths: Sequence[s
         folder: the cache folder, normally `cache_dir(root, size)`.
         ids, paths: image id and file of every row, in row order (images present on disk).
         size: S, the side of the cached images in pixels.
-        sha: `labels_sha256` of the label file(s) the rows come from; a cache built from
+        sha: `files.sha256_file` of the label file(s) the rows come from; a cache built from
             another labels file, at another size or over other images is deleted and rebuilt
             (with a printed message), never reused.
         absent: listed images not on disk (id -> reason). With `skip_bad` they are recorded in
@@ -412,11 +400,11 @@ def _decode_chunks(tasks: list[_ChunkTask], workers: int, total: int, already: i
 def _finish(folder: Path, manifest: dict, count: int, skipped: dict[str, str]) -> bool:
     """skip.txt and the final manifest; returns whether every row is decoded or skipped."""
     flags = np.load(folder / DONE_FILE)
-    _atomic_write_text(folder / SKIP_FILE, "".join(f"{i}\t{why}\n" for i, why in skipped.items()))
+    atomic_write_text(folder / SKIP_FILE, "".join(f"{i}\t{why}\n" for i, why in skipped.items()))
     manifest.update({"count": count, "complete": bool((flags != TODO).all()),
                      "completed": _now(), "skipped_count": len(skipped),
                      "skipped": list(skipped)})
-    _atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     return manifest["complete"]
 
 
@@ -469,7 +457,7 @@ def open_cache(data_dir: str | os.PathLike, size: int,
     if manifest.get("size") != size:
         return stale(f"its manifest says size {manifest.get('size')}, not {size}")
     files = [labels_path] if isinstance(labels_path, (str, os.PathLike)) else list(labels_path)
-    if manifest.get("labels_sha256") != labels_sha256(files):
+    if manifest.get("labels_sha256") != sha256_file(files):
         return stale("built from another labels file (sha256 differs from that of "
                      f"{', '.join(map(str, files))})")
     try:

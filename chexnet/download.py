@@ -65,6 +65,8 @@ from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
+from chexnet.files import atomic_write, atomic_write_text
+
 # (filename, url) for the 12 archives, in release order. Source: the NIH
 # ChestX-ray14 release's batch_download_zips.py (as copied into
 # jrzech/reproduce-chexnet as nih_batch_download_zips.py).
@@ -190,9 +192,7 @@ def write_sidecar(dest: Path, url: str, size: Optional[int]) -> None:
         size: Total size in bytes, or None when the server did not say.
     """
     path = sidecar_path(dest)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"url": url, "size": size}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"url": url, "size": size}) + "\n")
 
 
 # --------------------------------------------------------------------------
@@ -582,10 +582,7 @@ def extract_archive(path: Path | str, dest: Path | str, progress: bool = True) -
                 src = tar.extractfile(member)
                 if src is None:  # pragma: no cover - isreg() guarantees data
                     continue
-                tmp = target.with_name(target.name + ".tmp")
-                with open(tmp, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK_SIZE)
-                os.replace(tmp, target)
+                atomic_write(target, lambda tmp, src=src: _copy_stream(src, tmp))
                 count += 1
                 bar.update(1)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -598,6 +595,12 @@ def extract_archive(path: Path | str, dest: Path | str, progress: bool = True) -
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
+
+def _copy_stream(src, path: Path) -> None:
+    """An archive member's bytes to `path`, CHUNK_SIZE at a time."""
+    with open(path, "wb") as out:
+        shutil.copyfileobj(src, out, CHUNK_SIZE)
+
 
 def read_url_list(path: Path | str) -> list[tuple[str, str]]:
     """Read a ``filename url`` list (blank lines and ``#`` comments ignored).

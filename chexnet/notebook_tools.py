@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Sequence, TextIO
 
+from chexnet.files import atomic_write
+
 
 def copy_missing(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[int, int]:
     """Copy every file under `src` to the same relative path under `dst`, unless a file of
@@ -35,9 +37,7 @@ def copy_missing(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[int, i
             present += 1
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp, path=path: shutil.copyfile(path, tmp))
         copied += 1
     return copied, present
 

@@ -52,6 +52,7 @@ from chexnet.xray_io import (  # noqa: F401 (is_dicom, load_dicom, window_to_uin
     DICOM_SUFFIXES, is_dicom, load_any, load_dicom, minmax_to_uint8, window_to_uint8,
 )
 from chexnet.cam import class_activation_maps, load_trained
+from chexnet.files import atomic_write
 from chexnet.heatmaps import render
 
 REPO_DIR = Path(__file__).resolve().parents[1]  # the repository (this file is in chexnet/)
@@ -301,12 +302,7 @@ def write_preds_csv(path: Path, ids: Sequence[str], findings: Sequence[str],
     """
     columns = {NIH_IMAGE_COL: list(ids)}
     columns.update({PROB_PREFIX + f: probs[:, k] for k, f in enumerate(findings)})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pd.DataFrame(columns).to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a successful replace
+    atomic_write(path, lambda tmp: pd.DataFrame(columns).to_csv(tmp, index=False))
 
 
 def save_csv(out: Path, paths: Sequence[Path], probs: Sequence[np.ndarray],

@@ -36,9 +36,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from chexnet.files import atomic_write, sha256_file
 from chexnet.cache import (
-    DEFAULT_SIZE, DONE, BuildResult, build_cache, cache_dir, default_workers, labels_sha256,
-    peak_rss_mb,
+    DEFAULT_SIZE, DONE, BuildResult, build_cache, cache_dir, default_workers, peak_rss_mb,
 )
 from chexnet.data import (
     DEFAULT_NIH_LABELS, DataError, at_least, chexphoto_table, find_chexphoto_root,
@@ -63,16 +63,18 @@ def write_nih_labels(root: Path, labels: str | os.PathLike | None = None,
         raise ValueError(f"split {split!r}: expected one of {SPLIT_CHOICES}")
     out = root / "nih_labels.csv"
     source = Path(labels) if labels else DEFAULT_NIH_LABELS
-    tmp = out.with_name(out.name + ".tmp")
-    if split in (None, "reference") and labels is None:
-        shutil.copyfile(source, tmp)
-    else:  # either schema -> nih_labels.csv columns, folds by the split
-        table = nih_labels_table(source, split, seed, root if split == "official" else None)
-        table.to_csv(tmp, index=False)
-    if out.is_file() and not filecmp.cmp(out, tmp, shallow=False):
-        shutil.copyfile(out, out.with_name(out.name + ".bak"))
-        print(f"{out}: replaced (the previous file is kept as {out.name}.bak)")
-    os.replace(tmp, out)
+
+    def write(tmp: Path) -> None:
+        if split in (None, "reference") and labels is None:
+            shutil.copyfile(source, tmp)
+        else:  # either schema -> nih_labels.csv columns, folds by the split
+            table = nih_labels_table(source, split, seed, root if split == "official" else None)
+            table.to_csv(tmp, index=False)
+        if out.is_file() and not filecmp.cmp(out, tmp, shallow=False):
+            shutil.copyfile(out, out.with_name(out.name + ".bak"))
+            print(f"{out}: replaced (the previous file is kept as {out.name}.bak)")
+
+    atomic_write(out, write)
     return out
 
 
@@ -130,7 +132,7 @@ def _cache_nih(root: Path, size: int, labels_file: Path, split: str | None,
     meta = {"dataset": "nih", "source_root": str(root.resolve()),
             "labels_files": [labels_file.name], "split": split,
             "layout": _layout(root, paths)}
-    return build_cache(cache_dir(root, size), present, paths, size, labels_sha256(labels_file),
+    return build_cache(cache_dir(root, size), present, paths, size, sha256_file(labels_file),
                        absent=absent, skip_bad=skip_bad, workers=workers, meta=meta, **build_kw)
 
 
@@ -154,7 +156,7 @@ def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,
             "labels_files": [p.name for p in label_files],
             "layout": sorted(set(kept["rendition"]))}
     return build_cache(cache_dir(root, size), kept["image_id"].tolist(), kept["path"].tolist(),
-                       size, labels_sha256(label_files), absent=absent, skip_bad=skip_bad,
+                       size, sha256_file(label_files), absent=absent, skip_bad=skip_bad,
                        workers=workers, meta=meta, **build_kw)
 
 

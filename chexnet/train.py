@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from chexnet.cache import cache_loaders
+from chexnet.files import atomic_write, sha256_bytes, sha256_file
 from chexnet.data import (
     CXRDataset, DataError, build_transform, chexphoto_table,
     drops_single_image, nih_table, DEFAULT_NIH_LABELS,
@@ -461,14 +461,11 @@ class SaveError(RuntimeError):
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temp file in the same folder, then rename over `path`: a crash or a full disk
-    at any instant leaves the previous file as it was."""
-    tmp = path.with_name(path.name + ".tmp")
+    """`files.atomic_write`, with a SaveError that says what survived and what to do: a crash
+    or a full disk at any instant leaves the previous file as it was."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
         if err.errno == errno.ENOSPC:
             fix = ("Free some space (a checkpoint needs ~60 MB) and run the same command with "
@@ -595,22 +592,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes (the labels file a run was trained on)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_record(cfg: TrainConfig, table: pd.DataFrame) -> dict:
     """What the run was trained on: label source hashes and a hash of the fold assignment."""
     sources = table.attrs.get("sources", [])
     folds = pd.util.hash_pandas_object(table[["image_id", "fold"]], index=False)
-    return {"sources": {str(p): fingerprint(p) for p in sources},
+    return {"sources": {str(p): sha256_file(p) for p in sources},
             "images": int(len(table)),
-            "folds_sha256": hashlib.sha256(folds.to_numpy().tobytes()).hexdigest()}
+            "folds_sha256": sha256_bytes(folds.to_numpy().tobytes())}
 
 
 def environment_record() -> dict:

@@ -14,6 +14,7 @@ from PIL import Image
 from chexnet import cache as cxr_cache
 from chexnet import prepare as prepare_data
 from conftest import ROOT, load_benchmark, make_nih, shared, xray_like
+from chexnet.files import sha256_file
 from chexnet.cache import (
     CacheLoader, batch_transform, cache_dir, open_cache, resize_center_crop,
 )
@@ -44,7 +45,7 @@ def generated_cache(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(ids))
     cxr_cache.build_cache(cache_dir(tmp_path, 24), ids, [folder / i for i in ids], 24,
-                          cxr_cache.labels_sha256(labels), workers=1, progress=False)
+                          sha256_file(labels), workers=1, progress=False)
     cache = open_cache(tmp_path, 24, labels)
     assert cache is not None
     return cache

@@ -19,7 +19,7 @@ def test_copy_missing_copies_once_and_completes_a_partial_copy(tmp_path):
     (dst / "a.png").unlink()
     assert copy_missing(src, dst) == (2, 1)
     assert (dst / "b.png").read_bytes() == b"bb" and (dst / "a.png").read_bytes() == b"aaaa"
-    assert not list(dst.rglob("*.part"))
+    assert not list(dst.rglob("*.tmp")) and not list(dst.rglob("*.part"))
 
 
 def test_stream_passes_stdout_stderr_and_carriage_returns_in_order():

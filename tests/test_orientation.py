@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from chexnet import cache as cxr_cache
+from chexnet.files import sha256_file
 from chexnet import predict
 from chexnet.data import build_transform, load_xray
 
@@ -65,7 +66,7 @@ def test_cache_and_predict_see_the_upright_image(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("tagged.png\nupright.png\n")
     cxr_cache.build_cache(cxr_cache.cache_dir(tmp_path, 32), ["tagged.png", "upright.png"],
-                          [tagged, upright], 32, cxr_cache.labels_sha256(labels), workers=1,
+                          [tagged, upright], 32, sha256_file(labels), workers=1,
                           progress=False)
     rows = np.asarray(cxr_cache.open_cache(tmp_path, 32, labels).images())
     np.testing.assert_array_equal(rows[0], rows[1])
@@ -83,7 +84,7 @@ def test_an_old_cache_version_is_rebuilt(tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("a.png\n")
     folder = cxr_cache.cache_dir(tmp_path, 16)
-    sha = cxr_cache.labels_sha256(labels)
+    sha = sha256_file(labels)
     cxr_cache.build_cache(folder, ["a.png"], [path], 16, sha, workers=1, progress=False)
     manifest = (folder / "manifest.json").read_text()
     (folder / "manifest.json").write_text(manifest.replace('"version": 2', '"version": 1'))

@@ -17,7 +17,8 @@ from PIL import Image
 from chexnet import cache as cxr_cache
 from chexnet import prepare as prepare_data
 from conftest import ROOT, make_nih, save_image, xray_like
-from chexnet.cache import DONE, cache_dir, labels_sha256, open_cache
+from chexnet.files import sha256_file
+from chexnet.cache import DONE, cache_dir, open_cache
 from chexnet.data import DEFAULT_NIH_LABELS, build_transform, load_xray
 from chexnet.labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS
 
@@ -68,7 +69,7 @@ def test_nih_cache_equals_reference_preprocessing(tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["version"] == cxr_cache.CACHE_VERSION and manifest["size"] == 32
     assert manifest["count"] == 8 and manifest["complete"] and manifest["skipped"] == []
-    assert manifest["labels_sha256"] == labels_sha256(tmp_path / "nih_labels.csv")
+    assert manifest["labels_sha256"] == sha256_file(tmp_path / "nih_labels.csv")
     assert manifest["source_root"] == str(tmp_path.resolve()) and manifest["layout"] == ["images"]
     assert manifest["created"] and manifest["dataset"] == "nih"
     assert (np.load(folder / "done.npy") == DONE).all()
