@@ -141,6 +141,9 @@ def _run_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--cache", choices=("auto", "on", "off"), default=d.cache,
                    help="read images from prepare_data.py's uint8 cache: auto = when a valid "
                    "one exists for --image-size (the batches are identical either way)")
+    p.add_argument("--cache-dir", metavar="DIR", default=d.cache_dir,
+                   help="where prepare_data.py --cache-dir put the cache (it reads DIR/<image "
+                   "size>/); default: DATA/cache. For a read-only dataset folder, e.g. Kaggle's")
     p.add_argument("--save-every", type=int, default=d.save_every, help="write last.pt every N "
                    "optimizer steps as well as after every epoch (0: only after epochs)")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -58,6 +59,11 @@ if TYPE_CHECKING:
 
 STYLES = ("heatmap", "reference")     # heatmap: this tool's overlay; reference: reproduce-chexnet's
 REFERENCE_SCALE = (-5.0, 5.0)         # the reference's heatmap(..., vmin=-5, vmax=5)
+TILE_INCHES = 3.2                     # side of a gallery tile's image, in inches
+CAPTION_FONTSIZE = 8                  # tile captions; the gallery's own title is 10 pt
+TITLE_FONTSIZE = 10
+EM_PER_CHAR = 0.6                     # DejaVu Sans: widest mean advance of a caption's letters
+LINE_SPACING = 1.2                    # matplotlib's multi-line text spacing
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,9 +76,47 @@ def _pyplot():
     return plt
 
 
+def wrap_caption(text: str, width: int) -> str:
+    """`text` broken into lines of at most `width` characters: after a space or a '/' (between
+    the findings of a list, between the folders of an image path), and a longer run with
+    neither cut where it must be. Existing line breaks are kept."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for token in re.split(r"(?<=[ /])", paragraph):
+            if line and len((line + token).rstrip()) > width:
+                lines.append(line.rstrip())
+                line = ""
+            line += token
+            while len(line.rstrip()) > width:
+                lines.append(line[:width])
+                line = line[width:]
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def caption_width(inches: float, fontsize: float = CAPTION_FONTSIZE) -> int:
+    """How many characters of `fontsize` text fit on a line `inches` wide."""
+    return max(8, int(inches * 72 / (fontsize * EM_PER_CHAR)))
+
+
+def caption(head: str, truth: Sequence[str] | None, width: int | None = None) -> str:
+    """A tile's caption: `head`, then `truth: A, B, ...` (No Finding for an empty list; no line
+    when the truth is unknown), wrapped to `width` characters when given."""
+    text = head
+    if truth is not None:
+        text += "\ntruth: " + (", ".join(truth) if truth else "No Finding")
+    return wrap_caption(text, width) if width else text
+
+
+def text_height(text: str, fontsize: float) -> float:
+    """Height in inches of `text` (its lines) set at `fontsize`."""
+    return (text.count("\n") + 1) * fontsize * LINE_SPACING / 72
+
+
 def overlay(ax: "Axes", image: np.ndarray, heat: np.ndarray, finding: str, prob: float,
             truth: Sequence[str] | None = None, boxes: Sequence[Sequence[float]] = (),
-            title: str | None = None) -> None:
+            title: str | None = None, wrap: int | None = None) -> None:
     """Draw an X-ray with its heatmap on `ax`.
 
     Args:
@@ -84,15 +128,14 @@ def overlay(ax: "Axes", image: np.ndarray, heat: np.ndarray, finding: str, prob:
         boxes: rectangles to draw (e.g. the finding's ground-truth boxes), each
             (x0, y0, x1, y1) in the image's pixels.
         title: first title line (default: the finding).
+        wrap: break the caption into lines of at most this many characters (`caption`).
     """
     from matplotlib.patches import Rectangle
 
     ax.imshow(image, cmap="gray")
     ax.imshow(heat, cmap="jet", alpha=0.4)
-    lines = [f"{title or finding}: p = {prob:.3f}"]
-    if truth is not None:
-        lines.append("truth: " + (", ".join(truth) if truth else "No Finding"))
-    ax.set_title("\n".join(lines), fontsize=8)
+    ax.set_title(caption(f"{title or finding}: p = {prob:.3f}", truth, wrap),
+                 fontsize=CAPTION_FONTSIZE)
     for x0, y0, x1, y1 in boxes:
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime",
                                linewidth=1.5))
@@ -344,7 +387,7 @@ def reference_examples(run_dir: str | Path, label: str, data: str | None = None,
 
 def _reference_steps(model: nn.Module, findings: list[str], size: int, table: pd.DataFrame,
                      ids: list[str], label: str, p: float) -> Iterator[ReferenceExample]:
-    transform = build_transform(size, train=False)
+    transform = build_transform(size)
     k = findings.index(label)
     for image_id in ids:
         x = transform(load_xray(table.at[image_id, "path"]))                 # (3, S, S)
@@ -419,7 +462,7 @@ def _gallery_maps(model: nn.Module, grays: list[Image.Image], size: int, k: int,
                   prevalence: float | None, batch_size: int) -> np.ndarray:
     """(N, S, S) heatmaps of `method`, or, with a prevalence (reference style), the (N, h, w)
     log-odds grids; computed `batch_size` images at a time."""
-    transform = build_transform(size, train=False)
+    transform = build_transform(size)
     maps = []
     for start in range(0, len(grays), batch_size):
         batch = torch.stack([transform(g) for g in grays[start:start + batch_size]])
@@ -476,33 +519,42 @@ def gallery_figure(run_dir: str | Path, label: str, top: int, method: str = "cam
 def _gallery_grid(title: str, label: str, ids: list[str], grays: list[Image.Image], size: int,
                   maps: np.ndarray, probs: list[float], truths: list[list[str] | None],
                   boxes_of: dict[str, list], reference: bool) -> "Figure":
-    """Draw the tiles (`overlay`, or `draw_log_odds_grid` + one colour bar when `reference`)."""
+    """Draw the tiles (`overlay`, or `draw_log_odds_grid` + one colour bar when `reference`).
+
+    Every caption (image id, probability, ground truth) is wrapped to its tile's width, and
+    each row of tiles is given the height of its longest caption, so that no caption runs over
+    a neighbour or off the figure, however many findings an image has.
+    """
     plt = _pyplot()
     n = len(ids)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + reference, 3.5 * rows),
-                             squeeze=False, layout="constrained" if reference else None)
-    transform = build_transform(size, train=False)
+    width = caption_width(TILE_INCHES - 0.3)
+    heads = ([f"{i}: p = {p:.3f}" for i, p in zip(ids, probs)] if not reference else
+             [f"{i}\nP({label})={p:.3f}" for i, p in zip(ids, probs)])
+    captions = [caption(h, t, width) for h, t in zip(heads, truths)]
+    fig_width = TILE_INCHES * cols + reference
+    title = wrap_caption(title, caption_width(fig_width - 0.2, TITLE_FONTSIZE))
+    row_heights = [max(text_height(c, CAPTION_FONTSIZE) for c in captions[r * cols:(r + 1) * cols])
+                   + TILE_INCHES for r in range(rows)]
+    height = sum(row_heights) + text_height(title, TITLE_FONTSIZE) + 0.2
+    fig, axes = plt.subplots(rows, cols, figsize=(fig_width, height), squeeze=False,
+                             layout="constrained")
+    transform = build_transform(size)
     for t, ax in enumerate(axes.flat):
         if t >= n:
             fig.delaxes(ax)  # so that fig.axes holds exactly one Axes per tile
             continue
         if not reference:
             overlay(ax, model_view(grays[t], size), maps[t], label, probs[t], truths[t],
-                    boxes_of[ids[t]], title=ids[t])
+                    boxes_of[ids[t]], title=ids[t], wrap=width)
             continue
         mesh = draw_log_odds_grid(ax, denormalise(transform(grays[t])), maps[t],
                                   boxes_of[ids[t]], fontsize=6)
-        lines = [ids[t], f"P({label})={probs[t]:.3f}"]
-        if truths[t] is not None:
-            lines.append("truth: " + (", ".join(truths[t]) if truths[t] else "No Finding"))
-        ax.set_title("\n".join(lines), fontsize=8)
-    fig.suptitle(title, fontsize=10)
+        ax.set_title(captions[t], fontsize=CAPTION_FONTSIZE)
+    fig.suptitle(title, fontsize=TITLE_FONTSIZE)
     if reference:
         fig.colorbar(mesh, ax=axes.flat[:n], shrink=0.8, label="log(P(region) / prevalence)")
-    else:
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for suptitle
     return fig
 
 

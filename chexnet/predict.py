@@ -16,7 +16,7 @@ stderr), so that every row is unambiguous. With --heatmap DIR, also writes a cla
 map (CAM) of the most probable finding per image, `DIR/<image>_<finding>.png`.
 
 Preprocessing is exactly the dataset's: the file becomes an 8-bit greyscale image, then
-`cxr_dataset.build_transform(S, train=False)` with the checkpoint's image size S. DICOM files
+`data.build_transform(S)` with the checkpoint's image size S. DICOM files
 are turned into 8-bit greyscale the way a viewer shows them (see `load_dicom`).
 
 Unreadable files (missing, corrupt, not an image, multi-frame or colour DICOM) are reported on
@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -166,7 +167,7 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, list[str], int]:
 
 def preprocess(gray: Image.Image, image_size: int) -> torch.Tensor:
     """The evaluation transform of the dataset. Returns a (1, 3, S, S) normalised batch."""
-    return build_transform(image_size, train=False)(gray)[None]
+    return build_transform(image_size)(gray)[None]
 
 
 def predict_probs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -281,13 +282,19 @@ def check_out_path(path: Path) -> str | None:
         return f"{path}: {folder} {what}. Create the folder first, or choose another --out."
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{path}: the folder {folder} is not writable. Choose another --out."
+    try:  # a scratch file: what os.access misses (a read-only mount seen as root, a full disk)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return (f"{path}: cannot write in the folder {folder} ({err.strerror or err}). Choose "
+                "a writable place with --out.")
     return None
 
 
 def write_preds_csv(path: Path, ids: Sequence[str], findings: Sequence[str],
                     probs: np.ndarray) -> None:
     """`Image Index`, then `prob_<F>` per finding in the given order: reproduce-chexnet's
-    preds.csv, as retrain.write_preds_csv writes it minus the ground truth (there is none here),
+    preds.csv, as train.write_preds_csv writes it minus the ground truth (there is none here),
     so that eval_model.py and the notebooks read it unchanged.
 
     Written to a temp file in the same folder and renamed over `path` (atomic on one file

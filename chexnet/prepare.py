@@ -6,7 +6,7 @@
         --split random
     python prepare_data.py chexphoto --root /data/CheXphoto-v1.1
 
-NIH writes ROOT/nih_labels.csv (what retrain.py reads by default):
+NIH writes ROOT/nih_labels.csv (what retrain.py reads by default; --labels-out FILE elsewhere):
   --split reference  reproduce-chexnet's folds (arnoweng/CheXNet's lists): the committed
                      nih_labels.csv, unchanged, or the labels of --labels FILE with those folds.
                      The default, except that a --labels file with a fold column keeps its own.
@@ -15,9 +15,16 @@ NIH writes ROOT/nih_labels.csv (what retrain.py reads by default):
                      by patient into train (87.5%) and val (12.5%).
 
 Both write the cache ROOT/cache/<S>/ (images.u8, index.csv, done.npy, manifest.json,
-skip.txt; see cxr_cache.py), every core decoding in parallel. --size 224 (default) stores
-exactly what the reference recipe (Resize 224 + CenterCrop 224, flips only) feeds the network;
---size 256 is for random-crop training (crops of --image-size are drawn from it).
+skip.txt; see chexnet/cache.py), every core decoding in parallel. --image-size 224 (default) stores
+exactly what the reference recipe (Resize 224 + CenterCrop 224, flips only) feeds the network,
+the same --image-size as retrain.py's (--size, its old name, still works).
+
+A read-only dataset folder (Kaggle's /kaggle/input, a shared drive): write the labels file and
+the cache elsewhere, and give retrain.py the same places:
+    python prepare_data.py nih --root /kaggle/input/nih --labels-out nih_labels.csv \
+        --cache-dir cache
+    python retrain.py --dataset nih --data /kaggle/input/nih --labels nih_labels.csv \
+        --cache-dir cache
 
 An interrupted run (Ctrl-C, a killed session) resumes where it stopped when rerun. A cache
 built from another labels file is rebuilt, with a message. Missing or undecodable images stop
@@ -26,6 +33,7 @@ the run (exit 2) and are named; --skip-bad leaves them out and lists them in ski
 from __future__ import annotations
 
 import argparse
+import errno
 import filecmp
 import os
 import shutil
@@ -52,16 +60,17 @@ SPLIT_CHOICES = ("reference", "random", "official")
 # NIH labels
 # --------------------------------------------------------------------------------------------
 def write_nih_labels(root: Path, labels: str | os.PathLike | None = None,
-                     split: str | None = None, seed: int = 0) -> Path:
-    """Write ROOT/nih_labels.csv for the chosen labels and split; returns its path.
+                     split: str | None = None, seed: int = 0,
+                     out: str | os.PathLike | None = None) -> Path:
+    """Write ROOT/nih_labels.csv (or `out`) for the chosen labels and split; returns its path.
 
     `split` None: the committed file as it is (the reference split), or with `labels` that
     file's own folds when it has a fold column, else the reference split. A different file
-    already there is kept as nih_labels.csv.bak.
+    already there is kept as nih_labels.csv.bak (`out`.bak).
     """
     if split is not None and split not in SPLIT_CHOICES:
         raise ValueError(f"split {split!r}: expected one of {SPLIT_CHOICES}")
-    out = root / "nih_labels.csv"
+    out = Path(out) if out is not None else root / "nih_labels.csv"
     source = Path(labels) if labels else DEFAULT_NIH_LABELS
 
     def write(tmp: Path) -> None:
@@ -89,21 +98,34 @@ def _layout(root: Path, paths: Sequence[str | Path], limit: int = 20) -> list[st
 # --------------------------------------------------------------------------------------------
 def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str | None = None,
                 split: str | None = None, workers: int | None = None, skip_bad: bool = False,
-                seed: int = 0, **build_kw) -> BuildResult:
+                seed: int = 0, labels_out: str | os.PathLike | None = None,
+                cache_base: str | os.PathLike | None = None, **build_kw) -> BuildResult:
     """Write ROOT/nih_labels.csv, then cache every image it lists (see the module docstring).
 
-    `build_kw` goes to `cxr_cache.build_cache` (chunk_size, max_chunks, on_chunk, progress).
+    `labels_out`: the labels file to write instead of ROOT/nih_labels.csv; `cache_base`: the
+    folder of the cache instead of ROOT/cache (--labels-out and --cache-dir, for a read-only
+    dataset folder). `build_kw` goes to `cache.build_cache` (chunk_size, max_chunks,
+    on_chunk, progress).
+
+    Raises:
+        DataError: also when the labels file or the cache cannot be written (a read-only or
+            full folder), naming it and the option that moves it.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: folder not found. Pass --root with the NIH dataset folder.")
-    previous = (root / "nih_labels.csv").read_bytes() if (root / "nih_labels.csv").is_file() \
-        else None
-    folder = cache_dir(root, size)
+    out = Path(labels_out) if labels_out is not None else root / "nih_labels.csv"
+    previous = out.read_bytes() if out.is_file() else None
+    folder = cache_dir(root, size, cache_base)
     had_cache = folder.exists()
-    labels_file = write_nih_labels(root, labels, split, seed)
     try:
-        return _cache_nih(root, size, labels_file, split, workers, skip_bad, **build_kw)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        labels_file = write_nih_labels(root, labels, split, seed, out)
+    except OSError as err:
+        raise _labels_unwritable(root, out, err, labels_out is None and cache_base is None) \
+            from err
+    try:
+        return _cache_nih(root, size, labels_file, split, workers, skip_bad, folder, **build_kw)
     except DataError:
         # Nothing cached: leave the folder as it was (no new labels file, no empty cache).
         if not had_cache and not _has_cached_rows(folder):
@@ -115,13 +137,49 @@ def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str |
         raise
 
 
+def _why(err: OSError) -> str:
+    """What went wrong, in words: `Permission denied`, `No space left on device`."""
+    return (err.strerror or os.strerror(err.errno)) if err.errno else str(err)
+
+
+def _labels_unwritable(root: Path, out: Path, err: OSError, both_default: bool) -> DataError:
+    """The labels file cannot be written: say where, and --labels-out (with --cache-dir too
+    when the cache would go to the same unwritable dataset folder)."""
+    if err.errno == errno.ENOSPC:
+        return DataError(f"cannot write the labels file {out}: {_why(err)}. Free some space, "
+                         "or pass --labels-out FILE on another disk.")
+    if both_default and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = (f"The dataset folder {root} is not writable (read-only, as Kaggle's input "
+               "folder is?): pass --labels-out FILE and --cache-dir DIR to write the labels "
+               "file and the image cache to a writable place, e.g. --labels-out "
+               "nih_labels.csv --cache-dir cache, then train with retrain.py --labels FILE "
+               "--cache-dir DIR.")
+    else:
+        fix = ("Choose a writable place with --labels-out FILE (then train with retrain.py "
+               "--labels FILE).")
+    return DataError(f"cannot write the labels file {out}: {_why(err)}. {fix}")
+
+
+def _build(folder: Path, *args, **kwargs) -> BuildResult:
+    """`build_cache` into `folder`; a folder that cannot be written (read-only, as Kaggle's
+    input is, or full) becomes a DataError that names it and --cache-dir."""
+    try:
+        return build_cache(folder, *args, **kwargs)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and Path(err.filename) != folder else ""
+        raise DataError(
+            f"cannot write the image cache in {folder}: {_why(err)}{where}. Pass --cache-dir "
+            "DIR to put it in a writable folder (the cache goes to DIR/<image size>/), and give "
+            "retrain.py the same --cache-dir DIR.") from err
+
+
 def _has_cached_rows(folder: Path) -> bool:
     done = folder / "done.npy"
     return done.is_file() and bool((np.load(done) == DONE).any())
 
 
 def _cache_nih(root: Path, size: int, labels_file: Path, split: str | None,
-               workers: int | None, skip_bad: bool, **build_kw) -> BuildResult:
+               workers: int | None, skip_bad: bool, folder: Path, **build_kw) -> BuildResult:
     """Cache every image the labels file lists (prepare_nih, once the labels are written)."""
     ids = pd.read_csv(labels_file, usecols=[NIH_IMAGE_COL], dtype=str)[NIH_IMAGE_COL].tolist()
     found = index_images(root)
@@ -132,16 +190,17 @@ def _cache_nih(root: Path, size: int, labels_file: Path, split: str | None,
     meta = {"dataset": "nih", "source_root": str(root.resolve()),
             "labels_files": [labels_file.name], "split": split,
             "layout": _layout(root, paths)}
-    return build_cache(cache_dir(root, size), present, paths, size, sha256_file(labels_file),
-                       absent=absent, skip_bad=skip_bad, workers=workers, meta=meta, **build_kw)
+    return _build(folder, present, paths, size, sha256_file(labels_file),
+                  absent=absent, skip_bad=skip_bad, workers=workers, meta=meta, **build_kw)
 
 
 def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,
                       workers: int | None = None, skip_bad: bool = False,
-                      **build_kw) -> BuildResult:
+                      cache_base: str | os.PathLike | None = None, **build_kw) -> BuildResult:
     """Cache every row of CheXphoto's train.csv/valid.csv (all views, all renditions).
 
-    Row ids are the CSV's `Path` column; the cache goes under the folder holding the CSVs.
+    Row ids are the CSV's `Path` column; the cache goes under the folder holding the CSVs, or
+    under `cache_base` (--cache-dir).
     """
     root = find_chexphoto_root(root)
     table = chexphoto_table(root, source="all", view="all")
@@ -155,14 +214,24 @@ def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,
     meta = {"dataset": "chexphoto", "source_root": str(root.resolve()),
             "labels_files": [p.name for p in label_files],
             "layout": sorted(set(kept["rendition"]))}
-    return build_cache(cache_dir(root, size), kept["image_id"].tolist(), kept["path"].tolist(),
-                       size, sha256_file(label_files), absent=absent, skip_bad=skip_bad,
-                       workers=workers, meta=meta, **build_kw)
+    return _build(cache_dir(root, size, cache_base), kept["image_id"].tolist(),
+                  kept["path"].tolist(), size, sha256_file(label_files), absent=absent,
+                  skip_bad=skip_bad, workers=workers, meta=meta, **build_kw)
 
 
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+class _OldName(argparse.Action):
+    """An option's old name: sets the new option's value, with a note on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"note: {option_string} is now called {new} (as in retrain.py); the old name "
+              "still works for now.", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,9 +239,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("nih", "chexphoto"):
         s = sub.add_parser(name, help=f"prepare {name}")
         s.add_argument("--root", required=True, help="dataset folder")
-        s.add_argument("--size", type=at_least(1), default=DEFAULT_SIZE,
-                       help="cached image side in pixels (224: the reference recipe; 256: for "
-                       "random-crop training)")
+        s.add_argument("--image-size", type=at_least(1), default=DEFAULT_SIZE,
+                       help="cached image side in pixels: retrain.py's --image-size (224, the "
+                       "default: the reference recipe)")
+        s.add_argument("--size", type=at_least(1), dest="image_size", default=argparse.SUPPRESS,
+                       action=_OldName, help=argparse.SUPPRESS)  # --image-size's old name
+        s.add_argument("--cache-dir", metavar="DIR",
+                       help="put the cache in DIR/<image size>/ instead of ROOT/cache/ (a "
+                       "read-only dataset folder); give retrain.py the same --cache-dir")
         s.add_argument("--workers", type=int, default=default_workers(),
                        help="decoding processes (default: every core)")
         s.add_argument("--skip-bad", action="store_true",
@@ -181,6 +255,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if name == "nih":
             s.add_argument("--labels", help="labels file instead of the committed "
                            "nih_labels.csv (nih_labels.csv or Data_Entry_2017*.csv style)")
+            s.add_argument("--labels-out", metavar="FILE",
+                           help="write the labels file here instead of ROOT/nih_labels.csv (a "
+                           "read-only dataset folder); give it to retrain.py as --labels FILE")
             s.add_argument("--split", choices=SPLIT_CHOICES, default=None,
                            help="reference: reproduce-chexnet's folds (the committed "
                            "nih_labels.csv); random: seeded patient-level 70/10/20; official: "
@@ -196,15 +273,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.dataset == "nih":
-            result = prepare_nih(args.root, args.size, args.labels, args.split, args.workers,
-                                 args.skip_bad, args.seed)
+            result = prepare_nih(args.root, args.image_size, args.labels, args.split,
+                                 args.workers, args.skip_bad, args.seed,
+                                 labels_out=args.labels_out, cache_base=args.cache_dir)
         else:
-            result = prepare_chexphoto(args.root, args.size, args.workers, args.skip_bad)
+            result = prepare_chexphoto(args.root, args.image_size, args.workers, args.skip_bad,
+                                       cache_base=args.cache_dir)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rss = peak_rss_mb()
-    print(f"cache: {result.dir} ({result.count} images, {args.size}x{args.size} uint8; "
+    size = args.image_size
+    print(f"cache: {result.dir} ({result.count} images, {size}x{size} uint8; "
           f"{result.decoded} decoded now, {result.count - result.decoded} already done)")
     if result.skipped:
         print(f"skipped {len(result.skipped)} listed images (ids and reasons in "
@@ -214,4 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "(largest worker)" if rss else "")
         print(f"{result.wall_seconds:.1f} s with {result.workers} workers; "
               f"{1000 * result.worker_cpu_seconds / result.decoded:.1f} ms CPU per image{memory}")
+    moved = ([f"--labels {args.labels_out}"] if getattr(args, "labels_out", None) else []) + \
+        ([f"--cache-dir {args.cache_dir}"] if args.cache_dir else [])
+    if moved:
+        print(f"train from it with: python retrain.py --dataset {args.dataset} --data "
+              f"{args.root} --image-size {size} " + " ".join(moved))
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import errno
 import html
 import io
 import json
@@ -308,7 +309,9 @@ def plot_auc_forest(ci: pd.DataFrame, published: bool) -> Figure:
     auc = rows["auc"].to_numpy(np.float64)
     err = np.vstack([auc - rows["ci_low"].to_numpy(np.float64),
                      rows["ci_high"].to_numpy(np.float64) - auc])
-    ax.errorbar(auc, y, xerr=np.nan_to_num(err), fmt="o", color="C0", capsize=3,
+    # A percentile interval need not contain the AUC itself (few resamples, a skewed bootstrap
+    # distribution): that side's bar is then drawn empty, not refused by matplotlib.
+    ax.errorbar(auc, y, xerr=np.clip(np.nan_to_num(err), 0, None), fmt="o", color="C0", capsize=3,
                 label="this run (95% CI)", gid="run")
     if published:
         for i, (source, marker) in enumerate(zip(PUBLISHED_SHOWN, ("s", "^"))):
@@ -631,6 +634,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, n_boot: int
     run = read_run(run_dir)
     other = read_run(compare_to) if compare_to is not None else None
     out = Path(out) if out is not None else run.path / "report.html"
+    check_writable(out)  # at once, not after minutes of bootstrap
     ci, how = auc_ci_table(run, n_boot, seed)
     sections = [config_section(run), convergence_section(run, dpi),
                 aucs_section(run, ci, how, dpi), roc_section(run, ci, dpi),
@@ -662,9 +666,39 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, n_boot: int
                                             for k, v in headline) + "</div>",
         "<nav>" + "".join(f'<a href="#{s}">{_esc(SECTIONS[s])}</a>' for s in ids) + "</nav>",
         "</header><main>", *sections, "</main></body></html>", ""])
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    training.atomic_write_text(page, out)
+    try:
+        training.atomic_write_text(page, out)
+    except (OSError, training.SaveError) as err:
+        cause = err.__cause__ if isinstance(err.__cause__, OSError) else err
+        raise unwritable(out, cause) from err
     return out
+
+
+def unwritable(out: Path, err: BaseException) -> DataError:
+    """The report cannot be written at `out`: say where, why, and that --out moves it."""
+    why = getattr(err, "strerror", None) or str(err)
+    first = ("Free some space, or choose" if getattr(err, "errno", None) == errno.ENOSPC
+             else "Choose")
+    return DataError(f"cannot write the report {out}: {why}. {first} a writable place with "
+                     "--out FILE.html (default: RUN/report.html).")
+
+
+def check_writable(out: Path) -> None:
+    """Create the folder of `out` and a scratch file in it, so that a read-only, full or
+    mistyped place is reported before the report is computed.
+
+    Raises:
+        DataError: naming `out` and --out.
+    """
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give the report's file name, e.g. "
+                        f"--out {out / 'report.html'}.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        raise unwritable(out, err) from err
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -170,3 +170,21 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value, 
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "data folder" not in err
+
+
+@pytest.mark.parametrize("value,shown", [(2, "holds 2;"), (0.5, "holds 0.5;")])
+def test_a_bad_label_value_is_shown_as_a_plain_number(tmp_path, capsys, value, shown):
+    """numpy 2 scalars repr as np.int64(2): a message shows the number as the file has it."""
+    from chexnet import prepare
+    from conftest import make_nih
+
+    make_nih(tmp_path, n=4, shapes=[("L", 40, 40)], folds=True)
+    labels = pd.read_csv(tmp_path / "labels.csv")
+    labels["Mass"] = labels["Mass"].astype(type(value))
+    labels.loc[1, "Mass"] = value
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    assert prepare.main(["nih", "--root", str(tmp_path), "--labels", str(tmp_path / "labels.csv"),
+                         "--image-size", "16", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'labels.csv'}: row 3, column 'Mass' {shown}" in err
+    assert "np.int64" not in err and "np.float64" not in err

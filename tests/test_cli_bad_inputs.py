@@ -1,10 +1,16 @@
 """Every command line, run as a user runs it (a subprocess), on the bad inputs of issue 12:
-a non-zero exit, a message naming the file or value, and never a Python traceback."""
+a non-zero exit, a message naming the file or value, and never a Python traceback.
+
+A read-only folder (Kaggle's /kaggle/input, a shared drive) cannot be made with chmod when the
+tests run as root: those cases run the command through READ_ONLY, which refuses every write
+under one folder with PermissionError, as a read-only mount does.
+"""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +22,40 @@ from conftest import ROOT, reference_densenet
 from chexnet.labels import NIH_FINDINGS
 
 pytestmark = pytest.mark.slow  # one Python process (and a torch import) per case
+
+# python -c READ_ONLY FOLDER SCRIPT ARGS...: run SCRIPT with every write under FOLDER refused.
+READ_ONLY = """
+import builtins, errno, io, os, runpy, sys
+top = os.path.realpath(sys.argv[1])
+def under(path):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return False
+    path = os.path.realpath(os.fsdecode(path))
+    return path == top or path.startswith(top + os.sep)
+def deny(path):
+    raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+real_open, real_os_open = builtins.open, os.open
+def open_(file, mode="r", *args, **kwargs):
+    if set(mode) & set("wax+") and under(file):
+        deny(file)
+    return real_open(file, mode, *args, **kwargs)
+def os_open(path, flags, *args, **kwargs):
+    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+        deny(path)
+    return real_os_open(path, flags, *args, **kwargs)
+def refusing(real):
+    def call(path, *args, **kwargs):
+        if under(path) or (args and under(args[0])):
+            deny(path)
+        return real(path, *args, **kwargs)
+    return call
+builtins.open = io.open = open_
+os.open = os_open
+for name in ("mkdir", "replace", "rename", "remove", "unlink", "rmdir"):
+    setattr(os, name, refusing(getattr(os, name)))
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +75,52 @@ def files(tmp_path_factory):
         root / "duplicates.csv", index=False)
     (root / "not_an_image.png").write_bytes(b"this is text")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "ok.png")
+    # A finished run as report.py reads it (only preds.csv), a project checkpoint for
+    # predict.py, and the folder READ_ONLY locks.
+    (root / "run").mkdir()
+    preds.assign(**{f: [0, 1] for f in NIH_FINDINGS},
+                 **{f"prob_{f}": [0.2, 0.7] for f in NIH_FINDINGS}).to_csv(
+        root / "run" / "preds.csv", index=False)
+    from chexnet.model import build_model
+
+    torch.manual_seed(0)
+    torch.save({"model": build_model(len(NIH_FINDINGS), "none").state_dict(),
+                "config": {"image_size": 32, "dataset": "nih"}, "findings": list(NIH_FINDINGS)},
+               root / "checkpoint.pt")
+    (root / "locked").mkdir()
     return root
 
 
 def cases(root):
-    """(name, argv after the script, text the message must contain)."""
-    demo = root / "demo"
-    return [
+    """(name, argv after the script, text(s) the message must contain, folder READ_ONLY locks
+    or None)."""
+    demo, locked = root / "demo", root / "locked"
+    entries = str(demo / "Data_Entry_2017.csv")
+    prepare = ["prepare_data.py", "nih", "--root", str(demo), "--labels", entries, "--split",
+               "random", "--image-size", "16", "--workers", "1"]
+    read_only = [
+        ("report read-only out", ["report.py", str(root / "run"), "--out",
+                                  str(locked / "r.html"), "--n-boot", "5"],
+         (f"cannot write the report {locked / 'r.html'}: Permission denied",
+          "Choose a writable place with --out"), locked),
+        ("predict read-only out", ["predict.py", str(root / "ok.png"), "--checkpoint",
+                                   str(root / "checkpoint.pt"), "--out",
+                                   str(locked / "preds.csv")],
+         (f"{locked / 'preds.csv'}: cannot write in the folder {locked} (Permission denied)",
+          "Choose a writable place with --out"), locked),
+        ("prepare read-only dataset", prepare,
+         (f"cannot write the labels file {demo / 'nih_labels.csv'}: Permission denied",
+          f"The dataset folder {demo} is not writable", "--labels-out FILE and --cache-dir DIR"),
+         demo),
+        ("prepare read-only dataset, --cache-dir", [*prepare, "--cache-dir", str(root / "c")],
+         (f"cannot write the labels file {demo / 'nih_labels.csv'}",
+          "Choose a writable place with --labels-out FILE"), demo),
+        ("prepare read-only dataset, --labels-out",
+         [*prepare, "--labels-out", str(root / "l.csv")],
+         (f"cannot write the image cache in {demo / 'cache' / '16'}: Permission denied",
+          "Pass --cache-dir DIR"), demo),
+    ]
+    return [(name, argv, expected, None) for name, argv, expected in [
         ("retrain image size 0", ["retrain.py", "--dataset", "demo", "--data", str(demo),
                                   "--image-size", "0"], "--image-size: 0 is too small"),
         ("retrain epochs 0", ["retrain.py", "--dataset", "demo", "--data", str(demo),
@@ -63,26 +142,51 @@ def cases(root):
                                 str(root / "pickled_model.pt")], "pickled_model.pt"),
         ("prepare size 0", ["prepare_data.py", "nih", "--root", str(demo), "--size", "0"],
          "--size: 0 is too small"),
+        ("prepare image size 0", ["prepare_data.py", "nih", "--root", str(demo),
+                                  "--image-size", "0"], "--image-size: 0 is too small"),
         ("prepare nothing found", ["prepare_data.py", "nih", "--root", str(root / "out"),
                                    "--labels", str(demo / "Data_Entry_2017.csv"), "--split",
-                                   "random", "--size", "16", "--workers", "1"],
+                                   "random", "--image-size", "16", "--workers", "1"],
          "not under the data folder"),
         ("visualize missing checkpoint", ["visualize_prediction.py", "--checkpoint",
                                           str(root / "absent.pt"), "--image",
                                           str(root / "ok.png")], "absent.pt"),
         ("plot missing run", ["plot_training.py", str(root / "absent_run"), "--out",
                               str(root / "curves.png")], "absent_run"),
-    ]
+    ]] + read_only
 
 
-@pytest.mark.parametrize("index", range(12))
-def test_cli_bad_input_is_a_message_not_a_traceback(files, index):
-    name, argv, expected = cases(files)[index]
-    (files / "out").mkdir(exist_ok=True)
-    done = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
+def run_cli(argv: list[str], read_only: Path | None = None) -> subprocess.CompletedProcess:
+    """A script of the repository with its arguments, in a fresh Python (through READ_ONLY
+    when a folder is to be read-only)."""
+    command = [sys.executable, str(ROOT / argv[0]), *argv[1:]]
+    if read_only is not None:
+        command = [sys.executable, "-c", READ_ONLY, str(read_only), *command[1:]]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.parametrize("name", [case[0] for case in cases(Path("/files"))])
+def test_cli_bad_input_is_a_message_not_a_traceback(files, name):
+    _, argv, expected, read_only = next(c for c in cases(files) if c[0] == name)
+    (files / "out").mkdir(exist_ok=True)
+    done = run_cli(argv, read_only)
     output = done.stdout + done.stderr
     assert done.returncode != 0, f"{name}: exit 0\n{output[-2000:]}"
-    assert expected in output, f"{name}: {expected!r} not in\n{output[-2000:]}"
+    for text in [expected] if isinstance(expected, str) else expected:
+        assert text in output, f"{name}: {text!r} not in\n{output[-2000:]}"
     assert "Traceback" not in output, f"{name}:\n{output[-3000:]}"
+
+
+def test_prepare_read_only_dataset_with_labels_out_and_cache_dir(files):
+    """Both options: the run succeeds, and the dataset folder is left exactly as it was."""
+    demo = files / "demo"
+    before = {p: p.read_bytes() for p in sorted(demo.rglob("*")) if p.is_file()}
+    done = run_cli(["prepare_data.py", "nih", "--root", str(demo), "--labels",
+                    str(demo / "Data_Entry_2017.csv"), "--split", "random", "--image-size",
+                    "16", "--workers", "1", "--labels-out", str(files / "ok" / "labels.csv"),
+                    "--cache-dir", str(files / "ok" / "cache")], read_only=demo)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Traceback" not in output, output[-3000:]
+    assert f"cache: {files / 'ok' / 'cache' / '16'} (12 images" in output
+    assert {p: p.read_bytes() for p in sorted(demo.rglob("*")) if p.is_file()} == before

@@ -98,7 +98,7 @@ def trained(tmp_path_factory) -> tuple:
 def dataset_probs(model: nn.Module, png) -> torch.Tensor:
     """Probabilities through the training/evaluation data path, for reference. (K,)"""
     ds = CXRDataset([str(png)], np.zeros((1, len(NIH_FINDINGS))), ["x"], NIH_FINDINGS,
-                    build_transform(SIZE, train=False))
+                    build_transform(SIZE))
     with torch.inference_mode():
         return torch.sigmoid(model(ds[0][0][None]))[0]
 
@@ -420,3 +420,36 @@ def test_visualize_prediction_reads_a_dicom_as_predict_does(tmp_path, trained, c
     err = capsys.readouterr().err
     assert "corrupt" not in err and "Traceback" not in err
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_read_only_out_folder_is_refused_before_predicting(tmp_path, trained, capsys,
+                                                           monkeypatch):
+    """A folder the user may not write into (a read-only mount, which os.access does not
+    report to root): refused at once, naming --out, before any image is read."""
+    import errno
+    import os
+
+    _, ckpt = trained
+    png = tmp_path / "a.png"
+    save_gray(png, 3)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_open = os.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if (flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and isinstance(path, (str, os.PathLike))
+                and os.path.realpath(path).startswith(str(locked))):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def predicted(*args, **kwargs):
+        raise AssertionError("images were predicted before --out was checked")
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(predict, "predict_batches", predicted)
+    out = locked / "preds.csv"
+    assert predict.main([str(png), "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{out}: cannot write in the folder {locked} (Permission denied). Choose a "
+            "writable place with --out.") in err
+    assert not out.exists()

@@ -19,16 +19,16 @@ from chexnet import prepare as prepare_data
 from conftest import ROOT, make_nih, save_image, xray_like
 from chexnet.files import sha256_file
 from chexnet.cache import DONE, cache_dir, open_cache
-from chexnet.data import DEFAULT_NIH_LABELS, build_transform, load_xray
+from chexnet.data import DEFAULT_NIH_LABELS, build_transform, load_xray, model_input
 from chexnet.labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS
 
 def reference(path: str | Path, size: int) -> torch.Tensor:
     """The reference preprocessing of one file: (3, S, S) normalised."""
-    return build_transform(size, train=False)(load_xray(path))
+    return build_transform(size)(load_xray(path))
 
 
 def assert_cache_is_reference(folder: Path, root: Path, size: int) -> None:
-    """Every usable cached row, through batch_transform, is bit-identical to the reference."""
+    """Every usable cached row, through model_input, is bit-identical to the reference."""
     index = pd.read_csv(folder / "index.csv", dtype={"image_id": str})
     images = np.memmap(folder / "images.u8", np.uint8, "r", shape=(len(index), size, size))
     paths = {p.name: p for p in (root / "images").iterdir()}
@@ -36,8 +36,7 @@ def assert_cache_is_reference(folder: Path, root: Path, size: int) -> None:
     for row, image_id in zip(index["row"], index["image_id"]):
         if done[row] != DONE:
             continue
-        got = cxr_cache.batch_transform(torch.from_numpy(np.array(images[row]))[None, None],
-                                        train=False, out_size=size, generator=None)[0]
+        got = model_input(torch.from_numpy(np.array(images[row]))[None, None], "cpu")[0]
         assert torch.equal(got, reference(paths[image_id], size)), image_id
 
 
@@ -230,9 +229,9 @@ def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
                               eval_batch_size=4)
     table, findings, _ = training.load_tables(cfg)
     with pytest.raises(training.DataError, match="00000005_000.png"):
-        cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
+        cxr_cache.cache_loaders(cfg, table, findings)
     cfg.missing = "skip"
-    loaders = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
+    loaders = cxr_cache.cache_loaders(cfg, table, findings)
     ids = [i for fold in loaders.values() for _, _, batch_ids in fold for i in batch_ids]
     assert sorted(ids) == sorted(set(table["image_id"]) - {"00000005_000.png"})
 
@@ -274,8 +273,7 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
     images = np.memmap(result.dir / "images.u8", np.uint8, "r", shape=(9, 32, 32))
     for row, image_id in zip(index["row"], index["image_id"]):
         expected = reference(root / image_id.split("/", 1)[1], 32)
-        got = cxr_cache.batch_transform(torch.from_numpy(np.array(images[row]))[None, None],
-                                        False, 32, None)[0]
+        got = model_input(torch.from_numpy(np.array(images[row]))[None, None], "cpu")[0]
         assert torch.equal(got, expected)
     cache = open_cache(root, 32, [root / "train.csv", root / "valid.csv"])
     assert cache is not None and cache.manifest["dataset"] == "chexphoto"
@@ -283,11 +281,12 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
     cfg = training.TrainConfig(dataset="chexphoto", data=str(tmp_path), image_size=32,
                               batch_size=1, eval_batch_size=2)
     table, findings, _ = training.load_tables(cfg)  # frontal views only (the default)
-    loaders = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
+    loaders = cxr_cache.cache_loaders(cfg, table, findings)
     seen = {}
     for loader in loaders.values():
         for images_, targets, ids in loader:
-            assert images_.shape[1:] == (3, 32, 32) and targets.shape[1] == len(findings)
+            assert images_.shape[1:] == (1, 32, 32) and images_.dtype == torch.uint8
+            assert targets.shape[1] == len(findings)
             seen.update({i: t for i, t in zip(ids, targets)})
     assert set(seen) == set(table["image_id"]) and not any("lateral" in i for i in seen)
     by_id = table.set_index("image_id")[findings]
@@ -317,3 +316,163 @@ def test_size_zero_is_refused_while_parsing(tmp_path, capsys):
         prepare_data.main(["nih", "--root", str(tmp_path), "--size", "0"])
     assert "--size: 0 is too small" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+def test_image_size_is_the_option_and_size_its_old_name(tmp_path, capsys):
+    make_nih(tmp_path, n=4, shapes=[("L", 40, 40)])
+    args = ["nih", "--root", str(tmp_path), "--workers", "1", "--labels",
+            str(tmp_path / "Data_Entry_2017.csv"), "--split", "random"]
+    assert prepare_data.main([*args, "--image-size", "16"]) == 0
+    assert (tmp_path / "cache" / "16" / "manifest.json").is_file()
+    assert "note: --size" not in capsys.readouterr().err
+    assert prepare_data.main([*args, "--size", "20"]) == 0          # the old name still works
+    assert (tmp_path / "cache" / "20" / "manifest.json").is_file()
+    assert "note: --size is now called --image-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare_data.main([*args, "--image-size", "0"])
+    assert "--image-size: 0 is too small" in capsys.readouterr().err
+    help_text = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "nih", "--help"],
+                               capture_output=True, text=True, cwd=ROOT).stdout
+    assert "--image-size" in help_text and "--size " not in help_text   # hidden
+
+
+def refuse_writes(monkeypatch, folder: Path) -> None:
+    """Make every write under `folder` (open for writing, create, rename, delete, mkdir) raise
+    PermissionError, as on a read-only mount such as Kaggle's /kaggle/input: the tests run as
+    root, which a chmod does not stop."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    top = os.path.realpath(folder)
+
+    def under(path) -> bool:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False  # a file descriptor
+        path = os.path.realpath(os.fsdecode(path))
+        return path == top or path.startswith(top + os.sep)
+
+    def deny(path):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+
+    real_open, real_os_open = builtins.open, os.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if set(mode) & set("wax+") and under(file):
+            deny(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+            deny(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def refusing(real):
+        def call(path, *args, **kwargs):
+            if under(path) or (args and under(args[0])):
+                deny(path)
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(os, "open", os_open)
+    for name in ("mkdir", "replace", "rename", "remove", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, refusing(getattr(os, name)))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_read_only_dataset_folder_is_a_message_naming_the_options(tmp_path, monkeypatch,
+                                                                    capsys):
+    root = tmp_path / "input"
+    make_nih(root, n=4, shapes=[("L", 40, 40)])
+    before = _tree(root)
+    refuse_writes(monkeypatch, root)
+    args = ["nih", "--root", str(root), "--image-size", "16", "--workers", "1", "--labels",
+            str(root / "Data_Entry_2017.csv"), "--split", "random"]
+    # Neither option: the labels file is refused first; the message names the dataset folder
+    # and both options, since the cache would go there too.
+    assert prepare_data.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the labels file {root / 'nih_labels.csv'}: Permission denied" in err
+    assert f"The dataset folder {root} is not writable" in err
+    assert "--labels-out FILE and --cache-dir DIR" in err
+    # --labels-out only: the cache is refused, named with --cache-dir; the new labels file is
+    # removed again, as after any failed prepare.
+    labels_out = tmp_path / "work" / "nih_labels.csv"
+    assert prepare_data.main([*args, "--labels-out", str(labels_out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the image cache in {root / 'cache' / '16'}: Permission denied" in err
+    assert "Pass --cache-dir DIR" in err and not labels_out.exists()
+    # --cache-dir only: the labels file is refused, named with --labels-out.
+    assert prepare_data.main([*args, "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the labels file {root / 'nih_labels.csv'}" in err
+    assert "Choose a writable place with --labels-out FILE" in err
+    assert _tree(root) == before
+
+
+def test_labels_out_and_cache_dir_leave_the_dataset_folder_untouched(tmp_path, monkeypatch,
+                                                                     capsys):
+    root = tmp_path / "input"
+    make_nih(root, n=6, shapes=[("L", 40, 40)])
+    before = _tree(root)
+    refuse_writes(monkeypatch, root)
+    labels_out, caches = tmp_path / "work" / "labels.csv", tmp_path / "work" / "caches"
+    assert prepare_data.main(["nih", "--root", str(root), "--image-size", "16", "--workers", "1",
+                              "--labels", str(root / "Data_Entry_2017.csv"), "--split", "random",
+                              "--labels-out", str(labels_out), "--cache-dir", str(caches)]) == 0
+    out = capsys.readouterr().out
+    assert f"cache: {caches / '16'} (6 images" in out
+    assert f"--labels {labels_out} --cache-dir {caches}" in out   # how retrain.py finds it
+    assert _tree(root) == before
+    monkeypatch.undo()
+    assert pd.read_csv(labels_out)["Image Index"].tolist() == [f"{i:08d}_000.png"
+                                                               for i in range(1, 7)]
+    assert open_cache(root, 16, labels_out, caches) is not None
+    assert open_cache(root, 16, labels_out) is None          # not in the dataset folder
+    assert_cache_is_reference(caches / "16", root, 16)
+
+
+def test_chexphoto_cache_dir(tmp_path, monkeypatch, capsys):
+    root = write_chexphoto(tmp_path, np.random.default_rng(0))
+    refuse_writes(monkeypatch, root)
+    args = ["chexphoto", "--root", str(tmp_path), "--image-size", "16", "--workers", "1"]
+    assert prepare_data.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the image cache in {root / 'cache' / '16'}" in err
+    assert "--cache-dir" in err
+    assert prepare_data.main([*args, "--cache-dir", str(tmp_path / "caches")]) == 0
+    monkeypatch.undo()
+    assert open_cache(root, 16, [root / "train.csv", root / "valid.csv"],
+                      tmp_path / "caches") is not None
+
+
+@pytest.mark.slow  # trains
+def test_training_reads_a_cache_from_cache_dir(tmp_path, monkeypatch, capsys):
+    """A read-only dataset folder: prepare_data.py --labels-out --cache-dir, then retrain.py
+    --labels --cache-dir --cache on trains from that cache (and records where it was)."""
+    import retrain
+    from chexnet.demo import make_nih_demo
+
+    root = tmp_path / "input"
+    make_nih_demo(root, n_images=24, size=40, seed=0)
+    labels_out, caches = tmp_path / "labels.csv", tmp_path / "caches"
+    refuse_writes(monkeypatch, root)
+    assert prepare_data.main(["nih", "--root", str(root), "--image-size", "32", "--workers", "1",
+                              "--labels", str(root / "Data_Entry_2017.csv"), "--split", "random",
+                              "--labels-out", str(labels_out), "--cache-dir", str(caches)]) == 0
+    capsys.readouterr()
+    assert retrain.main(["--dataset", "nih", "--data", str(root), "--labels", str(labels_out),
+                         "--cache-dir", str(caches), "--cache", "on", "--out",
+                         str(tmp_path / "results"), "--name", "r", "--image-size", "32",
+                         "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
+                         "--workers", "0", "--epochs", "1"]) == 0
+    assert f"reading images from the uint8 cache {caches / '32'}" in capsys.readouterr().out
+    config = json.loads((tmp_path / "results" / "r" / "config.json").read_text())
+    assert config["cache_dir"] == str(caches) and config["labels"] == str(labels_out)

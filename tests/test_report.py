@@ -234,3 +234,103 @@ def test_report_subgroups_section(report_html, run_dir, tmp_path):
     assert "No subgroup attributes" in text and "nih_labels.csv: no subgroup column" in text
     assert "no validation predictions" in text and "never on test" in text
     assert len(other.sections["subgroups"]["images"]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# An output place that cannot be written
+# --------------------------------------------------------------------------------------------
+def _preds_only_run(folder: Path) -> Path:
+    """A run folder holding only a preds.csv: 20 test images, both classes of every finding."""
+    import pandas as pd
+
+    from chexnet.labels import NIH_FINDINGS
+
+    rng = np.random.default_rng(0)
+    run = folder / "run"
+    run.mkdir()
+    table = {"Image Index": [f"{i + 1:08d}_000.png" for i in range(20)]}
+    for k, finding in enumerate(NIH_FINDINGS):
+        truth = (np.arange(20) + k) % 2
+        table[finding] = truth
+        table[f"prob_{finding}"] = np.round(0.3 * truth + rng.uniform(0, 0.7, 20), 4)
+    pd.DataFrame(table).to_csv(run / "preds.csv", index=False)
+    return run
+
+
+def _refuse_creating_under(monkeypatch, folder: Path) -> None:
+    """Creating a file or folder under `folder` raises PermissionError, as on a read-only mount
+    (the tests run as root, which a chmod does not stop)."""
+    import errno
+    import os
+
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def under(path) -> bool:
+        return (isinstance(path, (str, os.PathLike))
+                and os.path.realpath(path).startswith(os.path.realpath(folder)))
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if under(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("where", ["report.html", "new/report.html"])
+def test_unwritable_out_is_refused_before_the_report_is_computed(tmp_path, monkeypatch, capsys,
+                                                                  where):
+    run = _preds_only_run(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _refuse_creating_under(monkeypatch, locked)
+
+    def computed(*args, **kwargs):
+        raise AssertionError("the report was computed before its place was checked")
+
+    monkeypatch.setattr(report, "auc_ci_table", computed)
+    out = locked / where
+    assert report.main([str(run), "--out", str(out), "--n-boot", "5"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the report {out}: Permission denied" in err
+    assert "Choose a writable place with --out" in err and "Traceback" not in err
+    assert report.main([str(run), "--out", str(tmp_path), "--n-boot", "5"]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_disk_full_when_the_report_is_written(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from chexnet import train as training
+
+    run = _preds_only_run(tmp_path)
+
+    def full(text, path):
+        raise training.SaveError(f"could not write {path}") from OSError(
+            errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(training, "atomic_write_text", full)
+    out = tmp_path / "r.html"
+    assert report.main([str(run), "--out", str(out), "--n-boot", "5"]) == 2
+    err = capsys.readouterr().err
+    assert (f"cannot write the report {out}: No space left on device. Free some space, or "
+            "choose a writable place with --out") in err
+    assert not out.exists()
+
+
+def test_auc_forest_draws_an_interval_that_misses_the_auc():
+    """With few resamples a percentile interval can lie wholly on one side of the AUC; the
+    plot draws it (that side's bar empty) instead of a matplotlib error."""
+    import pandas as pd
+
+    ci = pd.DataFrame({"label": ["Mass", "Edema", "mean"], "auc": [0.80, 0.70, 0.75],
+                       "ci_low": [0.82, 0.60, 0.70], "ci_high": [0.90, 0.75, 0.80]})
+    fig = report.plot_auc_forest(ci, published=False)
+    (bars,) = [c for c in fig.axes[0].containers if c.get_label() == "this run (95% CI)"]
+    assert len(bars.lines[2][0].get_segments()) == 2

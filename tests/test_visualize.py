@@ -485,3 +485,62 @@ def test_reference_cli_prevalence_sources(run_dir, tmp_path, capsys):
     assert visualize.main(["--run", str(run_dir), "--label", label, "--style", "reference", "--top",
                     "2", "--out", str(out)]) == 0
     assert Image.open(out).format == "PNG"
+
+
+# --------------------------------------------------------------------------------------------
+# Gallery captions: every word readable, nothing over a neighbour or off the figure
+# --------------------------------------------------------------------------------------------
+LONG_TRUTH = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+              "Pneumothorax", "Pleural_Thickening"]
+
+
+def _run_with_long_truths(run_dir: Path, folder: Path) -> tuple[Path, str]:
+    """A copy of the tiny run whose preds.csv gives every test image the 8 findings of
+    LONG_TRUTH (so every image is a true positive of Mass); returns (run folder, label)."""
+    import shutil
+
+    copy = folder / run_dir.name
+    shutil.copytree(run_dir, copy)
+    preds = pd.read_csv(copy / "preds.csv")
+    preds[list(NIH_FINDINGS)] = 0
+    preds[LONG_TRUTH] = 1
+    preds.to_csv(copy / "preds.csv", index=False)
+    return copy, "Mass"
+
+
+def _assert_captions_fit(fig) -> None:
+    """Each caption (tile title) and the suptitle lie inside the figure and overlap no other
+    tile's image or caption; each caption names all 8 findings."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    tiles = [ax for ax in fig.axes if ax.get_title()]
+    assert len(tiles) >= 5
+    captions = {ax: ax.title.get_window_extent(renderer) for ax in tiles}
+    frames = {ax: ax.get_window_extent(renderer) for ax in tiles}
+    texts = list(captions.values()) + [fig._suptitle.get_window_extent(renderer)]
+    for box in texts:
+        assert (box.x0 >= page.x0 - 1 and box.x1 <= page.x1 + 1 and box.y0 >= page.y0 - 1
+                and box.y1 <= page.y1 + 1), f"{box} outside the figure {page}"
+    for ax, box in captions.items():
+        caption = " ".join(ax.get_title().split())
+        assert all(f in caption for f in LONG_TRUTH), caption
+        for other in tiles:
+            if other is not ax:
+                assert not box.overlaps(frames[other]), (ax.get_title(), other.get_title())
+                assert not box.overlaps(captions[other]), (ax.get_title(), other.get_title())
+        suptitle = fig._suptitle.get_window_extent(renderer)
+        assert not box.overlaps(suptitle), ax.get_title()
+
+
+@pytest.mark.parametrize("style", ["heatmap", "reference"])
+def test_gallery_captions_with_long_truths_fit_their_tiles(run_dir, tmp_path, style):
+    import matplotlib.pyplot as plt
+
+    copy, label = _run_with_long_truths(run_dir, tmp_path)
+    extra = {"prevalence": "0.1"} if style == "reference" else {}
+    fig = vp.gallery_figure(copy, label, top=6, style=style, **extra)
+    try:
+        _assert_captions_fit(fig)
+    finally:
+        plt.close(fig)
