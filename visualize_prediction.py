@@ -107,7 +107,7 @@ def _one_image_main(args: argparse.Namespace) -> int:
             raise DataError(f"--label {args.label!r} is not a finding of this model: "
                             f"{', '.join(findings)}")
         gray = load_any(args.image)  # PNG, JPEG or DICOM, as predict.py reads them
-        x = build_transform(size, train=False)(gray)[None]
+        x = build_transform(size)(gray)[None]
         with torch.inference_mode():
             probs = torch.sigmoid(model(x))[0]
         k = findings.index(args.label) if args.label else int(probs.argmax())

@@ -8,9 +8,9 @@ Side by side, in one run, on the same images (median of --repeats after a warm-u
   (a) reference: per image, PIL open, convert RGB, torchvision Resize 224, CenterCrop 224,
       ToTensor, Normalize; one process (what one DataLoader worker does).
   floor: a plain full decode of each PNG (Pillow; OpenCV too when importable, the faster counts).
-  (b) cache build (`cxr_cache.build_cache`, every core): cost per image per core =
+  (b) cache build (`cache.build_cache`, every core): cost per image per core =
       wall time x workers / images, compared with the decode floor.
-  (c) one epoch read from the cache: CacheLoader (shuffled, batch 64) + batch_transform
+  (c) one epoch read from the cache: CacheLoader (shuffled, batch 64) + flip_batch + model_input
       (train: flips, normalisation) on the CPU, over the cached images repeated to
       --read-images per epoch.
 torch runs on one thread throughout, so (a) and (c) each use one core. Prints a markdown table;
@@ -37,8 +37,9 @@ from torchvision import transforms as v1
 
 from chexnet.files import sha256_file
 from chexnet.cache import (
-    CacheLoader, batch_transform, build_cache, cache_dir, default_workers, open_cache, peak_rss_mb,
+    CacheLoader, build_cache, cache_dir, default_workers, open_cache, peak_rss_mb,
 )
+from chexnet.data import flip_batch, model_input
 from chexnet.labels import IMAGENET_MEAN, IMAGENET_STD
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
@@ -195,8 +196,8 @@ def measure(args: argparse.Namespace, work: Path, warmup: int) -> SimpleNamespac
                          generator=torch.Generator().manual_seed(0))
 
     def read_epoch() -> None:
-        for x, _, _ in loader:
-            batch_transform(x, True, args.size, loader.generator, "cpu")
+        for seed, (x, _, _) in enumerate(loader):
+            model_input(flip_batch(x, seed), "cpu")
     read_s = median_time(read_epoch, args.repeats, max(warmup, 1))[0] / len(rows)
     rss = peak_rss_mb()
     return SimpleNamespace(n=n, images_dir=images_dir, build_s=build_s, build_cpu_s=build_cpu_s,
@@ -230,7 +231,7 @@ def print_table(args: argparse.Namespace, m: SimpleNamespace, warmup: int) -> No
     if args.workers > 1:
         print(f"| (b) cache build, 1 worker | {n / m.build1_s:.1f} | "
               f"{1000 * m.build1_s / n:.2f} | | in this process, no pool |")
-    print(f"| (c) cache read + batch_transform | {read_ips:.0f} | {1000 * m.read_s:.4f} | | "
+    print(f"| (c) cache read + flip + normalise | {read_ips:.0f} | {1000 * m.read_s:.4f} | | "
           f"{m.rows} images/epoch, shuffled, flips + normalise, CPU |")
     print()
     print(f"build/reference ratio (per core, wall): {m.ref_s / build_per_core_s:.2f}x")

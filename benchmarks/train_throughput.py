@@ -12,17 +12,17 @@ In one run, on one device, DenseNet-121 (14 outputs, random init) at --image-siz
       channels_last, batch 16;
   (c) best: --best-batch (256), AMP, channels_last, torch.compile (default mode; falls back to
       eager with a message when compiling fails).
-Training is `retrain.train_one_epoch` itself (flip_batch, autocast, masked BCE, SGD step,
+Training is `train.train_one_epoch` itself (flip_batch, autocast, masked BCE, SGD step,
 GradScaler, its per-step loss read-back and tqdm bar) over N synthetic batches already on the
-device (random normal images, random 0/1 targets); evaluation is `retrain.evaluate`
+device (random uint8 grey images, random 0/1 targets); evaluation is `train.evaluate`
 (inference_mode). Each config: warm-up first (it holds compile time; reported apart), then the
 median of --repeats timed passes of --steps batches, torch.cuda.synchronize before every clock
 read; peak memory is torch.cuda.max_memory_allocated since the config started (model, optimizer
 state, activations and the synthetic input batches).
 
 Then one end-to-end training epoch with config (c) from a real uint8 cache (written straight in
-cxr_cache's format and validated by `open_cache`) through `cxr_cache.cache_loaders`, exactly
-what retrain.py uses: CacheLoader (pinned, prefetched) + batch_transform on the device. Its
+chexnet/cache.py's format and validated by `open_cache`) through `cache.cache_loaders`, exactly
+what retrain.py uses: CacheLoader (pinned, prefetched), normalised on the device. Its
 img/s gives the extrapolated NIH training-pass time (78,468 images).
 
 --check-amp: the issue's acceptance check "bf16/fp16 training on GPU gives validation loss within
@@ -61,7 +61,8 @@ from torch import nn
 from chexnet.files import sha256_file
 from chexnet.cache import (
     CACHE_VERSION, DONE, DONE_FILE, IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, cache_dir,
-    cache_loaders, )
+    cache_loaders,
+)
 from chexnet.data import DEFAULT_NIH_LABELS
 from chexnet.labels import findings_for
 from chexnet.model import build_model
@@ -178,14 +179,16 @@ class SyntheticBatches:
     """A loader stand-in for train_one_epoch / evaluate: `steps` batches of (images, targets,
     ids) that already live on the device, cycling through a few distinct input sets.
 
-    Random normal images and random 0/1 targets: all-zero inputs can run faster than real data
+    Random uint8 grey images (what the project's loaders yield; the training loop normalises
+    them on the device) and random 0/1 targets: all-zero inputs can run faster than real data
     and would hide nothing-computed bugs.
     """
 
     def __init__(self, batch: int, image_size: int, steps: int, device: torch.device,
                  seed: int = 0):
         g = torch.Generator(device=device).manual_seed(seed)
-        self.images = [torch.randn(batch, 3, image_size, image_size, generator=g, device=device)
+        self.images = [torch.randint(0, 256, (batch, 1, image_size, image_size), generator=g,
+                                     device=device, dtype=torch.uint8)
                        for _ in range(INPUT_SETS)]
         self.targets = [torch.randint(0, 2, (batch, len(FINDINGS)), generator=g, device=device
                                       ).float() for _ in range(INPUT_SETS)]
@@ -228,7 +231,7 @@ class FirstBatches:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Trainer:
-    """Model, optimizer and precision of one config, set up as retrain.fit sets them up."""
+    """Model, optimizer and precision of one config, set up as train.fit sets them up."""
     net: nn.Module                  # the eager module (what compile wraps)
     model: nn.Module                # what is called: compiled or `net`
     optimizer: torch.optim.Optimizer
@@ -240,7 +243,7 @@ class Trainer:
     fallback: str | None = None     # why a compiled model was replaced by the eager one
 
     def train(self, loader: object, device: torch.device, desc: str = "bench train") -> float:
-        """One retrain.train_one_epoch pass over `loader`; returns its mean loss."""
+        """One train.train_one_epoch pass over `loader`; returns its mean loss."""
         self.epoch += 1
         return train_one_epoch(self.model, loader, self.optimizer, device,
                                EpochProgress(self.epoch), self.seed, None, desc,
@@ -355,8 +358,8 @@ def run_best(bc: BenchConfig, sizes: Sizes, device: torch.device,
 # --------------------------------------------------------------------------------------------
 def write_cache(root: Path, size: int, table: pd.DataFrame, labels_path: Path,
                 seed: int = 0) -> Path:
-    """A complete cache of random uint8 images under root/cache/<size>, in cxr_cache's on-disk
-    format (see its module docstring); open_cache validates it like any other.
+    """A complete cache of random uint8 images under root/cache/<size>, in chexnet/cache.py's
+    on-disk format (see its module docstring); open_cache validates it like any other.
 
     Writing the memory map directly skips generating and decoding thousands of PNGs, which the
     epoch being measured never sees anyway.
@@ -410,11 +413,12 @@ def cache_epoch(trainer: Trainer, batch: int, sizes: Sizes, device: torch.device
     cfg = TrainConfig(dataset="nih", data=str(root), labels=str(labels_path),
                       image_size=sizes.image_size, batch_size=batch, eval_batch_size=batch,
                       seed=0)
-    loaders = cache_loaders(cfg, table, FINDINGS, device, flip=False,
-                            train_sampler=lambda n: EpochSampler(n, cfg.seed))
+    loaders = cache_loaders(cfg, table, FINDINGS,
+                            train_sampler=lambda n: EpochSampler(n, cfg.seed),
+                            pin_memory=device.type == "cuda")
     if loaders is None:
         raise RuntimeError(f"open_cache rejected the benchmark's cache under {root}: "
-                           "cxr_cache's format changed; update write_cache")
+                           "chexnet/cache.py's format changed; update write_cache")
     if sizes.cache_train % batch:
         say(f"note: {sizes.cache_train} training images is not a multiple of batch {batch}: "
             "the last, partial batch is in the timing (with compile: a recompile for its shape)")
@@ -653,7 +657,7 @@ def run(args: argparse.Namespace) -> int:
         say(markdown_table(results))
         e2e = report["end_to_end"]
         loader = "CacheLoader (pinned)" if device.type == "cuda" else "CacheLoader"
-        say(f"end-to-end (uint8 cache -> {loader} -> batch_transform on {device.type}, config "
+        say(f"end-to-end (uint8 cache -> {loader} -> model_input on {device.type}, config "
             f"(c), batch {e2e['batch']}): {e2e['train_img_s']:.1f} img/s training, "
             f"{e2e['val_img_s']:.1f} img/s validation")
         if e2e["nih_val_estimate_s"] is not None:

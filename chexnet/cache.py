@@ -5,10 +5,10 @@ Decoding a 1024x1024 NIH PNG costs about 10-13 ms of CPU; the reference pipeline
 page-cached memory map costs about 0.01 ms, and flips and normalisation are a few vectorised
 tensor operations per batch (about 0.3 ms per image on one CPU core; a GPU does them for free).
 
-On disk, under `<root>/cache/<S>/`:
+On disk, under `<root>/cache/<S>/` (or `<DIR>/<S>/` with --cache-dir DIR):
     images.u8      raw uint8, shape (N, S, S), row r is the grey image of index.csv's row r:
                    the reference Resize(S) (shorter side, antialiased bilinear) + CenterCrop(S)
-                   of `cxr_dataset.load_xray(path)`, byte for byte what the reference feeds
+                   of `data.load_xray(path)`, byte for byte what the reference feeds
                    ToTensor. Rows of undecodable images (skipped with --skip-bad) stay zero.
     index.csv      `row, image_id`
     done.npy       (N,) uint8 progress record: 0 to do, 1 done, 2 undecodable (skipped).
@@ -39,7 +39,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as nnf
 from PIL import Image
 from torch.utils.data import Sampler
 from torchvision.transforms import v2 as T
@@ -47,16 +46,14 @@ from tqdm import tqdm
 
 from chexnet.files import atomic_write, atomic_write_text, sha256_file
 from chexnet.data import (
-    DEFAULT_NIH_LABELS, DataError, ImageReadError, drops_single_image, find_chexphoto_root,
+    DataError, ImageReadError, drops_single_image, find_chexphoto_root, resolve_nih_labels,
     load_xray,
 )
-from chexnet.labels import IMAGENET_MEAN, IMAGENET_STD
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied (version 1 caches may hold sideways photos)
 DEFAULT_SIZE = 224          # the reference recipe's Resize 224 + CenterCrop 224
 MAX_CHUNK = 64              # images per work unit at most: about 1 s of decoding, 3 MB of pixels
 TODO, DONE, BAD = 0, 1, 2   # done.npy flags
-CPU_TRANSFORM_STEP = 4      # images per step of batch_transform on a CPU (4 x 600 KB output)
 
 IMAGES_FILE, INDEX_FILE, DONE_FILE = "images.u8", "index.csv", "done.npy"
 MANIFEST_FILE, SKIP_FILE = "manifest.json", "skip.txt"
@@ -69,15 +66,18 @@ class CacheBuildError(DataError):
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-def cache_dir(root: str | os.PathLike, size: int) -> Path:
-    """`<root>/cache/<size>`: where the cache of a dataset root at one image size lives."""
-    return Path(root) / "cache" / str(int(size))
+def cache_dir(root: str | os.PathLike, size: int, base: str | os.PathLike | None = None
+              ) -> Path:
+    """`<root>/cache/<size>`: where the cache of a dataset root at one image size lives; with
+    `base` (prepare_data.py's and retrain.py's --cache-dir, for a read-only dataset folder),
+    `<base>/<size>` instead."""
+    return (Path(base) if base else Path(root) / "cache") / str(int(size))
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     """The reference geometry on a grey PIL image -> (size, size) uint8.
 
-    Same torchvision calls as `cxr_dataset.build_transform` (Resize(size) of the shorter side,
+    Same torchvision calls as `data.build_transform` (Resize(size) of the shorter side,
     antialiased bilinear, then CenterCrop(size)), so the bytes equal what the reference pipeline
     hands to ToTensor. An exact resize costs ~1.8 ms on a 1024 px image against ~10-13 ms to
     decode it, so a faster approximate resize (reducing_gap, reduce) is not worth the mismatch.
@@ -436,13 +436,15 @@ class Cache:
 
 
 def open_cache(data_dir: str | os.PathLike, size: int,
-               labels_path: str | os.PathLike | Sequence[str | os.PathLike]) -> Cache | None:
-    """The cache of `data_dir` at `size`, if present, complete and built from `labels_path`.
+               labels_path: str | os.PathLike | Sequence[str | os.PathLike],
+               base: str | os.PathLike | None = None) -> Cache | None:
+    """The cache of `data_dir` at `size` (in `cache_dir(data_dir, size, base)`), if present,
+    complete and built from `labels_path`.
 
     Returns None when there is no cache; also None, with the reason printed, when one is
     present but incomplete or stale (other labels file, other size, damaged files).
     """
-    folder = cache_dir(data_dir, size)
+    folder = cache_dir(data_dir, size, base)
     manifest = _read_manifest(folder) if folder.is_dir() else None
     if manifest is None:
         return None
@@ -562,7 +564,7 @@ class CacheLoader:
         targets: (N, K) float32, NaN = masked.
         ids: N image ids.
         batch_size, shuffle, drop_last: as for a DataLoader.
-        generator: torch.Generator for the shuffle (and, in `cache_loaders`, crops and flips).
+        generator: torch.Generator for the shuffle.
         sampler: iterable of positions 0..N-1 with a len(), used instead of `shuffle`.
         findings: the K target names (`loader.dataset.findings`, as a CXRDataset has).
         prefetch: batches read ahead in a background thread (0: none).
@@ -619,101 +621,6 @@ class CacheLoader:
         return _prefetched(batches, self.prefetch) if self.prefetch > 0 else batches
 
 
-def batch_transform(x: torch.Tensor, train: bool, out_size: int,
-                    generator: torch.Generator | None, device: torch.device | str = "cpu",
-                    flip: bool | None = None) -> torch.Tensor:
-    """Cached uint8 batch -> the network's input, on `device`.
-
-    Args:
-        x: (B, 1, S, S) uint8, grey levels 0-255.
-        train: random horizontal flip (p = 0.5 per image), and random crop when S > out_size.
-        out_size: side of the output; when S differs (and no train crop applies) the batch is
-            resized, antialiased bilinear.
-        generator: CPU torch.Generator for the crops and flips (same seed -> same batch).
-        device: where the work and the output are.
-        flip: override the flips (default: flip when training). retrain.py's train_one_epoch
-            flips every batch itself, so its loaders pass False.
-
-    Returns:
-        (B, 3, out, out) float32, ImageNet-normalised: with S == out_size and train=False,
-        bit-identical to `build_transform(S, train=False)` on the image the cache row came from.
-    """
-    device = torch.device(device)
-    B, _, S, _ = x.shape
-    x = x.to(device, non_blocking=True)
-    cropped = train and S > out_size
-    flip = train if flip is None else flip
-    # Crop and flip while the batch is uint8, a quarter of float32's bytes. The random draws
-    # come in a fixed order (crops, then flips), so the result depends only on the generator.
-    if cropped:
-        top = torch.randint(0, S - out_size + 1, (B,), generator=generator).to(device)
-        left = torch.randint(0, S - out_size + 1, (B,), generator=generator).to(device)
-        span = torch.arange(out_size, device=device)
-        rows = (top[:, None] + span)[:, :, None]            # (B, out, 1)
-        cols = (left[:, None] + span)[:, None, :]           # (B, 1, out)
-        x = x[torch.arange(B, device=device)[:, None, None], 0, rows, cols].unsqueeze(1)
-    if flip:
-        which = (torch.rand(B, generator=generator) < 0.5).nonzero().squeeze(1).to(device)
-        if not cropped:
-            x = x.clone()  # the caller's batch is not ours to change
-        x[which] = x[which].flip(-1)                         # one gather, one scatter
-    mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    if device.type == "cpu":
-        # numpy asks the kernel for huge pages for large arrays (madvise), so first touching a
-        # fresh 38 MB output costs about a third of what torch.empty's 4 KB pages cost.
-        out = torch.from_numpy(np.empty((B, 3, out_size, out_size), np.float32))
-    else:
-        out = torch.empty((B, 3, out_size, out_size), dtype=torch.float32, device=device)
-    # On a CPU, a few images at a time keep the float temporaries in cache (one pass over the
-    # 38 MB output of a 64 x 224 px batch instead of several); a GPU takes the batch at once.
-    step = B if device.type != "cpu" else CPU_TRANSFORM_STEP
-    for i in range(0, B, step):
-        # Convert then divide by 255 (ToTensor's ops), then sub and div (Normalize's): the
-        # same float32 operations as cxr_dataset.normalize_uint8, so bit-identical to it.
-        xi = x[i:i + step].to(torch.float32).div_(255)      # (b, 1, s, s) float32
-        if xi.shape[-1] != out_size:
-            xi = nnf.interpolate(xi, size=(out_size, out_size), mode="bilinear",
-                                 align_corners=False, antialias=True)
-        torch.sub(xi.expand(-1, 3, -1, -1), mean, out=out[i:i + step]).div_(std)
-    return out                                              # (B, 3, out, out)
-
-
-class TransformedLoader:
-    """A CacheLoader whose batches go through `batch_transform` on `device`.
-
-    Yields `(images float (B, 3, out, out) on device, targets (B, K) on device, ids)`, and
-    exposes `generator`, `sampler`, `dataset` and `len()` like the DataLoader it stands in for.
-    `flip=False` leaves the flips to the training loop (retrain.py's flip_batch).
-    """
-
-    def __init__(self, loader: CacheLoader, train: bool, out_size: int,
-                 device: torch.device | str = "cpu", flip: bool | None = None):
-        self.loader, self.train, self.out_size, self.flip = loader, train, out_size, flip
-        self.device = torch.device(device)
-
-    @property
-    def generator(self) -> torch.Generator:
-        return self.loader.generator
-
-    @property
-    def sampler(self) -> Sampler | None:
-        return self.loader.sampler
-
-    @property
-    def dataset(self) -> CachedImages:
-        return self.loader.dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        for images, targets, ids in self.loader:
-            yield (batch_transform(images, self.train, self.out_size, self.generator,
-                                   self.device, self.flip),
-                   targets.to(self.device, non_blocking=True), ids)
-
-
 # --------------------------------------------------------------------------------------------
 # What retrain.py calls
 # --------------------------------------------------------------------------------------------
@@ -721,8 +628,7 @@ def cache_root_and_labels(cfg, table: pd.DataFrame | None = None) -> tuple[Path,
     """Where a run's cache lives, and the label file(s) its table was read from.
 
     The label files are `table.attrs['sources']` (set by `nih_table` / `chexphoto_table`);
-    without them, the same choice `retrain.load_tables` makes: NIH `--labels`, else
-    DATA/nih_labels.csv, else (demo) DATA/Data_Entry_2017*.csv, else the committed file;
+    without them, the same choice `train.load_tables` makes (`data.resolve_nih_labels`);
     CheXphoto train.csv and valid.csv. CheXphoto's cache is under `find_chexphoto_root(DATA)`.
     """
     data = Path(cfg.data)
@@ -732,48 +638,38 @@ def cache_root_and_labels(cfg, table: pd.DataFrame | None = None) -> tuple[Path,
         return root, [Path(p) for p in sources]
     if cfg.dataset == "chexphoto":
         return root, [p for p in (root / "train.csv", root / "valid.csv") if p.is_file()]
-    if cfg.labels:
-        return data, [Path(cfg.labels)]
-    if (data / "nih_labels.csv").is_file():
-        return data, [data / "nih_labels.csv"]
-    entries = sorted(data.glob("Data_Entry_2017*.csv")) if cfg.dataset != "nih" else []
-    return data, [entries[0] if entries else DEFAULT_NIH_LABELS]
+    return data, [resolve_nih_labels(data, cfg.labels, reference_split=cfg.dataset == "nih")]
 
 
-def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str], device: torch.device,
-                  train_sampler: Callable[[int], Sampler] | None = None, flip: bool = True,
-                  cache_size: int | None = None, rank: int = 0, world: int = 1
-                  ) -> dict[str, TransformedLoader] | None:
+def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str],
+                  train_sampler: Callable[[int], Sampler] | None = None, rank: int = 0,
+                  world: int = 1, pin_memory: bool = False) -> dict[str, CacheLoader] | None:
     """train/val/test loaders over the uint8 cache, or None when no valid cache exists.
 
-    With a cache at cfg.image_size, `train_sampler=lambda n: EpochSampler(n, cfg.seed, rank,
-    world)` and `flip=False` (retrain.py's train_one_epoch flips each batch), every batch is
-    bit-identical to the one `retrain.make_loaders` gives: a run is the same with or without
-    the cache.
+    Batches are `(uint8 (B, 1, S, S), targets, ids)`, as `train.make_loaders` gives from the
+    image files: with `train_sampler=lambda n: EpochSampler(n, cfg.seed, rank, world)` every
+    batch is bit-identical to its batch there, so a run is the same with or without the cache
+    (the training loop flips and normalises both the same way, `data.model_input`).
 
     Args:
-        cfg: a retrain.TrainConfig (uses data, dataset, labels, image_size, batch_size,
-            eval_batch_size, missing, seed).
-        table: `retrain.load_tables(cfg)[0]`: image_id, fold and the finding columns.
+        cfg: a train.TrainConfig (uses data, dataset, labels, image_size, cache_dir,
+            batch_size, eval_batch_size, missing, seed).
+        table: `train.load_tables(cfg)[0]`: image_id, fold and the finding columns.
         findings: target columns, in model output order.
-        device: where batches are transformed and delivered.
         train_sampler: called with the number of training images; orders the training fold
             (default: a shuffle from the loader's generator, seeded with cfg.seed).
-        flip: random horizontal flips of training batches in the loader.
-        cache_size: cache to read (default cfg.image_size). A larger cache (e.g. 256) gives
-            random crops of cfg.image_size for training (drawn from `generator`, so a resumed
-            run's crops differ from an uninterrupted run's) and a resize for evaluation.
         rank, world: this process's place under torchrun. Training batches are
             cfg.batch_size // world (the sampler picks this rank's images); each evaluation
             fold is split into `world` contiguous shards, as `runtime.shard` does.
+        pin_memory: pin batches and read one ahead (for a CUDA device).
 
     Raises:
         DataError: images of the table with no usable cache row (absent when the cache was
             built, or undecodable), unless cfg.missing == 'skip', which drops them.
     """
     root, label_files = cache_root_and_labels(cfg, table)
-    size = cache_size or cfg.image_size
-    cache = open_cache(root, size, label_files)
+    size = cfg.image_size
+    cache = open_cache(root, size, label_files, getattr(cfg, "cache_dir", None))
     if cache is None:
         return None
     row_of = cache.row_of()
@@ -790,8 +686,8 @@ def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str], device: tor
               f"(first: {', '.join(names[:3])})")
     table = table.loc[~absent]
     rows = rows[~absent].astype(np.int64).to_numpy()
-    pin = torch.device(device).type == "cuda"
-    loaders: dict[str, TransformedLoader] = {}
+    pin = pin_memory
+    loaders: dict[str, CacheLoader] = {}
     for fold in ("train", "val", "test"):
         pos = np.flatnonzero((table["fold"] == fold).to_numpy())
         if not len(pos):
@@ -801,7 +697,7 @@ def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str], device: tor
         if not train and world > 1:
             pos = np.array_split(pos, world)[rank]
         sampler = train_sampler(len(pos)) if train and train_sampler else None
-        loader = CacheLoader(
+        loaders[fold] = CacheLoader(
             cache, rows[pos], table[list(findings)].to_numpy(np.float32)[pos],
             table["image_id"].to_numpy()[pos].tolist(),
             cfg.batch_size // world if train else cfg.eval_batch_size, shuffle=train,
@@ -810,8 +706,6 @@ def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str], device: tor
             drop_last=train and drops_single_image(len(sampler) if sampler is not None else
                                                    len(pos), cfg.batch_size // world),
             findings=findings, prefetch=1 if pin else 0, pin_memory=pin)
-        loaders[fold] = TransformedLoader(loader, train, cfg.image_size, device,
-                                          flip=flip and train)
     print(f"reading images from the uint8 cache {cache.dir} ({len(cache)} images, "
           f"{size} px)")
     return loaders

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from chexnet import train as training
 from chexnet import cam
-from chexnet.data import CXRDataset, DataError, build_transform
+from chexnet.data import CXRDataset, DataError, model_input, reference_geometry
 from chexnet.scoring import per_label_auc
 from chexnet.labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS, NIH_TO_CHEXPERT
 from chexnet.metrics import bootstrap_auc
@@ -113,13 +113,13 @@ def predict_table(model: nn.Module, table: pd.DataFrame, findings: Sequence[str]
     Returns:
         (probabilities (N, K_model), targets (N, len(findings)) with NaN = masked), in row order.
     """
-    ds = CXRDataset.from_table(table, findings, None, build_transform(image_size, train=False))
+    ds = CXRDataset.from_table(table, findings, None, reference_geometry(image_size))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     device = torch.device(device)
     model = model.to(device).eval()
     probs, targets = [], []
     for images, target, _ in loader:
-        probs.append(torch.sigmoid(model(images.to(device)).float()).cpu().numpy())
+        probs.append(torch.sigmoid(model(model_input(images, device)).float()).cpu().numpy())
         targets.append(target.numpy())
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros((0, len(findings)), np.float32)

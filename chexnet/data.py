@@ -91,31 +91,80 @@ def _to_gray8(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
-def build_transform(image_size: int, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """The reference preprocessing: Resize(S) + CenterCrop(S) (+ horizontal flip when training),
-    then `normalize_uint8`. Returns (3, S, S) float32, equal bit for bit to reproduce-chexnet's
-    `Resize -> CenterCrop -> ToTensor -> Normalize` on the same image converted to RGB."""
-    steps: list = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
-    if train:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.PILToTensor(), normalize_uint8]
-    return T.Compose(steps)
+def reference_geometry(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """The reference's geometry on a grey PIL image: Resize(S) of the shorter side (antialiased
+    bilinear) + CenterCrop(S) -> uint8 tensor (1, S, S). The prepared cache stores exactly
+    these bytes, so a batch is the same whether it was read from PNGs or from the cache."""
+    return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size),
+                      T.PILToTensor()])
+
+
+def build_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """One image -> the network's input (3, S, S) float32: `reference_geometry` then
+    `normalize_uint8`. Equal bit for bit to reproduce-chexnet's `Resize -> CenterCrop ->
+    ToTensor -> Normalize` on the same image converted to RGB. Training batches take the same
+    two steps, the normalisation on the device (`model_input`), with `flip_batch` between."""
+    return T.Compose([reference_geometry(image_size), normalize_uint8])
+
+
+# Images normalised at a time on a CPU: a few keep the float temporaries in the CPU cache (one
+# pass over a 38 MB output for a 64 x 224 px batch instead of several); a GPU takes the batch.
+CPU_NORMALIZE_STEP = 4
 
 
 def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 grey levels (..., 1, H, W) -> float32 (..., 3, H, W), ImageNet-normalised.
+    """uint8 grey levels (..., 1, H, W) -> float32 (..., 3, H, W), ImageNet-normalised, on
+    x's device.
 
     The same float32 operations, in the same order, as the reference's `ToTensor()` (convert,
     then *divide* by 255) and `Normalize` (subtract the mean, then divide by the std). Dividing
     matters: `ToDtype(scale=True)` multiplies by 1/255, which rounds 126 of the 256 grey levels
     differently (up to 7.2e-7 after normalisation). The one grey channel is expanded to the
-    three channels the reference gets from `convert('RGB')` (R = G = B).
+    three channels the reference gets from `convert('RGB')` (R = G = B). Elementwise, so a batch
+    gives bit for bit what its images give one by one, on a CPU or a GPU.
     """
-    x = x.to(torch.float32).div(255)
     mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
     std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
     shape = (*x.shape[:-3], 3, *x.shape[-2:])
-    return x.expand(shape).sub(mean).div(std)
+    if x.dim() != 4 or x.device.type != "cpu" or len(x) <= CPU_NORMALIZE_STEP:
+        return x.to(torch.float32).div(255).expand(shape).sub(mean).div(std)
+    # numpy asks the kernel for huge pages for a large array, so first touching a fresh output
+    # costs about a third of what torch.empty's 4 KB pages cost.
+    out = torch.from_numpy(np.empty(shape, np.float32))
+    for i in range(0, len(x), CPU_NORMALIZE_STEP):
+        xi = x[i:i + CPU_NORMALIZE_STEP].to(torch.float32).div_(255)
+        torch.sub(xi.expand(-1, 3, -1, -1), mean, out=out[i:i + CPU_NORMALIZE_STEP]).div_(std)
+    return out
+
+
+def flip_batch(images: torch.Tensor, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Random horizontal flip of each image of a (B, C, H, W) batch, p = 0.5, decided by `seed`:
+    the project's only flip (the training augmentation).
+
+    Flipping whole batches as tensors (instead of per image in the loader's workers) keeps the
+    augmentation a pure function of (seed, epoch, batch), whatever the number of workers. Under
+    torchrun, rank r holds items r, r + world, ... of the global batch, so it takes those
+    decisions: every process count flips the same images.
+    """
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(images.shape[0] * world, generator=g)[rank::world] < 0.5
+    flip = flip.to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A loader's batch, uint8 (B, 1, S, S) from PNGs or from the cache, -> the network's input
+    (B, 3, S, S) float32 on `device`: copied as uint8 (a quarter of the bytes), normalised there.
+
+    Raises:
+        TypeError: a batch that is not uint8 (already normalised, or from another pipeline):
+            normalising it again would silently feed the network wrong numbers.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 (B, 1, S, S) batch of grey levels, got {images.dtype} "
+                        f"{tuple(images.shape)}: build loaders with train.make_loaders or "
+                        "cache.cache_loaders, whose batches are uint8.")
+    return normalize_uint8(images.to(device, non_blocking=True))
 
 
 def drops_single_image(n: int, batch: int) -> bool:
@@ -333,7 +382,7 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
         if bad.to_numpy().any():
             row, col = np.argwhere(bad.to_numpy())[0]
             raise DataError(f"{path}: row {row + 2}, column '{NIH_FINDINGS[col]}' holds "
-                            f"{labels.iat[row, col]!r}; finding columns must be 0 or 1.")
+                            f"{plain_value(labels.iat[row, col])}; finding columns must be 0 or 1.")
     out = pd.DataFrame({"image_id": stripped_ids(df[NIH_IMAGE_COL], path)})
     if NIH_PATIENT_COL in df.columns:
         out["patient"] = df[NIH_PATIENT_COL].astype(str)
@@ -375,6 +424,12 @@ def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference",
     out = out.reset_index(drop=True)
     out.attrs["split"] = split
     return out
+
+
+def plain_value(value: object) -> str:
+    """A cell's value as a user should read it in a message: `2`, `0.5`, `'yes'`, never
+    numpy 2's `np.int64(2)`."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -545,7 +600,8 @@ def read_chexpert_csv(path: str | os.PathLike, policy: str = "zeros",
     if bad.to_numpy().any():
         row, col = np.argwhere(bad.to_numpy())[0]
         raise DataError(f"{path}: row {row + 2}, column '{findings[col]}' holds "
-                        f"{df[findings[col]].iat[row]!r}; CheXpert labels are 1, 0, -1 or blank.")
+                        f"{plain_value(df[findings[col]].iat[row])}; CheXpert labels are 1, 0, "
+                        "-1 or blank.")
     parts = df["Path"].astype(str).str.split("/")
     patient = df["Path"].astype(str).str.extract(_PATIENT_RE, expand=False)
     if patient.isna().any():
@@ -637,7 +693,7 @@ class CXRDataset(Dataset):
         self.targets = torch.tensor(np.asarray(targets, dtype=np.float32))
         self.image_ids = list(image_ids)
         self.findings = tuple(findings)
-        self.transform = transform or build_transform(224, train=False)
+        self.transform = transform or build_transform(224)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -654,25 +710,48 @@ class CXRDataset(Dataset):
                    rows["image_id"].tolist(), findings, transform)
 
 
+def resolve_nih_labels(data: str | os.PathLike, labels: str | os.PathLike | None = None,
+                       reference_split: bool = False) -> Path:
+    """The labels file of an NIH-format dataset folder: the one rule every tool follows.
+
+    `labels` when given; else DATA/nih_labels.csv (prepare_data.py writes it); else, unless
+    the reference split is wanted, a Data_Entry_2017*.csv(.gz) in DATA (the demo's labels, or
+    NIH's own download); else this repository's nih_labels.csv, whose fold column is the
+    reference split (what `retrain.py --dataset nih` trains on by default).
+
+    Raises:
+        DataError: a given `labels` file that does not exist.
+    """
+    if labels is not None:
+        path = Path(labels)
+        if not path.is_file():
+            raise DataError(f"{path}: labels file not found. Pass --labels with an existing "
+                            "nih_labels.csv or Data_Entry_2017*.csv.")
+        return path
+    data = Path(data)
+    candidates = [data / "nih_labels.csv"]
+    if not reference_split:
+        candidates += [*sorted(data.glob("Data_Entry_2017*.csv")),
+                       *sorted(data.glob("Data_Entry_2017*.csv.gz"))]
+    return next((p for p in candidates if p.is_file()), DEFAULT_NIH_LABELS)
+
+
 def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
               missing: str = "error", seed: int = 0, split: str | None = None,
               dataset: str = "nih") -> tuple[pd.DataFrame, list[str]]:
     """NIH (or demo) label table, its folds set by `split`, joined with the image files found
     under `data`.
 
-    `labels` defaults to `data/nih_labels.csv`, then a `Data_Entry_2017*.csv` in `data`, then
-    the committed `nih_labels.csv` of this repository. `split` None means the labels file's
-    own folds when it has a `fold` column, else `reference` (NIH) or `random` (the demo, whose
-    images are not NIH's). `table.attrs['split']` says which split the folds are: a file whose
-    folds equal the reference split's is recorded as `reference`.
+    `labels` defaults to `resolve_nih_labels`'s choice (NIH: data/nih_labels.csv, else the
+    committed reference-split file; demo: also a Data_Entry_2017*.csv in `data`). `split` None
+    means the labels file's own folds when it has a `fold` column, else `reference` (NIH) or
+    `random` (the demo, whose images are not NIH's). `table.attrs['split']` says which split
+    the folds are: a file whose folds equal the reference split's is recorded as `reference`.
     """
     data = Path(data)
     if not data.is_dir():
         raise DataError(f"{data}: data folder not found. Pass --data with the dataset root.")
-    if labels is None:
-        candidates = [data / "nih_labels.csv", *sorted(data.glob("Data_Entry_2017*.csv")),
-                      DEFAULT_NIH_LABELS]
-        labels = next(p for p in candidates if p.is_file())
+    labels = resolve_nih_labels(data, labels, reference_split=dataset == "nih")
     table = read_nih_labels(labels, seed)
     if split is None:
         split = ("file" if table.attrs.get("file_folds")

@@ -37,7 +37,8 @@ from matplotlib.figure import Figure
 from PIL import ImageOps
 
 from chexnet.data import (
-    DEFAULT_NIH_LABELS, DataError, chexphoto_table, find_chexphoto_root, index_images, load_xray,
+    DataError, chexphoto_table, find_chexphoto_root, index_images, load_xray, plain_value,
+    resolve_nih_labels,
     apply_split,
     read_nih_labels,
 )
@@ -247,7 +248,8 @@ def uncertainty_counts(csv_path: str | os.PathLike,
     if bad.to_numpy().any():
         row, col = np.argwhere(bad.to_numpy())[0]
         raise DataError(f"{path}: row {row + 2}, column '{observations[col]}' holds "
-                        f"{cells.iat[row, col]!r}; CheXpert labels are 1, 0, -1 or blank.")
+                        f"{plain_value(cells.iat[row, col])}; CheXpert labels are 1, 0, -1 or "
+                        "blank.")
     out = pd.DataFrame({
         "positive": (values == POSITIVE).sum(), "negative": (values == NEGATIVE).sum(),
         "uncertain": (values == UNCERTAIN).sum(), "blank": blank.sum()}).astype(int)
@@ -284,14 +286,6 @@ def rendition_counts(table: pd.DataFrame, by: str = "fold") -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def default_nih_labels(data: Path) -> Path:
-    """The labels file nih_table would use: data/nih_labels.csv, a Data_Entry_2017*.csv(.gz)
-    in `data`, else this repository's nih_labels.csv."""
-    candidates = [data / "nih_labels.csv", *sorted(data.glob("Data_Entry_2017*.csv")),
-                  *sorted(data.glob("Data_Entry_2017*.csv.gz")), DEFAULT_NIH_LABELS]
-    return next(p for p in candidates if p.is_file())
-
-
 def _nih_demographics(labels: Path, data: Path) -> tuple[pd.DataFrame | None, str | None]:
     """age / sex / view per image id, from the labels file, else from a Data_Entry file in
     `data` (nih_labels.csv carries no demographics). Returns (frame indexed by image id, source)."""
@@ -316,7 +310,7 @@ def nih_explore_table(data: str | os.PathLike, labels: str | os.PathLike | None 
 
     Args:
         data: dataset root (images in any layout `index_images` knows).
-        labels: labels file (default: see `default_nih_labels`).
+        labels: labels file (default: `data.resolve_nih_labels`).
         missing: `keep` every row of the labels file (`path` is '' where the image is absent),
             or `skip` the rows whose image is not on disk.
         seed: seed of the patient split for Data_Entry files (retrain.py's --seed).
@@ -331,7 +325,7 @@ def nih_explore_table(data: str | os.PathLike, labels: str | os.PathLike | None 
     data = Path(data)
     if not data.is_dir():
         raise DataError(f"{data}: data folder not found. Pass --data with the dataset root.")
-    labels = Path(labels) if labels is not None else default_nih_labels(data)
+    labels = Path(labels) if labels is not None else resolve_nih_labels(data)
     # Folds come from the full labels file before any row is dropped, as in retrain.py, so the
     # folds shown are the ones a run with the same labels and seed trains on.
     table = read_nih_labels(labels, seed)

@@ -293,7 +293,7 @@ def localize(model: torch.nn.Module, findings: Sequence[str], size: int, boxed: 
     boxed = boxed[boxed["finding"].isin(findings)].reset_index(drop=True)
     pairs = boxed[["image_id", "finding", "path"]].drop_duplicates(["image_id", "finding"])
     pairs = pairs.sort_values("image_id", kind="stable").reset_index(drop=True)
-    transform = build_transform(size, train=False)
+    transform = build_transform(size)
     maps: dict[tuple[str, str], np.ndarray] = {}
     probs: dict[tuple[str, str], float] = {}
     images: dict[str, torch.Tensor] = {}

@@ -47,8 +47,8 @@ from tqdm import tqdm
 from chexnet.cache import cache_loaders
 from chexnet.files import atomic_write, sha256_bytes, sha256_file
 from chexnet.data import (
-    CXRDataset, DataError, build_transform, chexphoto_table,
-    drops_single_image, nih_table, DEFAULT_NIH_LABELS,
+    CXRDataset, DataError, chexphoto_table, drops_single_image, flip_batch,
+    model_input, nih_table, reference_geometry,
 )
 from chexnet.scoring import PROB_PREFIX, auc_table, format_table, per_label_auc
 from chexnet.labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
@@ -77,7 +77,7 @@ RECIPES: dict[str, dict] = {
 }
 # Settings that may differ when a run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = {"epochs", "device", "workers", "resume", "force", "save_every",
-                     "eval_batch_size", "cache"}
+                     "eval_batch_size", "cache", "cache_dir"}
 
 
 @dataclass
@@ -111,6 +111,7 @@ class TrainConfig:
     workers: int = -1                   # -1: auto (min(8, cores) on GPU, 1 on CPU)
     seed: int = 0
     cache: str = "auto"                 # auto | on | off: read prepare_data.py's uint8 cache
+    cache_dir: str | None = None        # where that cache is (None: DATA/cache, its default)
     save_every: int = 1000              # also write last.pt every N optimizer steps (0: per epoch)
     missing: str = "error"              # error | skip: images listed but absent on disk
     uncertainty: str = "zeros"          # CheXphoto: zeros | ones | ignore
@@ -201,11 +202,8 @@ def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
         kept = table.loc[present].reset_index(drop=True)
         kept.attrs["sources"] = table.attrs["sources"]
         return kept, findings, skipped
-    labels = cfg.labels
-    in_data = (Path(cfg.data) / "nih_labels.csv").is_file()
-    if labels is None and cfg.dataset == "nih" and not in_data:
-        labels = str(DEFAULT_NIH_LABELS)
-    table, skipped = nih_table(cfg.data, labels, cfg.missing, cfg.seed, cfg.split, cfg.dataset)
+    table, skipped = nih_table(cfg.data, cfg.labels, cfg.missing, cfg.seed, cfg.split,
+                               cfg.dataset)
     cfg.split = table.attrs["split"]  # recorded in config.json as the split actually used
     return table, list(findings_for("nih")), skipped
 
@@ -241,20 +239,6 @@ class EpochSampler(DistributedSampler):
         return -(-(self.n - self.start) // self.num_replicas)
 
 
-def flip_batch(images: torch.Tensor, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Random horizontal flip of each image of a (B, C, H, W) batch, p = 0.5, decided by `seed`.
-
-    Flipping whole batches as tensors (instead of per image in the loader's workers) keeps the
-    augmentation a pure function of (seed, epoch, batch), whatever the number of workers. Under
-    torchrun, rank r holds items r, r + world, ... of the global batch, so it takes those
-    decisions: every process count flips the same images.
-    """
-    g = torch.Generator().manual_seed(seed)
-    flip = torch.rand(images.shape[0] * world, generator=g)[rank::world] < 0.5
-    flip = flip.to(images.device)
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
 def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave SIGINT/SIGTERM to the main process, which saves last.pt before
     stopping; a Ctrl-C reaches the whole process group, and a worker dying of it first would
@@ -278,7 +262,8 @@ def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
                         "processes; it is the global batch, split evenly over them.")
     loaders = {}
     for fold in ("train", "val", "test"):
-        ds = CXRDataset.from_table(table, findings, fold, build_transform(cfg.image_size, False))
+        ds = CXRDataset.from_table(table, findings, fold,
+                                   reference_geometry(cfg.image_size))
         if len(ds) == 0:
             raise DataError(f"the {fold} fold is empty ({len(table)} images in all). Check the "
                             "labels file's fold column, or use more images.")
@@ -357,10 +342,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                initial=progress.batches, total=progress.batches + len(loader),
                disable=not ctx.main)
     for images, targets, ids in bar:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True)   # uint8: flipped before normalising
         targets = targets.to(device, non_blocking=True)
-        images = flip_batch(images, (seed * 1_000_003 + progress.epoch) * 100_003
-                            + progress.batches, ctx.rank, ctx.world)
+        images = model_input(flip_batch(images, (seed * 1_000_003 + progress.epoch) * 100_003
+                                        + progress.batches, ctx.rank, ctx.world), device)
         with autocast(device, precision.amp):
             logits = model(precision.prepare(images))
         loss = masked_bce_with_logits(logits, targets)  # in fp32 whatever the autocast
@@ -414,7 +399,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
     probs, targets_all, ids, finite = [], [], [], []
     for images, targets, image_ids in tqdm(loader, desc=desc, unit="batch", leave=False,
                                            dynamic_ncols=True, disable=not ctx.main):
-        images = images.to(device, non_blocking=True)
+        images = model_input(images, device)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, precision.amp):
             logits = model(precision.prepare(images)).float()
@@ -869,13 +854,16 @@ def build_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str]
     loaders = None
     if cfg.cache != "off":
         loaders = cache_loaders(
-            cfg, table, findings, device, flip=False, rank=ctx.rank, world=ctx.world,
-            train_sampler=lambda n: EpochSampler(n, cfg.seed, ctx.rank, ctx.world))
+            cfg, table, findings, rank=ctx.rank, world=ctx.world,
+            train_sampler=lambda n: EpochSampler(n, cfg.seed, ctx.rank, ctx.world),
+            pin_memory=device.type == "cuda")
         if loaders is None and cfg.cache == "on":
-            raise DataError(f"--cache on: no valid {cfg.image_size} px cache under {cfg.data}. "
+            where = cfg.cache_dir or cfg.data
+            raise DataError(f"--cache on: no valid {cfg.image_size} px cache under {where}. "
                             f"Build it with: python prepare_data.py "
                             f"{'chexphoto' if cfg.dataset == 'chexphoto' else 'nih'} --root "
-                            f"{cfg.data} --size {cfg.image_size}")
+                            f"{cfg.data} --image-size {cfg.image_size}"
+                            + (f" --cache-dir {cfg.cache_dir}" if cfg.cache_dir else ""))
     return loaders if loaders is not None else make_loaders(cfg, table, findings, device, ctx)
 
 

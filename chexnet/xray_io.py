@@ -1,4 +1,4 @@
-"""Reading any X-ray file as an 8-bit grey image: PNG and JPEG through `cxr_dataset.load_xray`
+"""Reading any X-ray file as an 8-bit grey image: PNG and JPEG through `data.load_xray`
 (the loader training uses), DICOM rendered the way a viewer shows it (rescale, windowing,
 MONOCHROME1 inverted). Used by predict.py and visualize_prediction.py.
 """
@@ -32,7 +32,7 @@ def load_any(path: str | Path) -> Image.Image:
     """Open a PNG, JPEG or DICOM X-ray as an 8-bit greyscale (mode L) image.
 
     Dispatches on content (the DICOM magic) or the `.dcm` suffix; everything else goes
-    through `cxr_dataset.load_xray`, the loader training used.
+    through `data.load_xray`, the loader training used.
 
     Raises:
         ImageReadError: missing, unreadable or unsupported file; the message names it.
@@ -78,7 +78,7 @@ def window_to_uint8(values: np.ndarray, center: float, width: float,
 
 
 def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Stretch the image's own min-max range to 0-255, as `cxr_dataset.load_xray` does for
+    """Stretch the image's own min-max range to 0-255, as `data.load_xray` does for
     16-bit PNGs (a constant image becomes black). Returns uint8, same shape."""
     values = np.asarray(values, dtype=np.float64)
     lo, hi = float(values.min()), float(values.max())

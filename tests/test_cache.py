@@ -1,5 +1,5 @@
-"""cxr_cache: batch_transform against the reference preprocessing, the batch loader, the
-loaders retrain.py gets, the real NIH sample, and the benchmark's smoke run."""
+"""chexnet/cache.py: cached batches through model_input against the reference preprocessing,
+the batch loader, the loaders retrain.py gets, the real NIH sample, the benchmark's smoke run."""
 from __future__ import annotations
 
 import re
@@ -15,16 +15,14 @@ from chexnet import cache as cxr_cache
 from chexnet import prepare as prepare_data
 from conftest import ROOT, load_benchmark, make_nih, shared, xray_like
 from chexnet.files import sha256_file
-from chexnet.cache import (
-    CacheLoader, batch_transform, cache_dir, open_cache, resize_center_crop,
-)
-from chexnet.data import build_transform, load_xray
+from chexnet.cache import CacheLoader, cache_dir, open_cache, resize_center_crop
+from chexnet.data import build_transform, load_xray, model_input
 from chexnet.labels import NIH_FINDINGS
 
 
 def reference_batch(images: list[Image.Image], size: int) -> torch.Tensor:
-    """build_transform(size, train=False) of each image, stacked: (B, 3, S, S)."""
-    transform = build_transform(size, train=False)
+    """build_transform(size) of each image, stacked: (B, 3, S, S)."""
+    transform = build_transform(size)
     return torch.stack([transform(img) for img in images])
 
 
@@ -52,95 +50,45 @@ def generated_cache(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# batch_transform
+# model_input: a cached (or PNG) uint8 batch -> the network's input
 # --------------------------------------------------------------------------------------------
-def test_batch_transform_is_the_reference_when_sizes_match():
+@pytest.mark.parametrize("n", [3, 9])   # within one CPU step, and over several
+def test_model_input_is_the_reference_when_sizes_match(n):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L")
-              for _ in range(5)]
+              for _ in range(n)]
     x = torch.stack([torch.from_numpy(np.array(img)) for img in images])[:, None]
-    out = batch_transform(x, train=False, out_size=32, generator=None)
-    assert out.shape == (5, 3, 32, 32) and out.dtype == torch.float32
+    out = model_input(x, "cpu")
+    assert out.shape == (n, 3, 32, 32) and out.dtype == torch.float32
     assert torch.equal(out, reference_batch(images, 32))  # bit for bit
 
 
-def test_cache_then_batch_transform_is_the_reference_from_larger_originals():
-    """Originals of several shapes -> cache at S -> batch_transform(S): exactly the reference."""
+def test_cache_then_model_input_is_the_reference_from_larger_originals():
+    """Originals of several shapes -> cache at S -> model_input: exactly the reference."""
     rng = np.random.default_rng(1)
     images = [Image.fromarray(xray_like(rng, h, w), "L")
-              for h, w in [(1024, 1024), (300, 260), (260, 300), (20, 24)]]
-    out = batch_transform(cached(images, 64), train=False, out_size=64, generator=None)
+              for h, w in [(1024, 1024), (300, 260), (260, 300), (20, 24), (64, 64)]]
+    out = model_input(cached(images, 64), "cpu")
     assert torch.equal(out, reference_batch(images, 64))
 
 
-def assert_resize_close(images: list[Image.Image]) -> None:
-    """A 256 px cache resized to 224 on the fly vs the reference Resize 224 of the original.
-
-    Two resizes differ from one only by interpolation: small on average, larger at sharp edges
-    (burned-in markers), where it reaches ~0.7 normalised units (~40 grey levels) on NIH.
-    """
-    out = batch_transform(cached(images, 256), train=False, out_size=224, generator=None)
-    diff = (out - reference_batch(images, 224)).abs()
-    assert out.shape == (len(images), 3, 224, 224)
-    assert diff.mean() < 0.02, diff.mean()
-    assert torch.quantile(diff.flatten()[::5], 0.999) < 0.2
-    assert diff.max() < 1.0, diff.max()
-
-
-def test_resized_cache_stays_close_to_the_reference():
-    rng = np.random.default_rng(2)
-    assert_resize_close([Image.fromarray(xray_like(rng, 1024, 1024), "L") for _ in range(3)])
-
-
-def test_resized_cache_of_real_nih_images_stays_close_to_the_reference():
-    paths = sorted(shared("nih", "images").glob("*.png"))[:6]
-    assert_resize_close([load_xray(p) for p in paths])
-
-
 def test_normalisation_shapes_and_dtype():
-    x = torch.stack([torch.zeros(1, 8, 8, dtype=torch.uint8),
-                     torch.full((1, 8, 8), 255, dtype=torch.uint8)])
-    out = batch_transform(x, train=False, out_size=8, generator=None)
-    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.float32 and out.is_contiguous()
-    mean = torch.tensor([0.485, 0.456, 0.406])  # ImageNet's, as literals: not our constants
-    std = torch.tensor([0.229, 0.224, 0.225])
-    torch.testing.assert_close(out[0, :, 0, 0], -mean / std)
-    torch.testing.assert_close(out[1, :, 0, 0], (1 - mean) / std)
-    assert x.dtype == torch.uint8 and int(x[1].min()) == 255  # the input is left alone
+    for n in (2, 6):
+        x = torch.stack([torch.zeros(1, 8, 8, dtype=torch.uint8)] * (n // 2)
+                        + [torch.full((1, 8, 8), 255, dtype=torch.uint8)] * (n // 2))
+        out = model_input(x, "cpu")
+        assert out.shape == (n, 3, 8, 8) and out.dtype == torch.float32 and out.is_contiguous()
+        mean = torch.tensor([0.485, 0.456, 0.406])  # ImageNet's, as literals: not our constants
+        std = torch.tensor([0.229, 0.224, 0.225])
+        torch.testing.assert_close(out[0, :, 0, 0], -mean / std)
+        torch.testing.assert_close(out[-1, :, 0, 0], (1 - mean) / std)
+        assert x.dtype == torch.uint8 and int(x[-1].min()) == 255  # the input is left alone
 
 
-def test_flips_follow_the_generator():
-    rng = np.random.default_rng(3)
-    x = torch.from_numpy(rng.integers(0, 256, (64, 1, 16, 16), dtype=np.uint8))
-    plain = batch_transform(x, train=False, out_size=16, generator=None)
-    a = batch_transform(x, True, 16, torch.Generator().manual_seed(7))
-    b = batch_transform(x, True, 16, torch.Generator().manual_seed(7))
-    c = batch_transform(x, True, 16, torch.Generator().manual_seed(8))
-    assert torch.equal(a, b)
-    flipped = torch.tensor([torch.equal(a[i], plain[i].flip(-1)) for i in range(64)])
-    unflipped = torch.tensor([torch.equal(a[i], plain[i]) for i in range(64)])
-    assert (flipped ^ unflipped).all()       # every image is itself or its mirror
-    assert 16 <= int(flipped.sum()) <= 48    # p = 0.5
-    assert not torch.equal(a, c)
-    expected = torch.rand(64, generator=torch.Generator().manual_seed(7)) < 0.5
-    assert torch.equal(flipped, expected)    # the flips are the generator's draws
-
-
-def test_random_crops_come_from_a_larger_cache():
-    rng = np.random.default_rng(4)
-    x = torch.from_numpy(rng.integers(0, 256, (6, 1, 20, 20), dtype=np.uint8))
-    out = batch_transform(x, True, 12, torch.Generator().manual_seed(0))
-    again = batch_transform(x, True, 12, torch.Generator().manual_seed(0))
-    assert out.shape == (6, 3, 12, 12) and torch.equal(out, again)
-    full = batch_transform(x, False, 20, None)
-    windows = set()
-    for i in range(6):
-        found = [(t, left, f) for t in range(9) for left in range(9) for f in (False, True)
-                 if torch.equal(out[i], (full[i, :, t:t + 12, left:left + 12].flip(-1) if f else
-                                         full[i, :, t:t + 12, left:left + 12]))]
-        assert found, f"image {i} is not a crop of its source"
-        windows.add(found[0][:2])
-    assert len(windows) > 1  # offsets vary per image
+def test_model_input_refuses_a_batch_that_is_already_float():
+    """Normalising twice would feed the network wrong numbers without a sound: refused."""
+    with pytest.raises(TypeError, match="uint8"):
+        model_input(torch.zeros(2, 3, 8, 8), "cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,13 +186,13 @@ def test_cache_loaders_serve_what_the_reference_loaders_serve(tmp_path, capsys):
     table, findings, _ = training.load_tables(cfg)
     device = torch.device("cpu")
     sampler = lambda n: training.EpochSampler(n, cfg.seed)  # noqa: E731
-    assert cxr_cache.cache_loaders(cfg, table, findings, device, sampler, flip=False) is None
+    assert cxr_cache.cache_loaders(cfg, table, findings, sampler) is None
 
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
     cfg.labels = None  # the same labels now sit in DATA/nih_labels.csv, which is the default
     table, findings, _ = training.load_tables(cfg)
-    ours = cxr_cache.cache_loaders(cfg, table, findings, device, sampler, flip=False)
+    ours = cxr_cache.cache_loaders(cfg, table, findings, sampler)
     assert "uint8 cache" in capsys.readouterr().out
     theirs = training.make_loaders(cfg, table, findings, device)
     for epoch, start in [(1, 0), (2, 4)]:
@@ -255,6 +203,7 @@ def test_cache_loaders_serve_what_the_reference_loaders_serve(tmp_path, capsys):
         a_batches, b_batches = list(ours[fold]), list(theirs[fold])
         assert [ids for *_, ids in a_batches] == [list(ids) for *_, ids in b_batches]
         for (a, ta, _), (b, tb, _) in zip(a_batches, b_batches):
+            assert a.dtype == b.dtype == torch.uint8   # both normalised later, the same way
             assert torch.equal(a, b) and torch.equal(ta, tb)
     assert len(ours["train"].dataset) == (table["fold"] == "train").sum() == 6
 
@@ -269,7 +218,7 @@ def test_cache_loaders_serve_what_the_reference_loaders_serve(tmp_path, capsys):
     assert probs.shape == targets.shape == (3, len(NIH_FINDINGS))
 
 
-def test_cache_loaders_own_shuffle_and_flips_follow_the_generator(tmp_path):
+def test_cache_loaders_own_shuffle_follows_the_generator(tmp_path):
     from chexnet import train as training
 
     make_nih(tmp_path, n=12, shapes=[("L", 40, 40)], folds=True)
@@ -277,7 +226,7 @@ def test_cache_loaders_own_shuffle_and_flips_follow_the_generator(tmp_path):
                              progress=False)
     cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4)
     table, findings, _ = training.load_tables(cfg)
-    train = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))["train"]
+    train = cxr_cache.cache_loaders(cfg, table, findings)["train"]
     assert train.sampler is None and len(train) == 2 and len(train.dataset) == 6
 
     def epoch(seed):
@@ -298,13 +247,13 @@ def test_cache_loaders_split_evaluation_over_processes(tmp_path):
     cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4,
                               eval_batch_size=2)
     table, findings, _ = training.load_tables(cfg)
-    full = cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"))
-    parts = [cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu"), rank=r, world=2)
+    full = cxr_cache.cache_loaders(cfg, table, findings)
+    parts = [cxr_cache.cache_loaders(cfg, table, findings, rank=r, world=2)
              for r in (0, 1)]
     for fold in ("val", "test"):
         whole = [i for *_, ids in full[fold] for i in ids]
         assert [i for p in parts for *_, ids in p[fold] for i in ids] == whole
-    assert all(p["train"].loader.batch_size == 2 for p in parts)
+    assert all(p["train"].batch_size == 2 for p in parts)
     assert parts[0]["val"].dataset.findings == tuple(NIH_FINDINGS)
 
 
@@ -316,16 +265,16 @@ def test_stale_cache_is_not_used(tmp_path, capsys):
                              progress=False)
     cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32)
     table, findings, _ = training.load_tables(cfg)
-    assert cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu")) is not None
+    assert cxr_cache.cache_loaders(cfg, table, findings) is not None
     labels = pd.read_csv(tmp_path / "nih_labels.csv")
     labels.loc[0, "Hernia"] = 1 - labels.loc[0, "Hernia"]
     labels.to_csv(tmp_path / "nih_labels.csv", index=False)
     table, findings, _ = training.load_tables(cfg)
     capsys.readouterr()
-    assert cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu")) is None
+    assert cxr_cache.cache_loaders(cfg, table, findings) is None
     assert "another labels file" in capsys.readouterr().out
     cfg.image_size = 24
-    assert cxr_cache.cache_loaders(cfg, table, findings, torch.device("cpu")) is None
+    assert cxr_cache.cache_loaders(cfg, table, findings) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,9 +292,9 @@ def test_real_nih_sample_builds_and_reads_back_as_the_reference(tmp_path):
     cache = open_cache(tmp_path, 224, tmp_path / "nih_labels.csv")
     loader = CacheLoader(cache, np.arange(len(cache)), np.zeros((len(cache), 14), np.float32),
                          cache.ids, batch_size=32, shuffle=False)
-    transform = build_transform(224, train=False)
+    transform = build_transform(224)
     for x, _, ids in loader:
-        out = batch_transform(x, False, 224, None)
+        out = model_input(x, "cpu")
         expected = torch.stack([transform(load_xray(images / i)) for i in ids])
         assert torch.equal(out, expected)
 

@@ -68,7 +68,7 @@ def test_nih_outputs_are_scored_against_chexpert_columns(data):
     valid = pd.read_csv(data / "photo" / "CheXphoto-v1.1" / "valid.csv")
     valid = valid[valid["Frontal/Lateral"] == "Frontal"]
     assert len(valid) == len(test)
-    transform = build_transform(SIZE, train=False)
+    transform = build_transform(SIZE)
     images = torch.stack([transform(load_xray(data / "photo" / p)) for p in valid["Path"]])
     rows = images[:, 0].mean(dim=2).numpy()                   # (N, S): the fake logits
     body = result.set_index("model_finding")

@@ -56,7 +56,7 @@ def test_transform_matches_reference_rgb_pipeline(tmp_path):
     img = Image.fromarray(rng.integers(0, 256, (100, 120), dtype=np.uint8), "L")
     reference = v1.Compose([v1.Resize(32), v1.CenterCrop(32), v1.ToTensor(),
                             v1.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    ours = build_transform(32, train=False)(img)
+    ours = build_transform(32)(img)
     expected = reference(img.convert("RGB"))
     assert ours.shape == (3, 32, 32)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)

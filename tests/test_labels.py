@@ -193,3 +193,23 @@ def test_missing_images_are_shown_quoted(tmp_path):
     table = pd.DataFrame({"image_id": ["a.png", "b .png"]})
     with pytest.raises(DataError, match=r"first: 'a.png', 'b .png'"):
         attach_paths(table, {}, "labels.csv")
+
+
+def test_one_rule_resolves_an_nih_labels_file(tmp_path):
+    """retrain.py, the cache, explore_data.py and cross_eval.py all ask resolve_nih_labels."""
+    from chexnet.data import DEFAULT_NIH_LABELS, DataError, resolve_nih_labels
+
+    assert resolve_nih_labels(tmp_path) == DEFAULT_NIH_LABELS            # nothing in DATA
+    (tmp_path / "Data_Entry_2017_v2020.csv.gz").write_bytes(b"")
+    assert resolve_nih_labels(tmp_path) == tmp_path / "Data_Entry_2017_v2020.csv.gz"
+    # NIH training wants the reference folds: NIH's own file has none, the committed one has.
+    assert resolve_nih_labels(tmp_path, reference_split=True) == DEFAULT_NIH_LABELS
+    (tmp_path / "Data_Entry_2017.csv").write_bytes(b"")
+    assert resolve_nih_labels(tmp_path) == tmp_path / "Data_Entry_2017.csv"   # .csv first
+    (tmp_path / "nih_labels.csv").write_bytes(b"")                  # what prepare_data.py writes
+    assert resolve_nih_labels(tmp_path) == tmp_path / "nih_labels.csv"
+    assert resolve_nih_labels(tmp_path, reference_split=True) == tmp_path / "nih_labels.csv"
+    given = tmp_path / "Data_Entry_2017.csv"
+    assert resolve_nih_labels(tmp_path, str(given), reference_split=True) == given
+    with pytest.raises(DataError, match="nope.csv: labels file not found"):
+        resolve_nih_labels(tmp_path, tmp_path / "nope.csv")

@@ -3,7 +3,7 @@
 The reference feeds DenseNet `Image.open(path).convert('RGB')` through torchvision's
 `Resize(224) -> CenterCrop(224) -> ToTensor() -> Normalize(ImageNet)`. We decode to 8-bit grey
 and expand to three channels at the end; the PNG path (`build_transform`), the uint8 cache
-(`prepare_data.py` + `batch_transform`) and `predict.py` must all give exactly its numbers.
+(`prepare_data.py` + `model_input`) and `predict.py` must all give exactly its numbers.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from chexnet import cache as cxr_cache
 from chexnet.files import sha256_file
 from chexnet import predict
 from conftest import shared
-from chexnet.data import build_transform, load_xray, normalize_uint8
+from chexnet.data import build_transform, load_xray, model_input, normalize_uint8
 
 SIZE = 224
 RGBA_FILES = ("00000100_000.png", "00001369_000.png")
@@ -51,7 +51,7 @@ def cache_tensors(paths, tmp_path, size: int = SIZE) -> dict[str, torch.Tensor]:
     cache = cxr_cache.open_cache(tmp_path, size, labels)
     rows = cache.row_of()
     x = torch.from_numpy(np.array(cache.images()[[rows[i] for i in ids]]))[:, None]
-    out = cxr_cache.batch_transform(x, train=False, out_size=size, generator=None)
+    out = model_input(x, "cpu")
     return dict(zip(ids, out))
 
 
@@ -81,14 +81,14 @@ def test_generated_images_all_paths_are_exact(tmp_path):
     cached = cache_tensors(paths, tmp_path, 64)
     for path in paths:
         expected = reference_tensor(path, 64)
-        assert torch.equal(build_transform(64, train=False)(load_xray(path)), expected)
+        assert torch.equal(build_transform(64)(load_xray(path)), expected)
         assert torch.equal(cached[path.name], expected)
         assert torch.equal(predict.preprocess(predict.load_any(path), 64)[0], expected)
 
 
 def test_real_nih_pngs_png_path_is_exact():
     for path in nih_sample():
-        ours = build_transform(SIZE, train=False)(load_xray(path))
+        ours = build_transform(SIZE)(load_xray(path))
         diff = (ours - reference_tensor(path)).abs().max().item()
         assert diff == 0, f"{path.name}: max difference {diff}"
 
@@ -124,4 +124,4 @@ def test_float_path_matches_reference_on_noise(size):
     img = Image.fromarray(rng.integers(0, 256, (300, 280), dtype=np.uint8), "L")
     reference = v1.Compose([v1.Resize(size), v1.CenterCrop(size), v1.ToTensor(),
                             v1.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    assert torch.equal(build_transform(size, train=False)(img), reference(img.convert("RGB")))
+    assert torch.equal(build_transform(size)(img), reference(img.convert("RGB")))

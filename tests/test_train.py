@@ -223,7 +223,7 @@ def scripted_val_losses(monkeypatch, losses):
             return (losses[epoch - 1], *out[1:])
         return out
 
-    monkeypatch.setattr(retrain, "evaluate", evaluate)
+    monkeypatch.setattr(training, "evaluate", evaluate)
 
 
 def test_default_recipe_builds_reproduce_chexnets_sgd(demo_root, tmp_path):

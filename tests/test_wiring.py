@@ -43,7 +43,7 @@ def scripted_val_losses(monkeypatch, losses):
             return (losses[int(desc.split()[1]) - 1], *out[1:])
         return out
 
-    monkeypatch.setattr(retrain, "evaluate", evaluate)
+    monkeypatch.setattr(training, "evaluate", evaluate)
 
 
 def train(root, out, name, *extra):
@@ -59,7 +59,7 @@ def probabilities_of(weights: dict, root, ids, size=32) -> np.ndarray:
     net = build_model(len(NIH_FINDINGS), "none")
     net.load_state_dict(weights)
     net.eval()
-    transform = build_transform(size, train=False)
+    transform = build_transform(size)
     with torch.no_grad():
         batch = torch.stack([transform(load_xray(root / "images" / i)) for i in ids])
         return torch.sigmoid(net(batch)).numpy()
@@ -95,7 +95,7 @@ def test_mirrored_inputs_would_change_the_predictions(demo_root):
     net = build_model(len(NIH_FINDINGS), "none")
     torch.manual_seed(0)
     net.eval()
-    image = build_transform(32, train=False)(load_xray(sorted((demo_root / "images").iterdir())[0]))
+    image = build_transform(32)(load_xray(sorted((demo_root / "images").iterdir())[0]))
     with torch.no_grad():
         a, b = torch.sigmoid(net(torch.stack([image, image.flip(-1)])))
     assert (a - b).abs().max() > 1e-4
@@ -251,10 +251,11 @@ def test_evaluate_names_the_batch_whose_loss_is_not_finite():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 14))
     batches = []
     for b in range(3):
-        images = torch.randn(4, 3, 2, 2)
+        images = torch.randint(0, 256, (4, 1, 2, 2), dtype=torch.uint8)
+        targets = torch.zeros(4, 14)
         if b == 1:
-            images[2, 0, 0, 0] = float("nan")
-        batches.append((images, torch.zeros(4, 14), [f"b{b}_{i}.png" for i in range(4)]))
+            targets[2, 0] = float("inf")
+        batches.append((images, targets, [f"b{b}_{i}.png" for i in range(4)]))
     with pytest.raises(training.NonFiniteLoss, match=r"epoch 3 val.*batch 2; images: b1_0.png, "
                        r"b1_1.png, b1_2.png, b1_3.png\. "):
         training.evaluate(model, batches, torch.device("cpu"), "epoch 3 val")
@@ -274,7 +275,7 @@ def test_nan_validation_loss_stops_with_exit_3(demo_root, tmp_path, monkeypatch,
             out = self.net(x)
             return out if self.training else out * float("nan")
 
-    monkeypatch.setattr(retrain, "build_model", lambda *a, **k: NanInEval(real(*a, **k)))
+    monkeypatch.setattr(training, "build_model", lambda *a, **k: NanInEval(real(*a, **k)))
     args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name",
             "nan", *FAST, "--epochs", "2"]
     assert retrain.main(args) == 3
