@@ -1,11 +1,11 @@
 """Photo-like corruptions of X-rays, and how much a trained model's test AUC suffers from them.
 
-The command line of chexnet/corruptions.py, where the code and the full usage live
+The command line of chexnet/robustness.py, where the code and the full usage live
 (`python photo_corruptions.py --help`).
 """
 import sys
 
-from chexnet.corruptions import main
+from chexnet.robustness import main
 
 if __name__ == "__main__":
     sys.exit(main())

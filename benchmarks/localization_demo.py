@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     if not (data / "nih" / "Data_Entry_2017.csv").is_file():
         demo_data.main(["--out", str(data), "--kind", "nih", "--n-images", str(args.n_images),
-                        "--size", str(args.data_size), "--workers", str(max(1, args.workers))])
+                        "--png-size", str(args.data_size), "--workers", str(max(1, args.workers))])
     run = work / "runs" / f"loc{args.image_size}"
     if not (run / "preds.csv").is_file():
         fit(TrainConfig(dataset="demo", data=str(data / "nih"), name=run.name,

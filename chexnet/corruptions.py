@@ -1,7 +1,4 @@
-"""Photo-like corruptions of X-rays, and how much a trained model's test AUC suffers from them.
-
-    python photo_corruptions.py --run results/NAME [--kinds blur jpeg ...] \\
-        [--severities 1 3 5] --out robustness.csv [--plot robustness.png]
+"""Photo-like corruptions of X-rays: the one set of photo effects of the project.
 
 CheXphoto exists because smartphone photos of X-rays (of a film or a monitor) differ from the
 digital originals. The corruptions here imitate that, at severities 1-5, on a grey (mode L) image:
@@ -17,33 +14,27 @@ Magnitudes are set relative to the image size (a 1024 px NIH image and a 128 px 
 the same corruption after Resize), and the random draws (direction, position, phase) never depend
 on the severity, so one rng seed gives one corruption growing with severity.
 
-The evaluation re-scores a run's checkpoint on its test fold with each corruption applied to the
-image before the standard Resize + CenterCrop + normalisation, and writes, per corruption and
-severity, each finding's AUC, the clean AUC and the drop, plus a `mean` row.
+Each kind is a public primitive of the same name taking explicit magnitudes (`blur(arr, sigma)`,
+`glare(arr, centre, radius, peak)`, ...), joined by gamma, noise, pixel_grid and colour_cast,
+which no kind uses: the CheXphoto demo (chexnet/demo.py) chains them all into its photo
+renditions, so each photo effect is written once, here.
+
+How much a trained model's test AUC suffers from them is chexnet/robustness.py's job
+(`python photo_corruptions.py`).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
-import sys
 import zlib
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 
-from chexnet import train as training
-from chexnet import cam
-from chexnet import heatmaps as vp
-from chexnet.data import CXRDataset, DataError, build_transform, load_xray
-from chexnet.scoring import per_label_auc
 
 KINDS: tuple[str, ...] = ("perspective", "blur", "glare", "moire", "brightness_contrast", "jpeg")
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -59,6 +50,7 @@ BLUR_SIGMA = (0.7, 1.3, 2.0, 3.0, 4.5)           # Gaussian sigma, reference pix
 MIN_BLUR_SIGMA = (0.5, 0.65, 0.8, 0.95, 1.1)
 GLARE_PEAK = (45.0, 80.0, 115.0, 150.0, 190.0)   # grey levels added at the blob centre
 MOIRE_AMPLITUDE = (8.0, 15.0, 24.0, 34.0, 46.0)  # grey levels
+MIN_MOIRE_PERIOD = 2.5                            # pixels: a finer grating aliases into noise
 CONTRAST_STEP = 0.12                              # contrast is multiplied by 1 - step * s
 BRIGHTNESS_STEP = 10.0                            # grey levels of shift per severity step
 JPEG_QUALITY = (60, 35, 20, 12, 6)
@@ -89,12 +81,104 @@ def corrupt(img: Image.Image, kind: str, severity: int, rng: np.random.Generator
         raise ValueError(f"severity {severity!r}: expected an integer 0 (identity) to 5")
     if img.mode != "L":
         raise ValueError(f"corrupt expects a grey (mode L) image, got mode {img.mode}; load "
-                         "X-rays with cxr_dataset.load_xray")
+                         "X-rays with data.load_xray")
     if severity == 0:
         return img.copy()
     return _CORRUPTIONS[kind](img, int(severity) - 1, rng)
 
 
+# --------------------------------------------------------------------------------------------
+# Primitives: one effect each, with explicit magnitudes (pixels, grey levels), no randomness of
+# their own but noise's. The arithmetic ones take and return float (H, W) grey-level arrays,
+# unrounded and unclipped, so they chain; perspective and jpeg take and return PIL images.
+# corrupt() draws their magnitudes from a severity; the CheXphoto demo (chexnet/demo.py) draws
+# its own and chains them into its photo renditions.
+# --------------------------------------------------------------------------------------------
+def perspective(img: Image.Image, startpoints: Sequence[Sequence[float]],
+                endpoints: Sequence[Sequence[float]], fill: float = 0) -> Image.Image:
+    """Warp a flat film or screen as a camera off its axis sees it: the image points
+    `startpoints` ([x, y] pixels: top-left, top-right, bottom-right, bottom-left) move to
+    `endpoints`. Bilinear; pixels mapped from outside the image get `fill`."""
+    return TF.perspective(img, startpoints, endpoints,
+                          interpolation=InterpolationMode.BILINEAR, fill=fill)
+
+
+def blur(arr: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur (camera defocus); sigma in pixels, edges reflected."""
+    # Reflect padding needs the kernel to be shorter than twice the image side.
+    radius = min(int(math.ceil(3 * sigma)), min(arr.shape) - 1)
+    tensor = torch.from_numpy(np.array(arr, np.float32))[None]
+    return TF.gaussian_blur(tensor, [2 * radius + 1] * 2, [sigma, sigma])[0].numpy()
+
+
+def glare(arr: np.ndarray, centre: tuple[float, float], radius: float, peak: float
+          ) -> np.ndarray:
+    """Add a bright radial Gaussian blob (a light reflected by the film or screen): `peak`
+    grey levels at `centre` ([x, y] pixels), falling off with standard deviation `radius`."""
+    x, y = _grid(arr.shape)
+    cx, cy = centre
+    blob = np.exp(-0.5 * ((x - cx) ** 2 + (y - cy) ** 2) / radius ** 2)
+    return arr + peak * blob
+
+
+def moire(arr: np.ndarray, angle: float, delta: float, period: float,
+          phases: Sequence[float], amplitude: float) -> np.ndarray:
+    """Add `amplitude` grey levels times the product of two sinusoidal gratings of `period`
+    pixels, at `angle` and `angle + delta` radians, with the given two phases (screen pixels
+    against sensor pixels): their beat, of period ~ period / delta, gives moire's broad bands."""
+    x, y = _grid(arr.shape)
+    g1, g2 = (np.cos(2 * math.pi * (x * math.cos(t) + y * math.sin(t)) / period + p)
+              for t, p in zip((angle, angle + delta), phases))
+    # The product of the screen's grating and the sensor's, as in a photographed monitor:
+    # cos a cos b = (cos(a - b) + cos(a + b)) / 2 holds the broad, low-frequency bands of
+    # moire, which survive the Resize to the model's input where the fine gratings do not.
+    return arr + amplitude * g1 * g2
+
+
+def brightness_contrast(arr: np.ndarray, contrast: float, brightness: float, pivot: float
+                        ) -> np.ndarray:
+    """Multiply the contrast about the grey level `pivot` by `contrast`, then add `brightness`
+    grey levels: a washed-out, dark or flat exposure."""
+    return (arr - pivot) * contrast + pivot + brightness
+
+
+def gamma(arr: np.ndarray, exponent: float) -> np.ndarray:
+    """Raise grey levels (clipped to 0-255, as fractions of 255) to `exponent`: a camera's
+    tone curve, darkening mid-tones above 1 and brightening them below."""
+    return 255.0 * (np.clip(arr, 0.0, 255.0) / 255.0) ** exponent
+
+
+def noise(arr: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Add white Gaussian sensor noise of standard deviation `sigma` grey levels."""
+    return arr + sigma * rng.standard_normal(np.shape(arr))
+
+
+def pixel_grid(arr: np.ndarray, pitch: int, depth: float) -> np.ndarray:
+    """Darken every `pitch`-th pixel column by `depth` grey levels: the dark gaps between a
+    photographed monitor's pixel columns."""
+    return arr - depth * ((np.arange(np.shape(arr)[1]) % pitch) == 0)[None, :]
+
+
+def colour_cast(arr: np.ndarray, gains: Sequence[float]) -> np.ndarray:
+    """Grey (H, W) -> colour (H, W, 3) with each channel scaled by its gain (red, green, blue):
+    a white balance off for the light in the room."""
+    return np.asarray(arr)[..., None] * np.asarray(gains, np.float32)
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    """JPEG encode and decode a grey image at `quality` (1-95): phone or messaging-app
+    compression."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as decoded:
+        return decoded.convert("L")
+
+
+# --------------------------------------------------------------------------------------------
+# Severities: each kind's primitive, its magnitude set by the severity and its random draws
+# (direction, position, phase) taken from rng in a fixed order that does not depend on it.
+# --------------------------------------------------------------------------------------------
 def _scale(img: Image.Image) -> float:
     """Image pixels per reference pixel."""
     return min(img.size) / REFERENCE_SIZE
@@ -104,13 +188,13 @@ def _to_image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def _grid(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) x and y pixel-centre coordinates."""
-    w, h = img.size
+def _grid(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) x and y pixel-centre coordinates of an image of this (H, W) shape."""
+    h, w = shape[:2]
     return np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
 
 
-def _perspective(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
+def _perspective_at(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
     w, h = img.size
     far_edge = int(rng.integers(4))         # top, right, bottom, left: farther from the camera
     skew = float(rng.uniform(-0.25, 0.25))  # the far edge also slides sideways a little
@@ -126,61 +210,47 @@ def _perspective(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Im
     for idx, sign in ((a, 1.0), (b, -1.0)):
         end[idx] = (np.array(start[idx]) + sign * d * along + 0.5 * d * inward
                     + skew * d * along).tolist()
-    return TF.perspective(img, start, end, interpolation=InterpolationMode.BILINEAR, fill=0)
+    return perspective(img, start, end)
 
 
-def _blur(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
+def _blur_at(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
     sigma = max(BLUR_SIGMA[s] * _scale(img), MIN_BLUR_SIGMA[s])
-    # Reflect padding needs the kernel to be shorter than twice the image side.
-    radius = min(int(math.ceil(3 * sigma)), min(img.size) - 1)
-    return TF.gaussian_blur(img, [2 * radius + 1] * 2, [sigma, sigma])
+    return _to_image(blur(np.asarray(img, np.float32), sigma))
 
 
-def _glare(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
+def _glare_at(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
     w, h = img.size
-    cx, cy = rng.uniform(0.25, 0.75) * w, rng.uniform(0.2, 0.7) * h
+    centre = (rng.uniform(0.25, 0.75) * w, rng.uniform(0.2, 0.7) * h)
     radius = rng.uniform(0.15, 0.3) * min(w, h)
-    x, y = _grid(img)
-    blob = np.exp(-0.5 * ((x - cx) ** 2 + (y - cy) ** 2) / radius ** 2)
-    return _to_image(np.asarray(img, np.float64) + GLARE_PEAK[s] * blob)
+    return _to_image(glare(np.asarray(img, np.float64), centre, radius, GLARE_PEAK[s]))
 
 
-def _moire(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
+def _moire_at(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
     angle = rng.uniform(0, math.pi)
     delta = rng.uniform(0.04, 0.12)      # rotation between the two gratings: sets the beat
     period = rng.uniform(3.0, 5.0) * _scale(img)
-    period = max(period, 2.5)            # below ~2 px a grating is aliased into noise
+    period = max(period, MIN_MOIRE_PERIOD)
     phases = rng.uniform(0, 2 * math.pi, 2)
-    x, y = _grid(img)
-    g1, g2 = (np.cos(2 * math.pi * (x * math.cos(t) + y * math.sin(t)) / period + p)
-              for t, p in zip((angle, angle + delta), phases))
-    # The product of the screen's grating and the sensor's, as in a photographed monitor:
-    # cos a cos b = (cos(a - b) + cos(a + b)) / 2 holds the broad, low-frequency bands of
-    # moire (period ~ period / delta), which survive the Resize to the model's input where
-    # the fine gratings themselves do not.
-    return _to_image(np.asarray(img, np.float64) + MOIRE_AMPLITUDE[s] * g1 * g2)
+    return _to_image(moire(np.asarray(img, np.float64), angle, delta, period, phases,
+                           MOIRE_AMPLITUDE[s]))
 
 
-def _brightness_contrast(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
+def _brightness_contrast_at(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
     sign = 1.0 if rng.random() < 0.5 else -1.0  # washed out or underexposed
     arr = np.asarray(img, np.float64)
-    mean = arr.mean()
     step = s + 1
     # Both terms grow linearly with the severity, so the change does too (until clipping).
-    return _to_image((arr - mean) * (1 - CONTRAST_STEP * step) + mean
-                     + sign * BRIGHTNESS_STEP * step)
+    return _to_image(brightness_contrast(arr, 1 - CONTRAST_STEP * step,
+                                         sign * BRIGHTNESS_STEP * step, arr.mean()))
 
 
-def _jpeg(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=JPEG_QUALITY[s])
-    buf.seek(0)
-    with Image.open(buf) as decoded:
-        return decoded.convert("L")
+def _jpeg_at(img: Image.Image, s: int, rng: np.random.Generator) -> Image.Image:
+    return jpeg(img, JPEG_QUALITY[s])
 
 
-_CORRUPTIONS = {"perspective": _perspective, "blur": _blur, "glare": _glare, "moire": _moire,
-                "brightness_contrast": _brightness_contrast, "jpeg": _jpeg}
+_CORRUPTIONS = {"perspective": _perspective_at, "blur": _blur_at, "glare": _glare_at,
+                "moire": _moire_at, "brightness_contrast": _brightness_contrast_at,
+                "jpeg": _jpeg_at}
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,153 +261,3 @@ def image_rng(seed: int, kind: str, severity: int, image_id: str) -> np.random.G
     so results do not depend on batch order, loader workers or which subset is scored."""
     return np.random.default_rng([seed, KINDS.index(kind), severity,
                                   zlib.crc32(image_id.encode())])
-
-
-class CorruptedDataset(CXRDataset):
-    """A CXRDataset whose images are corrupted (as PIL L) before the transform."""
-
-    def __init__(self, base: CXRDataset, kind: str, severity: int, seed: int = 0):
-        super().__init__(base.paths, base.targets.numpy(), base.image_ids, base.findings,
-                         base.transform)
-        if kind != CLEAN and kind not in KINDS:
-            raise ValueError(f"unknown corruption {kind!r}: expected one of {KINDS}")
-        self.kind, self.severity, self.seed = kind, severity, seed
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        gray = load_xray(self.paths[i])
-        if self.kind != CLEAN:
-            gray = corrupt(gray, self.kind, self.severity,
-                           image_rng(self.seed, self.kind, self.severity, self.image_ids[i]))
-        return self.transform(gray), self.targets[i], self.image_ids[i]
-
-
-def robustness(run_dir: str | Path, kinds: Sequence[str] = KINDS,
-               severities: Sequence[int] = (1, 3, 5), seed: int = 0, device: str = "auto",
-               max_images: int | None = None, data: str | None = None, workers: int = 0,
-               batch_size: int = 64) -> pd.DataFrame:
-    """AUCs of a run's checkpoint on its test fold, clean and under each corruption.
-
-    Args:
-        run_dir: folder written by retrain.py.
-        kinds: corruptions (KINDS).
-        severities: severities 1-5 to apply.
-        seed: corruption seed.
-        device: auto | cpu | cuda.
-        max_images: score only the first N test images (the same ones for every corruption).
-        data: dataset folder, if it moved since training.
-        workers: data loader processes.
-        batch_size: images per forward pass.
-
-    Returns:
-        Long table: corruption, severity, label (each finding, then `mean`), auc, clean_auc,
-        drop (= clean_auc - auc); the clean rows have corruption `clean`, severity 0.
-        The mean is over the findings with a defined clean AUC.
-
-    Raises:
-        DataError: unusable run folder or data, unknown kinds or severities.
-    """
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise DataError(f"unknown corruption(s) {unknown}: expected {', '.join(KINDS)}")
-    bad = [s for s in severities if s not in SEVERITIES]
-    if bad:
-        raise DataError(f"severities {bad}: expected integers 1 to 5")
-    run_dir = Path(run_dir)
-    checkpoint = run_dir / "checkpoint.pt"
-    if not checkpoint.is_file():
-        raise DataError(f"{checkpoint}: not found; --run takes a folder written by retrain.py.")
-    model, findings, size = cam.load_trained(checkpoint)
-    cfg, test = training.run_test_table(run_dir, data)
-    if test.empty:
-        raise DataError(f"{run_dir / 'config.json'}: the recorded dataset has no test fold.")
-    if max_images is not None:
-        test = test.iloc[:max_images]
-    base = CXRDataset.from_table(test.reset_index(), findings, None,
-                                 build_transform(size, train=False))
-    dev = training.pick_device(device)
-    model = model.to(dev)
-    rows: list[dict] = []
-    clean: dict[str, float] = {}
-    plan = [(CLEAN, 0)] + [(k, s) for k in kinds for s in severities]
-    for kind, severity in plan:
-        loader = DataLoader(CorruptedDataset(base, kind, severity, seed), batch_size=batch_size,
-                            num_workers=workers)
-        _, probs, targets, _ = training.evaluate(model, loader, dev,
-                                                desc=f"{kind} {severity}")
-        aucs = per_label_auc(targets, probs, findings, warn=kind == CLEAN)
-        if kind == CLEAN:
-            clean = aucs
-        for f in findings:
-            rows.append({"corruption": kind, "severity": severity, "label": f, "auc": aucs[f],
-                         "clean_auc": clean[f]})
-        defined = [f for f in findings if not math.isnan(clean[f])]
-        rows.append({"corruption": kind, "severity": severity, "label": "mean",
-                     "auc": float(np.mean([aucs[f] for f in defined])) if defined else math.nan,
-                     "clean_auc": float(np.mean([clean[f] for f in defined])) if defined
-                     else math.nan})
-        print(f"{kind:>20s} {severity}: mean AUC {rows[-1]['auc']:.4f}", flush=True)
-    table = pd.DataFrame(rows)
-    table["drop"] = table["clean_auc"] - table["auc"]
-    return table
-
-
-def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean AUC and its drop per corruption x severity (the `mean` rows, one row each)."""
-    means = table[table["label"] == "mean"]
-    return means[["corruption", "severity", "auc", "drop"]].rename(
-        columns={"auc": "mean_auc"}).reset_index(drop=True)
-
-
-def plot_robustness(table: pd.DataFrame, out: str | Path) -> Path:
-    """Lines of mean AUC against severity, one per corruption, starting from the clean AUC."""
-    plt = vp._pyplot()
-    means = table[table["label"] == "mean"]
-    clean = float(means.loc[means["corruption"] == CLEAN, "auc"].iloc[0])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for kind in [k for k in KINDS if k in set(means["corruption"])]:
-        part = means[means["corruption"] == kind].sort_values("severity")
-        ax.plot([0] + part["severity"].tolist(), [clean] + part["auc"].tolist(), marker="o",
-                label=kind)
-    ax.axhline(clean, color="gray", linestyle=":", linewidth=1, label="clean")
-    ax.axhline(0.5, color="black", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("severity (0 = clean)")
-    ax.set_ylabel("mean AUC over findings")
-    ax.set_xticks(range(6))
-    ax.legend(fontsize=8)
-    ax.set_title("Test-fold AUC under photo-like corruptions", fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder written by retrain.py")
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), metavar="KIND",
-                   help=f"corruptions (default all): {' '.join(KINDS)}")
-    p.add_argument("--severities", nargs="+", type=int, default=[1, 3, 5])
-    p.add_argument("--out", default="robustness.csv", help="CSV, one row per corruption x "
-                   "severity x finding (+ mean)")
-    p.add_argument("--plot", help="PNG of mean AUC against severity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-images", type=int, help="score only the first N test images")
-    p.add_argument("--data", help="dataset folder, if it moved since training")
-    p.add_argument("--workers", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        table = robustness(args.run, args.kinds, args.severities, args.seed, args.device,
-                           args.max_images, args.data, args.workers)
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    table.to_csv(args.out, index=False)
-    print(summary_table(table).to_string(index=False, na_rep="n/a",
-                                         float_format=lambda v: f"{v:.4f}"))
-    print(f"wrote {args.out}")
-    if args.plot:
-        print(f"wrote {plot_robustness(table, args.plot)}")
-    return 0

@@ -22,7 +22,7 @@ Conventions
   seeded per patient so they reappear in place on follow-ups.
 
 Typical use:
-    python demo_data.py --out demo_data --kind both --n-images 3000 --size 128 --workers 2
+    python demo_data.py --out demo_data --kind both --n-images 3000 --png-size 128 --workers 2
     python demo_data.py --out demo_biased --kind nih --underdiagnose F:0.7   # a known subgroup
         # effect: 70% of women's positive labels removed (images unchanged), for subgroups.py
 """
@@ -41,8 +41,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
+from chexnet import corruptions
 from chexnet.labels import (
     CHEXPERT_META_COLS,
     CHEXPERT_OBSERVATIONS,
@@ -925,6 +927,13 @@ def _render_nih(job: _NihJob) -> list[Box]:
     return boxes
 
 
+def _one_thread_per_worker() -> None:
+    """Pool initializer: torch (the photo primitives of chexnet/corruptions.py) on one thread.
+    The worker processes are the parallelism already, and a forked worker of a parent that has
+    run a multi-threaded torch op hangs in its first OpenMP parallel region (libgomp)."""
+    torch.set_num_threads(1)
+
+
 def _run_jobs(fn: Callable, jobs: list, workers: int, progress: bool, desc: str) -> Iterator:
     """Map fn over jobs in order, in `workers` processes, with an optional tqdm bar."""
     bar = None
@@ -940,7 +949,7 @@ def _run_jobs(fn: Callable, jobs: list, workers: int, progress: bool, desc: str)
             # fork is cheap on Linux; elsewhere it is unsafe or absent, so spawn (slower start).
             method = "fork" if sys.platform.startswith("linux") else "spawn"
             ctx = multiprocessing.get_context(method)
-            with ctx.Pool(workers) as pool:
+            with ctx.Pool(workers, initializer=_one_thread_per_worker) as pool:
                 for out in pool.imap(fn, jobs, chunksize=16):
                     if bar is not None:
                         bar.update()
@@ -1173,24 +1182,78 @@ def chexpert_observations(findings: Iterable[str]) -> dict[str, bool]:
     return obs
 
 
-def _perspective_coeffs(quad: Sequence[tuple[float, float]], w: int, h: int) -> list[float]:
-    """PIL PERSPECTIVE coefficients mapping output `quad` (TL, TR, BR, BL) onto a w x h source."""
-    src = [(0, 0), (w, 0), (w, h), (0, h)]
-    a, b = [], []
-    for (x, y), (u, v) in zip(quad, src):
-        a.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        a.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        b += [u, v]
-    return np.linalg.solve(np.array(a, float), np.array(b, float)).tolist()
+def _film_quad(size: int, rng: np.random.Generator) -> list[list[float]]:
+    """Where a photo shows the film (TL, TR, BR, BL corners, pixels): a margin of 5-12% of the
+    side, rotated by up to 4 degrees, each corner off by up to 5% (a hand-held phone)."""
+    m, j = size * rng.uniform(0.05, 0.12), size * 0.05
+    rot = math.radians(rng.uniform(-4, 4))
+    half = size / 2 - m
+    quad = []
+    for cx, cy in [(-1, -1), (1, -1), (1, 1), (-1, 1)]:
+        x, y = cx * half, cy * half
+        quad.append([size / 2 + x * math.cos(rot) - y * math.sin(rot) + rng.uniform(-j, j),
+                     size / 2 + x * math.sin(rot) + y * math.cos(rot) + rng.uniform(-j, j)])
+    return quad
+
+
+def _natural_photo(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A smartphone photo of the film: lower contrast, the film a tilted, rotated quadrilateral
+    on a dark tinted background, a glare blob, blur, sensor noise and a colour cast."""
+    size = img.shape[0]
+    img = corruptions.brightness_contrast(img, rng.uniform(0.65, 0.85), rng.uniform(-10, 15),
+                                          128.0)
+    corners, quad = [[0, 0], [size, 0], [size, size], [0, size]], _film_quad(size, rng)
+    film = corruptions.perspective(Image.fromarray(img.astype(np.float32)), corners, quad)
+    inside = np.asarray(corruptions.perspective(Image.new("F", (size, size), 1.0), corners, quad))
+    u, v = _pixel_grid(size)
+    bg = rng.uniform(25, 70) + 25.0 * (u * rng.uniform(-1, 1) + v * rng.uniform(-1, 1))
+    img = inside * np.asarray(film) + (1 - inside) * (bg + _smooth_noise(rng, size, 6, 6.0))
+    centre = (rng.uniform(0.2, 0.8) * size, rng.uniform(0.2, 0.8) * size)
+    img = corruptions.glare(img, centre, rng.uniform(0.06, 0.16) * size, rng.uniform(50, 110))
+    img = corruptions.blur(img, rng.uniform(0.4, 1.0) * size / 128)
+    img = corruptions.noise(img, rng.uniform(2, 5), rng)
+    return corruptions.colour_cast(img, (1.0, rng.uniform(0.94, 1.0), rng.uniform(0.85, 1.05)))
+
+
+def _screen_photo(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A photo of the X-ray on a monitor: moire bands (2-5 beats across the image), the
+    screen's pixel columns every 3 pixels, sensor noise."""
+    size = img.shape[0]
+    period = rng.uniform(corruptions.MIN_MOIRE_PERIOD, 3.6)  # pixels
+    delta = rng.uniform(2, 5) * period / size  # grating rotation giving that many beats
+    img = corruptions.moire(img, rng.uniform(0, math.pi), delta, period,
+                            rng.uniform(0, 2 * math.pi, 2), rng.uniform(8, 16))
+    img = corruptions.pixel_grid(img, 3, rng.uniform(3, 7))
+    img = corruptions.noise(img, rng.uniform(4, 8), rng)
+    return corruptions.colour_cast(img, (1.0, 1.0, 1.0))
+
+
+def _retouched(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A synthetically photographed X-ray: gamma, contrast and brightness changes, blur, mild
+    noise, grey."""
+    size = img.shape[0]
+    img = corruptions.gamma(img, rng.uniform(0.8, 1.25))
+    img = corruptions.brightness_contrast(img, rng.uniform(0.7, 1.3),
+                                          255.0 * rng.uniform(-0.1, 0.1), 127.5)
+    img = corruptions.blur(img, rng.uniform(0.3, 1.2) * size / 128)
+    img = corruptions.noise(img, rng.uniform(1, 4), rng)
+    return corruptions.colour_cast(img, (1.0, 1.0, 1.0))
+
+
+_RENDERERS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "natural": _natural_photo, "synthetic/digital": _screen_photo,
+    "synthetic/photographic": _retouched,
+}
+assert tuple(_RENDERERS) == RENDITIONS
 
 
 def render_rendition(xray: np.ndarray, rendition: str, rng: np.random.Generator) -> np.ndarray:
-    """Turn a clean X-ray into a CheXphoto-style rendition.
+    """Turn a clean X-ray into a CheXphoto-style rendition, chaining the photo effects of
+    chexnet/corruptions.py with magnitudes drawn from `rng`.
 
     - "natural": a smartphone photo of the film/monitor: the film is a tilted, rotated quadrilateral
       on a dark tinted background, with lower contrast, a glare blob, blur, noise and a colour cast.
-    - "synthetic/digital": screen moire (interference of a fine oblique grating), pixel-grid
-      pattern and noise.
+    - "synthetic/digital": screen moire, the screen's pixel grid and noise.
     - "synthetic/photographic": brightness, contrast and gamma changes, blur, mild noise.
 
     Args:
@@ -1201,71 +1264,10 @@ def render_rendition(xray: np.ndarray, rendition: str, rng: np.random.Generator)
     Returns:
         (S, S, 3) uint8 RGB image.
     """
-    size = xray.shape[0]
-    u, v = _pixel_grid(size)
-    img = xray.astype(np.float32)
-    if rendition == "natural":
-        img = (img - 128.0) * rng.uniform(0.65, 0.85) + 128.0 + rng.uniform(-10, 15)
-        m, j = size * rng.uniform(0.05, 0.12), size * 0.05
-        rot = math.radians(rng.uniform(-4, 4))
-        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
-        half = size / 2 - m
-        quad = []
-        for cx, cy in corners:
-            x, y = cx * half, cy * half
-            quad.append((size / 2 + x * math.cos(rot) - y * math.sin(rot) + rng.uniform(-j, j),
-                         size / 2 + x * math.sin(rot) + y * math.cos(rot) + rng.uniform(-j, j)))
-        coeffs = _perspective_coeffs(quad, size, size)
-        film = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).transform(
-            (size, size), Image.PERSPECTIVE, coeffs, Image.BILINEAR)
-        inside = Image.new("L", (size, size), 255).transform(
-            (size, size), Image.PERSPECTIVE, coeffs, Image.BILINEAR)
-        bg = rng.uniform(25, 70) + 25.0 * (u * rng.uniform(-1, 1) + v * rng.uniform(-1, 1))
-        bg = bg + _smooth_noise(rng, size, 6, 6.0)
-        alpha = np.asarray(inside, np.float32) / 255.0
-        img = alpha * np.asarray(film, np.float32) + (1 - alpha) * bg
-        gx, gy = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
-        glare = np.exp(-0.5 * (((u - gx) / rng.uniform(0.06, 0.16)) ** 2
-                               + ((v - gy) / rng.uniform(0.06, 0.16)) ** 2))
-        img = img + rng.uniform(50, 110) * glare
-        img = _blur(img, rng.uniform(0.4, 1.0) * size / 128)
-        img = img + rng.uniform(2, 5) * rng.standard_normal(img.shape)
-        tint = np.array([1.0, rng.uniform(0.94, 1.0), rng.uniform(0.85, 1.05)], np.float32)
-        rgb = img[..., None] * tint
-    elif rendition == "synthetic/digital":
-        ang, f = rng.uniform(0, np.pi), rng.uniform(0.28, 0.45) * size  # cycles per image
-        grating = np.sin(2 * np.pi * f * (u * math.cos(ang) + v * math.sin(ang))
-                         + rng.uniform(0, 6.3))
-        beat = np.sin(2 * np.pi * rng.uniform(2, 5) * (u * math.sin(ang) - v * math.cos(ang)))
-        img = img + rng.uniform(7, 14) * grating * (0.5 + 0.5 * beat)
-        img = img - rng.uniform(3, 7) * ((np.arange(size) % 3) == 0)[None, :]  # screen pixel grid
-        img = img + rng.uniform(4, 8) * rng.standard_normal(img.shape)
-        rgb = np.repeat(img[..., None], 3, axis=2)
-    elif rendition == "synthetic/photographic":
-        img = np.clip(img, 0, 255) / 255.0
-        img = img ** rng.uniform(0.8, 1.25)
-        img = (img - 0.5) * rng.uniform(0.7, 1.3) + 0.5 + rng.uniform(-0.1, 0.1)
-        img = _blur(img * 255.0, rng.uniform(0.3, 1.2) * size / 128)
-        img = img + rng.uniform(1, 4) * rng.standard_normal(img.shape)
-        rgb = np.repeat(img[..., None], 3, axis=2)
-    else:
+    if rendition not in _RENDERERS:
         raise ValueError(f"unknown rendition {rendition!r}: expected one of {RENDITIONS}")
+    rgb = _RENDERERS[rendition](xray.astype(np.float32), rng)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-
-
-def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a float (S, S) image; sigma in pixels, edges replicated."""
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / max(sigma, 1e-3)) ** 2)
-    k /= k.sum()
-    out = np.asarray(img, np.float32)
-    for axis in (0, 1):
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (r, r)
-        padded = np.pad(out, pad, mode="edge")
-        n = out.shape[axis]
-        out = sum(w * np.take(padded, np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
-    return out.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -1451,7 +1453,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--n-images", type=int, default=3000, help="NIH images")
     ap.add_argument("--n-train", type=int, default=1200, help="CheXphoto train rows")
     ap.add_argument("--n-valid", type=int, default=240, help="CheXphoto valid rows")
-    ap.add_argument("--size", type=int, default=128, help="image side in pixels")
+    ap.add_argument("--png-size", type=int, default=128,
+                    help="side in pixels of the generated images (the model's input size is "
+                    "retrain.py --image-size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="rendering processes")
     ap.add_argument("--underdiagnose", metavar="SEX:FRACTION", type=_underdiagnose_arg,
@@ -1462,7 +1466,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     result = {}
     if args.kind in ("nih", "both"):
-        s = make_nih_demo(out / "nih", args.n_images, args.size, args.seed, args.workers,
+        s = make_nih_demo(out / "nih", args.n_images, args.png_size, args.seed, args.workers,
                           progress=True, underdiagnose=args.underdiagnose)
         print(f"NIH demo: {s['n_images']} images of {s['n_patients']} patients, "
               f"{s['n_boxes']} boxes, {100 * s['no_finding']:.1f}% No Finding, "
@@ -1474,8 +1478,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         _print_prevalence("prevalence per finding:", s["prevalence"])
         result["nih"] = s
     if args.kind in ("chexphoto", "both"):
-        s = make_chexphoto_demo(out / "chexphoto", args.n_train, args.n_valid, args.size, args.seed,
-                                args.workers, progress=True)
+        s = make_chexphoto_demo(out / "chexphoto", args.n_train, args.n_valid, args.png_size,
+                                args.seed, args.workers, progress=True)
         print(f"CheXphoto demo: {s['n_train']} train rows ({s['n_patients']['train']} patients), "
               f"{s['n_valid']} valid rows ({s['n_valid_xrays']} X-rays, {s['n_patients']['valid']} "
               f"patients), {s['seconds']} s -> {s['paths']['root']}")

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from chexnet import corruptions
 from chexnet import demo as dd
 from chexnet.labels import (
     CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, NIH_BBOX_ALIASES, NIH_FINDINGS, NIH_NO_FINDING,
@@ -237,6 +238,61 @@ def test_chexphoto_valid_renditions_share_patient_and_labels(chexphoto):
     assert np.abs(ims[0] - ims[1]).mean() > 5 and np.abs(ims[1] - ims[2]).mean() > 3
 
 
+# Which photo primitives of chexnet/corruptions.py each rendition chains (named in its docstring).
+RENDITION_PRIMITIVES = {
+    "natural": {"brightness_contrast", "perspective", "glare", "blur", "noise", "colour_cast"},
+    "synthetic/digital": {"moire", "pixel_grid", "noise", "colour_cast"},
+    "synthetic/photographic": {"gamma", "brightness_contrast", "blur", "noise", "colour_cast"},
+}
+
+
+def _record_primitive_calls(monkeypatch) -> list[str]:
+    """Wrap every photo primitive of chexnet.corruptions so that calls are recorded by name."""
+    calls: list[str] = []
+    names = set().union(*RENDITION_PRIMITIVES.values())
+    for name in names:
+        original = getattr(corruptions, name)
+
+        def recorder(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(corruptions, name, recorder)
+    return calls
+
+
+def test_renditions_are_drawn_with_the_shared_corruption_primitives(monkeypatch, tmp_path):
+    # The photo effects are written once, in chexnet/corruptions.py: a rendition drawn with a
+    # private copy of one would not call it.
+    calls = _record_primitive_calls(monkeypatch)
+    xray, _ = dd.render_phantom(np.random.default_rng(0), ["Mass"], size=SIZE)
+    for rendition, expected in RENDITION_PRIMITIVES.items():
+        calls.clear()
+        out = dd.render_rendition(xray, rendition, np.random.default_rng(1))
+        assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+        assert set(calls) == expected, rendition
+    # ... and the demo writer goes through render_rendition: 1 valid X-ray in all 3 renditions.
+    calls.clear()
+    dd.make_chexphoto_demo(tmp_path, n_train=0, n_valid=3, size=SIZE, seed=0)
+    assert set(calls) == set().union(*RENDITION_PRIMITIVES.values())
+    assert calls.count("moire") == calls.count("gamma") == calls.count("perspective") // 2 == 1
+
+
+def test_chexphoto_deterministic_and_worker_independent(tmp_path):
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    # A torch op in this process first: forked workers must still run the (torch) primitives.
+    corruptions.blur(np.zeros((SIZE, SIZE)), 2.0)
+    a, b, c = (files(Path(dd.make_chexphoto_demo(tmp_path / name, 12, 6, SIZE, seed=seed,
+                                                 workers=workers)["paths"]["root"]))
+               for name, seed, workers in (("a", 5, 1), ("b", 5, 2), ("c", 6, 1)))
+    assert len(a) == 2 + 12 + 6 and a == b
+    shared_images = [k for k in a if k.endswith(".jpg") and k in c]
+    assert shared_images and any(a[k] != c[k] for k in shared_images)
+
+
 def test_chexpert_observation_mapping():
     obs = dd.chexpert_observations(["Mass", "Infiltration", "Effusion", "Support_Device"])
     assert obs["Lung Lesion"] and obs["Lung Opacity"] and obs["Pleural Effusion"]
@@ -251,7 +307,7 @@ def test_chexpert_observation_mapping():
 
 def test_cli_writes_both(tmp_path, capsys):
     out = dd.main(["--out", str(tmp_path), "--kind", "both", "--n-images", "8", "--n-train", "6",
-                   "--n-valid", "6", "--size", "32", "--seed", "1"])
+                   "--n-valid", "6", "--png-size", "32", "--seed", "1"])
     assert (tmp_path / "nih" / "Data_Entry_2017.csv").exists()
     assert (tmp_path / "chexphoto" / "CheXphoto-v1.1" / "valid.csv").exists()
     assert out["nih"]["n_images"] == 8 and out["chexphoto"]["n_valid"] == 6
@@ -323,7 +379,7 @@ def test_underdiagnosis_injection_is_off_by_default_and_touches_only_one_sexs_la
 
 
 def test_underdiagnose_cli_flag(tmp_path, capsys):
-    dd.main(["--out", str(tmp_path), "--kind", "nih", "--n-images", "40", "--size", "16",
+    dd.main(["--out", str(tmp_path), "--kind", "nih", "--n-images", "40", "--png-size", "16",
              "--underdiagnose", "F:1"])
     out = capsys.readouterr().out
     entry = pd.read_csv(tmp_path / "nih" / "Data_Entry_2017.csv")
