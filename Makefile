@@ -40,7 +40,7 @@ $(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps
 # once, train (reading the cache), then score the test fold with bootstrap CIs.
 demo: $(VENV)/.deps
 	@test -f $(DEMO_DATA)/nih/Data_Entry_2017.csv || $(PY) demo_data.py --out $(DEMO_DATA) --kind nih
-	$(PY) prepare_data.py nih --root $(DEMO_DATA)/nih --labels $(DEMO_DATA)/nih/Data_Entry_2017.csv --image-size 64 --split random
+	$(PY) prepare_data.py nih --data $(DEMO_DATA)/nih --labels $(DEMO_DATA)/nih/Data_Entry_2017.csv --image-size 64 --split random
 	rm -rf $(DEMO_OUT)/demo
 	$(PY) retrain.py --dataset demo --data $(DEMO_DATA)/nih --name demo --out $(DEMO_OUT) $(DEMO_FLAGS)
 	$(PY) eval_model.py --preds $(DEMO_OUT)/demo/preds.csv --ci --roc $(DEMO_OUT)/demo/roc.png --thresholds --no-published

@@ -31,7 +31,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys  # noqa: E402 (after the environment variable, on purpose)
 from typing import Sequence  # noqa: E402
 
-from chexnet.data import SPLITS, DataError, at_least  # noqa: E402
+from chexnet.cli import at_least  # noqa: E402
+from chexnet.data import SPLITS, DataError  # noqa: E402
 from chexnet.model import WeightsUnavailable  # noqa: E402
 from chexnet.runtime import AMP_CHOICES, shutdown_distributed  # noqa: E402
 from chexnet.train import (  # noqa: E402

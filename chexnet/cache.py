@@ -334,7 +334,7 @@ def _check_inputs(ids: list[str], paths: list[str], absent: dict[str, str],
         names = list(absent)
         raise CacheBuildError(
             f"{len(names)} listed image(s) are not under the data folder (first: "
-            f"{', '.join(names[:5])}). Point --root at the dataset folder, or pass --skip-bad "
+            f"{', '.join(names[:5])}). Point --data at the dataset folder, or pass --skip-bad "
             "to cache the images present (the skipped ids go to skip.txt).")
     if not ids:
         raise CacheBuildError("no listed image was found on disk: nothing to cache.")

@@ -432,22 +432,6 @@ def plain_value(value: object) -> str:
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """argparse type for the command lines: an integer >= low, checked before any data is
-    read ('--image-size: 16 is too small: it must be at least 32')."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is too small: it must be at least {low}")
-        return value
-    return parse
-
-
 def read_csv_or_explain(path: Path, expected: str = "a labels CSV with a header row "
                         "(nih_labels.csv, Data_Entry_2017*.csv or the CheXpert schema)"
                         ) -> pd.DataFrame:

@@ -1,32 +1,11 @@
-"""Heatmaps of a trained DenseNet-121 over X-rays: CAM or Grad-CAM, one image or a gallery.
+"""Figures of what a trained DenseNet-121 looked at: overlays, run galleries and
+reproduce-chexnet's annotated log-odds grid, drawn from chexnet/cam.py's maps.
 
-    python visualize_prediction.py --checkpoint results/demo/checkpoint.pt \\
-        --image data/demo/nih/images/00000003_000.png --label Cardiomegaly --out heatmap.png
-    python visualize_prediction.py --run results/demo --label Cardiomegaly --top 12 \\
-        --out gallery.png [--method gradcam] [--boxes data/demo/nih/BBox_List_2017.csv]
-    python visualize_prediction.py --style reference --checkpoint results/demo/checkpoint.pt \\
-        --image data/demo/nih/images/00000003_000.png --label Cardiomegaly [--prevalence 0.05]
-
-CAM (Zhou et al. 2016, as used by CheXNet): the last dense block's feature maps F (C, h, w),
-after the final norm + ReLU, weighted by the classifier row of the finding: cam = sum_c w_c F_c.
-The reference code computed this with a triple Python loop; here it is one tensor contraction.
-
-Grad-CAM (Selvaraju et al. 2017): the same feature maps weighted by alpha_c, the spatial mean of
-the gradient of the finding's logit with respect to F_c, then a ReLU. For DenseNet's global
-average pool + linear head alpha_c = w_c / (h w), so Grad-CAM is ReLU(CAM) / (h w); it is
-computed by autograd anyway, so that it stays right for any differentiable head.
-
-Gallery mode renders the most confident true-or-predicted positives of a run's test
-predictions (`preds.csv`) into one grid, with the probability and the ground truth per tile.
-
-`--style reference` draws reproduce-chexnet's own picture instead (its `calc_cam` + `show_next`):
-per feature cell, log(sigmoid(CAM + bias) / prevalence), i.e. the log of how much more likely
-than the finding's base rate the head would call the finding if every cell's features were this
-cell's; as a 7x7 grid (at 224 px) with each cell's value written in it, on a fixed -5..5
-viridis scale, over the input image. The prevalence is the finding's rate in the run's TRAINING
-fold (the reference hard-coded its own), or `--prevalence` (a fraction, or a run folder). In
-one-image mode the default is the training data recorded in the checkpoint (retrain.py stores
-its config there); a checkpoint without one needs `--prevalence`.
+A gallery shows the most confident true-or-predicted positives of a run's test predictions
+(`preds.csv`) in one grid, with the probability and the ground truth per tile (captions wrap,
+and each row is as tall as its longest caption). The reference style draws, per feature cell,
+log(sigmoid(CAM + bias) / prevalence) on a fixed -5..5 viridis scale, the prevalence being the
+finding's rate in the run's TRAINING fold. visualize_prediction.py is the command line.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Prepare a dataset for fast training: the label file and a uint8 image cache.
 
-    python prepare_data.py nih --root /data/nih                          # reference split
-    python prepare_data.py nih --root /data/nih --split official         # NIH's own test list
-    python prepare_data.py nih --root data/demo/nih --labels data/demo/nih/Data_Entry_2017.csv \
+    python prepare_data.py nih --data /data/nih                          # reference split
+    python prepare_data.py nih --data /data/nih --split official         # NIH's own test list
+    python prepare_data.py nih --data data/demo/nih --labels data/demo/nih/Data_Entry_2017.csv \
         --split random
-    python prepare_data.py chexphoto --root /data/CheXphoto-v1.1
+    python prepare_data.py chexphoto --data /data/CheXphoto-v1.1
 
 NIH writes ROOT/nih_labels.csv (what retrain.py reads by default; --labels-out FILE elsewhere):
   --split reference  reproduce-chexnet's folds (arnoweng/CheXNet's lists): the committed
@@ -21,7 +21,7 @@ the same --image-size as retrain.py's (--size, its old name, still works).
 
 A read-only dataset folder (Kaggle's /kaggle/input, a shared drive): write the labels file and
 the cache elsewhere, and give retrain.py the same places:
-    python prepare_data.py nih --root /kaggle/input/nih --labels-out nih_labels.csv \
+    python prepare_data.py nih --data /kaggle/input/nih --labels-out nih_labels.csv \
         --cache-dir cache
     python retrain.py --dataset nih --data /kaggle/input/nih --labels nih_labels.csv \
         --cache-dir cache
@@ -44,12 +44,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from chexnet.cli import OldName, at_least
 from chexnet.files import atomic_write, sha256_file
 from chexnet.cache import (
     DEFAULT_SIZE, DONE, BuildResult, build_cache, cache_dir, default_workers, peak_rss_mb,
 )
 from chexnet.data import (
-    DEFAULT_NIH_LABELS, DataError, at_least, chexphoto_table, find_chexphoto_root,
+    DEFAULT_NIH_LABELS, DataError, chexphoto_table, find_chexphoto_root,
     index_images, nih_labels_table,
 )
 from chexnet.labels import NIH_IMAGE_COL
@@ -113,7 +114,7 @@ def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str |
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: folder not found. Pass --root with the NIH dataset folder.")
+        raise DataError(f"{root}: folder not found. Pass --data with the NIH dataset folder.")
     out = Path(labels_out) if labels_out is not None else root / "nih_labels.csv"
     previous = out.read_bytes() if out.is_file() else None
     folder = cache_dir(root, size, cache_base)
@@ -222,28 +223,20 @@ def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-class _OldName(argparse.Action):
-    """An option's old name: sets the new option's value, with a note on stderr."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        new = "--" + self.dest.replace("_", "-")
-        print(f"note: {option_string} is now called {new} (as in retrain.py); the old name "
-              "still works for now.", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="dataset", required=True)
     for name in ("nih", "chexphoto"):
         s = sub.add_parser(name, help=f"prepare {name}")
-        s.add_argument("--root", required=True, help="dataset folder")
+        s.add_argument("--data", help="dataset folder (required; as retrain.py --data)")
+        s.add_argument("--root", dest="data", default=argparse.SUPPRESS, action=OldName,
+                       help=argparse.SUPPRESS)  # --data's old name
         s.add_argument("--image-size", type=at_least(1), default=DEFAULT_SIZE,
                        help="cached image side in pixels: retrain.py's --image-size (224, the "
                        "default: the reference recipe)")
         s.add_argument("--size", type=at_least(1), dest="image_size", default=argparse.SUPPRESS,
-                       action=_OldName, help=argparse.SUPPRESS)  # --image-size's old name
+                       action=OldName, help=argparse.SUPPRESS)  # --image-size's old name
         s.add_argument("--cache-dir", metavar="DIR",
                        help="put the cache in DIR/<image size>/ instead of ROOT/cache/ (a "
                        "read-only dataset folder); give retrain.py the same --cache-dir")
@@ -266,18 +259,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             s.add_argument("--seed", type=int, default=0,
                            help="patient shuffle of --split random and of the official "
                            "train/val cut")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.data is None:
+        p.error("the following arguments are required: --data")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.dataset == "nih":
-            result = prepare_nih(args.root, args.image_size, args.labels, args.split,
+            result = prepare_nih(args.data, args.image_size, args.labels, args.split,
                                  args.workers, args.skip_bad, args.seed,
                                  labels_out=args.labels_out, cache_base=args.cache_dir)
         else:
-            result = prepare_chexphoto(args.root, args.image_size, args.workers, args.skip_bad,
+            result = prepare_chexphoto(args.data, args.image_size, args.workers, args.skip_bad,
                                        cache_base=args.cache_dir)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -298,5 +294,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         ([f"--cache-dir {args.cache_dir}"] if args.cache_dir else [])
     if moved:
         print(f"train from it with: python retrain.py --dataset {args.dataset} --data "
-              f"{args.root} --image-size {size} " + " ".join(moved))
+              f"{args.data} --image-size {size} " + " ".join(moved))
     return 0

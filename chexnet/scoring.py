@@ -1,31 +1,10 @@
-"""Score predictions: per-label ROC AUC, alone or against a labels file.
-
-    python eval_model.py --preds results/demo/preds.csv
-    python eval_model.py --preds results/demo/preds.csv --ci --roc roc.png --thresholds
-    python eval_model.py --preds results/nih/preds.csv --compare results/photo_on_nih/preds.csv
-    python eval_model.py --preds ../shared/data/reference/reproduce_chexnet_pretrained_preds.csv \\
-        --labels ../shared/data/nih/Data_Entry_2017_v2020.csv.gz --out aucs.csv
+"""Reading predictions and labels, and the per-label ROC AUC: what eval_model.py scores with.
 
 A predictions file has an id column (`Image Index` for NIH, `Path` for CheXphoto) and one
 `prob_<Finding>` column per finding, as reproduce-chexnet writes; this project's `preds.csv`
-also carries the ground truth (a `<Finding>` column each), so it can be re-scored alone.
-
---ci adds 95% bootstrap confidence intervals (1,000 resamples of patients where the image
-ids name them: NIH `NNNNNNNN_NNN.png`, CheXphoto `.../patientNNNNN/...`; else of images).
---thresholds reports F1, precision, recall and specificity at 0.5 and at Youden's threshold
-chosen on the validation predictions (`val_preds.csv` next to --preds, written by
-retrain.py): the test fold never chooses a threshold. --compare B.csv is a paired comparison
-of two runs on the same images: AUC difference with its bootstrap CI and DeLong's test.
-
---by sex,age,view,followup: subgroup AUCs with patient-bootstrap CIs and the gap of each
-subgroup to the rest of the test fold (same resamples for both sides), written to
-subgroups.csv beside --out; the attributes come from --labels (Data_Entry_2017*.csv or a
-CheXpert-schema CSV), else from the run folder's config.json. It also reports under-diagnosis
-(the false-positive rate of "No Finding" per subgroup) at the F1-maximising threshold chosen on
-the validation predictions (underdiagnosis.csv). --calibration: ECE (equal-mass bins), Brier
-score and reliability diagrams, and temperature scaling fitted on the validation predictions,
-written to preds_calibrated.csv next to --preds. Neither ever fits anything on the test fold;
-without validation predictions --nofinding-rate sets a labelled fallback threshold.
+also carries the ground truth (a `<Finding>` column each). `read_preds` checks it (values in
+[0, 1], no repeated image, every finding present) and names the file, column and row of any
+problem. Bootstrap CIs, ROC curves, thresholds and DeLong's test are in chexnet/metrics.py.
 """
 from __future__ import annotations
 

@@ -1,21 +1,12 @@
-"""Train DenseNet-121 on NIH ChestX-ray14, CheXphoto or the built-in demo data.
+"""Training a DenseNet-121 the way reproduce-chexnet did, and resuming it: what retrain.py runs.
 
-    python retrain.py --dataset nih --data /data/nih --name nih_run
-    python retrain.py --dataset chexphoto --data /data/CheXphoto-v1.1 --name photo \
-        --uncertainty ones
-    python retrain.py --dataset demo --data data/demo/nih --name demo --image-size 64 --weights none
-    python retrain.py --dataset nih --data /data/nih --name nih_run --resume  # after a disconnect
-
-Defaults are reproduce-chexnet's experiment (`--recipe reproduce-chexnet`): its train/val/test
-split, ImageNet-initialised DenseNet-121, SGD (momentum 0.9, weight decay 1e-4), lr 0.01,
-batch 16, 224x224; after an epoch whose validation loss is strictly worse than the best, the lr
-is divided by 10 and the momentum buffers are reset (the reference rebuilds its optimizer);
-early stop 3 epochs after the best; the best checkpoint (lowest validation loss) makes the test
-predictions. `--recipe paper` is the CheXNet paper's: Adam (lr 0.001, betas 0.9/0.999).
-The README's recipe table lists every difference.
-
-Outputs, in `--out/--name/`: config.json, log_train.csv, checkpoint.pt (best), last.pt
-(resume point), preds.csv (test fold), aucs.csv; see the README for what each holds.
+Reading order: `TrainConfig` and `RECIPES` (every setting; defaults = reproduce-chexnet's
+experiment), `PlateauSchedule` (lr decay and early stopping), `make_optimizer`, the loaders
+(`load_tables`, `EpochSampler`, `make_loaders`; the cache's are chexnet/cache.py's),
+`train_one_epoch` and `evaluate`, then `fit`: `start_run` (set-up and resume) ->
+`train_epochs` (the epoch loop, checkpoint.pt on improvement, last.pt every epoch) ->
+`final_predictions` (val_preds.csv, preds.csv and aucs.csv from the best checkpoint).
+The command line, its flags and the outputs it lists are in retrain.py.
 """
 from __future__ import annotations
 
@@ -861,7 +852,7 @@ def build_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str]
             where = cfg.cache_dir or cfg.data
             raise DataError(f"--cache on: no valid {cfg.image_size} px cache under {where}. "
                             f"Build it with: python prepare_data.py "
-                            f"{'chexphoto' if cfg.dataset == 'chexphoto' else 'nih'} --root "
+                            f"{'chexphoto' if cfg.dataset == 'chexphoto' else 'nih'} --data "
                             f"{cfg.data} --image-size {cfg.image_size}"
                             + (f" --cache-dir {cfg.cache_dir}" if cfg.cache_dir else ""))
     return loaders if loaders is not None else make_loaders(cfg, table, findings, device, ctx)

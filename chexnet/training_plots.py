@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from chexnet.cli import OldName
+
 LOG_NAME = "log_train.csv"
 COLUMNS = ("epoch", "train_loss", "val_loss", "lr")
 
@@ -188,13 +190,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders or log CSV files")
-    parser.add_argument("--labels", nargs="+", help="legend names, one per run "
+    parser.add_argument("--names", nargs="+", help="legend names, one per run "
                         "(default: folder names / file stems)")
+    parser.add_argument("--labels", nargs="+", dest="names", default=argparse.SUPPRESS,
+                        action=OldName, help=argparse.SUPPRESS)  # --names' old name
+
     parser.add_argument("--out", default="training_curves.png", help="figure path (PNG)")
     args = parser.parse_args(argv)
-    labels = args.labels or [run_label(r) for r in args.runs]
+    labels = args.names or [run_label(r) for r in args.runs]
     if len(labels) != len(args.runs):
-        parser.error(f"{len(args.runs)} runs but {len(labels)} --labels")
+        parser.error(f"{len(args.runs)} runs but {len(labels)} --names")
     try:
         logs = [read_log(r) for r in args.runs]
     except (FileNotFoundError, ValueError) as err:

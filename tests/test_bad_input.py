@@ -183,7 +183,7 @@ def test_a_bad_label_value_is_shown_as_a_plain_number(tmp_path, capsys, value, s
     labels["Mass"] = labels["Mass"].astype(type(value))
     labels.loc[1, "Mass"] = value
     labels.to_csv(tmp_path / "labels.csv", index=False)
-    assert prepare.main(["nih", "--root", str(tmp_path), "--labels", str(tmp_path / "labels.csv"),
+    assert prepare.main(["nih", "--data", str(tmp_path), "--labels", str(tmp_path / "labels.csv"),
                          "--image-size", "16", "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'labels.csv'}: row 3, column 'Mass' {shown}" in err

@@ -23,39 +23,8 @@ from chexnet.labels import NIH_FINDINGS
 
 pytestmark = pytest.mark.slow  # one Python process (and a torch import) per case
 
-# python -c READ_ONLY FOLDER SCRIPT ARGS...: run SCRIPT with every write under FOLDER refused.
-READ_ONLY = """
-import builtins, errno, io, os, runpy, sys
-top = os.path.realpath(sys.argv[1])
-def under(path):
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        return False
-    path = os.path.realpath(os.fsdecode(path))
-    return path == top or path.startswith(top + os.sep)
-def deny(path):
-    raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
-real_open, real_os_open = builtins.open, os.open
-def open_(file, mode="r", *args, **kwargs):
-    if set(mode) & set("wax+") and under(file):
-        deny(file)
-    return real_open(file, mode, *args, **kwargs)
-def os_open(path, flags, *args, **kwargs):
-    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
-        deny(path)
-    return real_os_open(path, flags, *args, **kwargs)
-def refusing(real):
-    def call(path, *args, **kwargs):
-        if under(path) or (args and under(args[0])):
-            deny(path)
-        return real(path, *args, **kwargs)
-    return call
-builtins.open = io.open = open_
-os.open = os_open
-for name in ("mkdir", "replace", "rename", "remove", "unlink", "rmdir"):
-    setattr(os, name, refusing(getattr(os, name)))
-sys.argv = sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+# python READ_ONLY FOLDER SCRIPT ARGS...: run SCRIPT with every write under FOLDER refused.
+READ_ONLY = str(Path(__file__).with_name("read_only.py"))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +65,7 @@ def cases(root):
     or None)."""
     demo, locked = root / "demo", root / "locked"
     entries = str(demo / "Data_Entry_2017.csv")
-    prepare = ["prepare_data.py", "nih", "--root", str(demo), "--labels", entries, "--split",
+    prepare = ["prepare_data.py", "nih", "--data", str(demo), "--labels", entries, "--split",
                "random", "--image-size", "16", "--workers", "1"]
     read_only = [
         ("report read-only out", ["report.py", str(root / "run"), "--out",
@@ -140,11 +109,11 @@ def cases(root):
          f"{root / 'empty.csv'}: the file is empty"),
         ("predict unreadable", ["predict.py", str(root / "not_an_image.png"), "--checkpoint",
                                 str(root / "pickled_model.pt")], "pickled_model.pt"),
-        ("prepare size 0", ["prepare_data.py", "nih", "--root", str(demo), "--size", "0"],
+        ("prepare size 0", ["prepare_data.py", "nih", "--data", str(demo), "--size", "0"],
          "--size: 0 is too small"),
-        ("prepare image size 0", ["prepare_data.py", "nih", "--root", str(demo),
+        ("prepare image size 0", ["prepare_data.py", "nih", "--data", str(demo),
                                   "--image-size", "0"], "--image-size: 0 is too small"),
-        ("prepare nothing found", ["prepare_data.py", "nih", "--root", str(root / "out"),
+        ("prepare nothing found", ["prepare_data.py", "nih", "--data", str(root / "out"),
                                    "--labels", str(demo / "Data_Entry_2017.csv"), "--split",
                                    "random", "--image-size", "16", "--workers", "1"],
          "not under the data folder"),
@@ -161,7 +130,7 @@ def run_cli(argv: list[str], read_only: Path | None = None) -> subprocess.Comple
     when a folder is to be read-only)."""
     command = [sys.executable, str(ROOT / argv[0]), *argv[1:]]
     if read_only is not None:
-        command = [sys.executable, "-c", READ_ONLY, str(read_only), *command[1:]]
+        command = [sys.executable, READ_ONLY, str(read_only), *command[1:]]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -182,7 +151,7 @@ def test_prepare_read_only_dataset_with_labels_out_and_cache_dir(files):
     """Both options: the run succeeds, and the dataset folder is left exactly as it was."""
     demo = files / "demo"
     before = {p: p.read_bytes() for p in sorted(demo.rglob("*")) if p.is_file()}
-    done = run_cli(["prepare_data.py", "nih", "--root", str(demo), "--labels",
+    done = run_cli(["prepare_data.py", "nih", "--data", str(demo), "--labels",
                     str(demo / "Data_Entry_2017.csv"), "--split", "random", "--image-size",
                     "16", "--workers", "1", "--labels-out", str(files / "ok" / "labels.csv"),
                     "--cache-dir", str(files / "ok" / "cache")], read_only=demo)

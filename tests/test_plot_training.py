@@ -122,7 +122,7 @@ def test_plot_runs_draws_each_runs_curves_steps_and_best(run_dir):
 def test_cli_writes_png_and_prints_summary(run_dir, tmp_path, capsys):
     reference = shared("reference", "reproduce_chexnet_pretrained_log_train.csv")
     out = tmp_path / "curves.png"
-    assert plot_training.main([str(run_dir), str(reference), "--labels", "ours", "reference",
+    assert plot_training.main([str(run_dir), str(reference), "--names", "ours", "reference",
                                "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
@@ -138,7 +138,17 @@ def test_cli_default_labels_and_errors(run_dir, tmp_path, capsys):
     assert plot_training.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no training log" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        plot_training.main([str(run_dir), "--labels", "a", "b", "--out", str(out)])
+        plot_training.main([str(run_dir), "--names", "a", "b", "--out", str(out)])
+    assert "1 runs but 2 --names" in capsys.readouterr().err
+
+
+def test_legend_names_are_names_and_labels_their_old_name(run_dir, tmp_path, capsys):
+    """--labels means a labels file in every other script: the legend option is --names."""
+    out = tmp_path / "one.png"
+    assert plot_training.main([str(run_dir), "--labels", "mine", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("mine: 6 epochs")
+    assert "note: --labels is now called --names" in captured.err
 
 
 def test_no_lr_steps_says_why(tmp_path, capsys):

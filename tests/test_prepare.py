@@ -16,6 +16,7 @@ from PIL import Image
 
 from chexnet import cache as cxr_cache
 from chexnet import prepare as prepare_data
+from read_only import refuse_writes
 from conftest import ROOT, make_nih, save_image, xray_like
 from chexnet.files import sha256_file
 from chexnet.cache import DONE, cache_dir, open_cache
@@ -107,7 +108,7 @@ def test_official_split_on_the_command_line(tmp_path):
     names = [f"{i + 1:08d}_000.png" for i in range(8)]
     (tmp_path / "test_list.txt").write_text("\n".join(names[:2]) + "\n")
     (tmp_path / "train_val_list.txt").write_text("\n".join(names[2:]) + "\n")
-    assert prepare_data.main(["nih", "--root", str(tmp_path), "--size", "16", "--workers", "1",
+    assert prepare_data.main(["nih", "--data", str(tmp_path), "--size", "16", "--workers", "1",
                               "--labels", str(tmp_path / "Data_Entry_2017.csv"),
                               "--split", "official"]) == 0
     labels = pd.read_csv(tmp_path / "nih_labels.csv")
@@ -212,7 +213,7 @@ def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
     make_nih(tmp_path, n=12, shapes=[("L", 48, 48)], folds=True)
     bad = tmp_path / "images" / "00000005_000.png"
     bad.write_bytes(bad.read_bytes()[:80])
-    args = ["nih", "--root", str(tmp_path), "--size", "24", "--workers", "1",
+    args = ["nih", "--data", str(tmp_path), "--size", "24", "--workers", "1",
             "--labels", str(tmp_path / "labels.csv")]
     assert prepare_data.main(args) == 2
     err = capsys.readouterr().err
@@ -295,12 +296,12 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
 
 
 def test_a_failed_prepare_leaves_the_folder_as_it_was(tmp_path, capsys):
-    """Every listed image missing (a wrong --root): exit 2, and neither a new nih_labels.csv
+    """Every listed image missing (a wrong --data): exit 2, and neither a new nih_labels.csv
     nor an empty cache folder is left behind; an earlier nih_labels.csv is kept as it was."""
     make_nih(tmp_path, n=4, shapes=[("L", 40, 40)])
     for image in (tmp_path / "images").iterdir():
         image.unlink()
-    args = ["nih", "--root", str(tmp_path), "--size", "16", "--workers", "1", "--labels",
+    args = ["nih", "--data", str(tmp_path), "--size", "16", "--workers", "1", "--labels",
             str(tmp_path / "Data_Entry_2017.csv"), "--split", "random"]
     assert prepare_data.main(args) == 2
     assert "not under the data folder" in capsys.readouterr().err
@@ -313,15 +314,23 @@ def test_a_failed_prepare_leaves_the_folder_as_it_was(tmp_path, capsys):
 
 def test_size_zero_is_refused_while_parsing(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        prepare_data.main(["nih", "--root", str(tmp_path), "--size", "0"])
+        prepare_data.main(["nih", "--data", str(tmp_path), "--size", "0"])
     assert "--size: 0 is too small" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
 
 
-def test_image_size_is_the_option_and_size_its_old_name(tmp_path, capsys):
+def test_options_are_named_as_in_retrain_and_the_old_names_still_work(tmp_path, capsys):
+    """--data and --image-size, as retrain.py calls them; --root and --size still work."""
     make_nih(tmp_path, n=4, shapes=[("L", 40, 40)])
-    args = ["nih", "--root", str(tmp_path), "--workers", "1", "--labels",
-            str(tmp_path / "Data_Entry_2017.csv"), "--split", "random"]
+    tail = ["--workers", "1", "--labels", str(tmp_path / "Data_Entry_2017.csv"), "--split",
+            "random"]
+    assert prepare_data.main(["nih", "--root", str(tmp_path), "--image-size", "12", *tail]) == 0
+    assert (tmp_path / "cache" / "12" / "manifest.json").is_file()
+    assert "note: --root is now called --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare_data.main(["nih", *tail])
+    assert "the following arguments are required: --data" in capsys.readouterr().err
+    args = ["nih", "--data", str(tmp_path), *tail]
     assert prepare_data.main([*args, "--image-size", "16"]) == 0
     assert (tmp_path / "cache" / "16" / "manifest.json").is_file()
     assert "note: --size" not in capsys.readouterr().err
@@ -334,52 +343,7 @@ def test_image_size_is_the_option_and_size_its_old_name(tmp_path, capsys):
     help_text = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "nih", "--help"],
                                capture_output=True, text=True, cwd=ROOT).stdout
     assert "--image-size" in help_text and "--size " not in help_text   # hidden
-
-
-def refuse_writes(monkeypatch, folder: Path) -> None:
-    """Make every write under `folder` (open for writing, create, rename, delete, mkdir) raise
-    PermissionError, as on a read-only mount such as Kaggle's /kaggle/input: the tests run as
-    root, which a chmod does not stop."""
-    import builtins
-    import errno
-    import io
-    import os
-
-    top = os.path.realpath(folder)
-
-    def under(path) -> bool:
-        if not isinstance(path, (str, bytes, os.PathLike)):
-            return False  # a file descriptor
-        path = os.path.realpath(os.fsdecode(path))
-        return path == top or path.startswith(top + os.sep)
-
-    def deny(path):
-        raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
-
-    real_open, real_os_open = builtins.open, os.open
-
-    def open_(file, mode="r", *args, **kwargs):
-        if set(mode) & set("wax+") and under(file):
-            deny(file)
-        return real_open(file, mode, *args, **kwargs)
-
-    def os_open(path, flags, *args, **kwargs):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
-            deny(path)
-        return real_os_open(path, flags, *args, **kwargs)
-
-    def refusing(real):
-        def call(path, *args, **kwargs):
-            if under(path) or (args and under(args[0])):
-                deny(path)
-            return real(path, *args, **kwargs)
-        return call
-
-    monkeypatch.setattr(builtins, "open", open_)
-    monkeypatch.setattr(io, "open", open_)
-    monkeypatch.setattr(os, "open", os_open)
-    for name in ("mkdir", "replace", "rename", "remove", "unlink", "rmdir"):
-        monkeypatch.setattr(os, name, refusing(getattr(os, name)))
+    assert "--data" in help_text and "--root" not in help_text
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -392,8 +356,8 @@ def test_read_only_dataset_folder_is_a_message_naming_the_options(tmp_path, monk
     root = tmp_path / "input"
     make_nih(root, n=4, shapes=[("L", 40, 40)])
     before = _tree(root)
-    refuse_writes(monkeypatch, root)
-    args = ["nih", "--root", str(root), "--image-size", "16", "--workers", "1", "--labels",
+    refuse_writes(root, monkeypatch.setattr)
+    args = ["nih", "--data", str(root), "--image-size", "16", "--workers", "1", "--labels",
             str(root / "Data_Entry_2017.csv"), "--split", "random"]
     # Neither option: the labels file is refused first; the message names the dataset folder
     # and both options, since the cache would go there too.
@@ -422,9 +386,9 @@ def test_labels_out_and_cache_dir_leave_the_dataset_folder_untouched(tmp_path, m
     root = tmp_path / "input"
     make_nih(root, n=6, shapes=[("L", 40, 40)])
     before = _tree(root)
-    refuse_writes(monkeypatch, root)
+    refuse_writes(root, monkeypatch.setattr)
     labels_out, caches = tmp_path / "work" / "labels.csv", tmp_path / "work" / "caches"
-    assert prepare_data.main(["nih", "--root", str(root), "--image-size", "16", "--workers", "1",
+    assert prepare_data.main(["nih", "--data", str(root), "--image-size", "16", "--workers", "1",
                               "--labels", str(root / "Data_Entry_2017.csv"), "--split", "random",
                               "--labels-out", str(labels_out), "--cache-dir", str(caches)]) == 0
     out = capsys.readouterr().out
@@ -441,8 +405,8 @@ def test_labels_out_and_cache_dir_leave_the_dataset_folder_untouched(tmp_path, m
 
 def test_chexphoto_cache_dir(tmp_path, monkeypatch, capsys):
     root = write_chexphoto(tmp_path, np.random.default_rng(0))
-    refuse_writes(monkeypatch, root)
-    args = ["chexphoto", "--root", str(tmp_path), "--image-size", "16", "--workers", "1"]
+    refuse_writes(root, monkeypatch.setattr)
+    args = ["chexphoto", "--data", str(tmp_path), "--image-size", "16", "--workers", "1"]
     assert prepare_data.main(args) == 2
     err = capsys.readouterr().err
     assert f"cannot write the image cache in {root / 'cache' / '16'}" in err
@@ -463,8 +427,8 @@ def test_training_reads_a_cache_from_cache_dir(tmp_path, monkeypatch, capsys):
     root = tmp_path / "input"
     make_nih_demo(root, n_images=24, size=40, seed=0)
     labels_out, caches = tmp_path / "labels.csv", tmp_path / "caches"
-    refuse_writes(monkeypatch, root)
-    assert prepare_data.main(["nih", "--root", str(root), "--image-size", "32", "--workers", "1",
+    refuse_writes(root, monkeypatch.setattr)
+    assert prepare_data.main(["nih", "--data", str(root), "--image-size", "32", "--workers", "1",
                               "--labels", str(root / "Data_Entry_2017.csv"), "--split", "random",
                               "--labels-out", str(labels_out), "--cache-dir", str(caches)]) == 0
     capsys.readouterr()

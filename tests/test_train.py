@@ -150,7 +150,7 @@ def test_demo_run_through_the_cache_equals_the_png_run(demo_root, tmp_path, caps
     root = tmp_path / "demo"
     shutil.copytree(demo_root, root)
     png = train(root, tmp_path, "png", "--epochs", "2", "--cache", "off")
-    assert prepare_data.main(["nih", "--root", str(root), "--size", "32", "--labels",
+    assert prepare_data.main(["nih", "--data", str(root), "--size", "32", "--labels",
                               str(root / "Data_Entry_2017.csv"), "--workers", "1",
                               "--split", "random"]) == 0
     capsys.readouterr()
@@ -167,7 +167,7 @@ def test_cache_on_without_a_cache_says_how_to_build_it(demo_root, tmp_path, caps
     args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name", "x",
             *FAST, "--epochs", "1", "--cache", "on"]
     assert retrain.main(args) == 2
-    assert "python prepare_data.py nih --root" in capsys.readouterr().err
+    assert "python prepare_data.py nih --data" in capsys.readouterr().err
 
 
 def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
@@ -178,7 +178,7 @@ def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
     root = tmp_path / "nih"
     root.mkdir()
     (root / "images").symlink_to(images)  # the shared folder is read-only; the cache is not
-    assert prepare_data.main(["nih", "--root", str(root), "--size", "32", "--labels", str(entry),
+    assert prepare_data.main(["nih", "--data", str(root), "--size", "32", "--labels", str(entry),
                               "--skip-bad", "--workers", "1", "--split", "random"]) == 0
     capsys.readouterr()
     args = ["--dataset", "nih", "--data", str(root), "--missing", "skip", "--out", str(tmp_path),
