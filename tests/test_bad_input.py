@@ -118,6 +118,7 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(data, tmp_path, capsys
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_data(data, tmp_path, capsys):
     assert train(data, tmp_path) == 0
     entry = data / "Data_Entry_2017.csv"

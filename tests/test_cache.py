@@ -280,6 +280,7 @@ def test_stale_cache_is_not_used(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # The real NIH sample, and the benchmark
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_real_nih_sample_builds_and_reads_back_as_the_reference(tmp_path):
     images = shared("nih", "images")
     (tmp_path / "images").symlink_to(images, target_is_directory=True)

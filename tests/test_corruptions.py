@@ -76,6 +76,7 @@ def test_image_rng_depends_on_the_image_not_the_order():
     assert a != pc.image_rng(1, "glare", 3, "x.png").random()
 
 
+@pytest.mark.slow
 def test_robustness_cli_writes_every_row(tmp_path_factory, tmp_path, capsys):
     run = tiny_run(tmp_path_factory)
     out, plot = tmp_path / "rob.csv", tmp_path / "rob.png"

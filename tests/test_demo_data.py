@@ -324,6 +324,7 @@ def _features(x: np.ndarray) -> np.ndarray:
     return np.concatenate([pooled] + [s.reshape(n, -1) for s in stats], 1)
 
 
+@pytest.mark.slow
 def test_each_finding_is_learnable_by_a_linear_proxy(tmp_path):
     # A cheap stand-in for "a CNN can learn it": logistic regression on coarse pixels + block
     # statistics, 600 train / ~200 held-out images split by patient. Every finding passes.

@@ -15,6 +15,7 @@ from conftest import shared
 from chexnet.labels import NIH_FINDINGS
 
 
+@pytest.mark.slow
 def test_rescoring_reference_predictions_reproduces_published_aucs(tmp_path, capsys):
     preds = shared("reference", "reproduce_chexnet_pretrained_preds.csv")
     labels = shared("nih", "Data_Entry_2017_v2020.csv.gz")

@@ -174,6 +174,7 @@ def assert_pngs_valid(folder: Path) -> None:
             img.verify()
 
 
+@pytest.mark.slow
 def test_cli_nih_demo_writes_expected_files(demo_root, tmp_path, capsys):
     out = tmp_path / "out"
     assert ed.main(["nih", "--data", str(demo_root / "nih"), "--out", str(out)]) == 0
@@ -219,6 +220,7 @@ def test_cli_nih_missing_skip_counts_only_present_images(demo_root, tmp_path):
         kept.set_index("image_id").loc[skipped["image_id"], "fold"])
 
 
+@pytest.mark.slow
 def test_cli_chexphoto_demo_writes_expected_files(demo_root, tmp_path):
     out = tmp_path / "out"
     assert ed.main(["chexphoto", "--data", str(demo_root / "photo"), "--out", str(out)]) == 0
@@ -266,6 +268,7 @@ def test_cli_bad_input_exits_2_naming_the_file(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ real NIH sample
 
+@pytest.mark.slow
 def test_real_nih_sample(tmp_path):
     images = shared("nih", "images")
     labels = shared("nih", "Data_Entry_2017_v2020.csv.gz")

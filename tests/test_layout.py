@@ -137,6 +137,7 @@ def test_no_function_longer_than_80_lines(tmp_path):
 
 @pytest.mark.parametrize("module", ["chexnet.train", "chexnet.data", "chexnet.cache",
                                     "chexnet.heatmaps", "chexnet.report"])
+@pytest.mark.slow
 def test_importing_the_library_changes_no_environment_variable(module):
     # The third-party libraries set a few of their own (torch: TORCHINDUCTOR_CACHE_DIR, the
     # OpenMP runtime: KMP_*): they are imported first, so only the project's own changes count.

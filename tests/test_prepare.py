@@ -145,6 +145,7 @@ def test_interrupted_build_resumes_without_redoing_images(tmp_path, monkeypatch,
     assert third.names == []
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     """SIGKILL after two chunks (no cleanup at all); the rerun decodes only the rest."""
     make_nih(tmp_path, n=8, shapes=[("L", 64, 64), ("RGB", 64, 48)])
@@ -319,6 +320,7 @@ def test_size_zero_is_refused_while_parsing(tmp_path, capsys):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_options_are_named_as_in_retrain_and_the_old_names_still_work(tmp_path, capsys):
     """--data and --image-size, as retrain.py calls them; --root and --size still work."""
     make_nih(tmp_path, n=4, shapes=[("L", 40, 40)])

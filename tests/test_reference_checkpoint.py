@@ -87,6 +87,7 @@ def check_against_reference(model, out, files) -> float:
     return diff
 
 
+@pytest.mark.slow
 def test_real_nih_pngs_match_reproduce_chexnet(tmp_path, converted, capsys):
     """12 real NIH PNGs (both RGBA files among them), given as a folder."""
     source = shared("nih", "images")

@@ -86,6 +86,7 @@ def report_html(run_dir) -> Path:
     return report.build_report(run_dir, n_boot=50, compare_to=run_dir)
 
 
+@pytest.mark.slow
 def test_report_has_every_section_with_embedded_images(report_html, run_dir):
     assert report_html == run_dir / "report.html"
     doc = parse(report_html)
@@ -124,6 +125,7 @@ def test_report_contents(report_html):
     assert "Paired AUC comparison" in text["compare"]
 
 
+@pytest.mark.slow
 def test_report_without_optional_files(run_dir, tmp_path):
     """Only preds.csv and config.json: the report still builds, saying what is missing."""
     bare = tmp_path / "bare"
@@ -171,6 +173,7 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     assert str(tmp_path / "empty" / "preds.csv") in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_headless_chromium_renders_report(request, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -203,6 +206,7 @@ def test_headless_chromium_renders_report(request, tmp_path):
     assert pixels.std() > 10 and len(np.unique(pixels)) > 50
 
 
+@pytest.mark.slow
 def test_report_subgroups_section(report_html, run_dir, tmp_path):
     """Attributes from the demo's Data_Entry_2017.csv (the run's data folder), under-diagnosis
     at the validation F1 threshold, calibration with a reliability diagram; and, for a run
@@ -304,6 +308,7 @@ def test_unwritable_out_is_refused_before_the_report_is_computed(tmp_path, monke
     assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_disk_full_when_the_report_is_written(tmp_path, monkeypatch, capsys):
     import errno
 

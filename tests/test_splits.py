@@ -71,6 +71,7 @@ def test_committed_folds_are_arnowengs_lists(fold):
     assert set(table.loc[table["fold"] == fold, "Image Index"]) == listed
 
 
+@pytest.mark.slow
 def test_committed_nih_labels_regenerates_from_data_entry_and_lists(tmp_path, capsys):
     out = tmp_path / "nih_labels.csv"
     assert make_nih_labels.main(["--data-entry", str(shared("nih", "Data_Entry_2017_v2020.csv.gz")),

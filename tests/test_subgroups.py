@@ -382,6 +382,7 @@ def demo_pair(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_injected_demo_gap_is_found_and_its_absence_is_not(demo_pair):
     shown = _labels(demo_pair / "clean" / "Data_Entry_2017.csv")
     labelled = _labels(demo_pair / "injected" / "Data_Entry_2017.csv")
@@ -440,6 +441,7 @@ def test_reference_predictions_by_subgroup():
                                                                               s[~ap, j]))
 
 
+@pytest.mark.slow
 def test_benchmark_script_on_generated_files(demo_pair, tmp_path, capsys):
     entry = pd.read_csv(demo_pair / "injected" / "Data_Entry_2017.csv")
     shown = _labels(demo_pair / "clean" / "Data_Entry_2017.csv")

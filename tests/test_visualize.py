@@ -445,6 +445,7 @@ def test_reference_gallery_cells_use_the_training_prevalence(run_dir):
         vp.gallery_figure(run_dir, label, top=3, style="reference", method="gradcam")
 
 
+@pytest.mark.slow
 def test_reference_cli_prevalence_sources(run_dir, tmp_path, capsys):
     model = build_model(14, "none")
     torch.save({"model": model.state_dict(), "findings": list(NIH_FINDINGS),
