@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pandas as pd
 import torch
 
-from chexnet import demo as demo_data
+from chexnet import demo
 from chexnet import localization
 from chexnet.data import DataError
 from chexnet.train import TrainConfig, fit
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = work / "data"
     started = time.perf_counter()
     if not (data / "nih" / "Data_Entry_2017.csv").is_file():
-        demo_data.main(["--out", str(data), "--kind", "nih", "--n-images", str(args.n_images),
+        demo.main(["--out", str(data), "--kind", "nih", "--n-images", str(args.n_images),
                         "--png-size", str(args.data_size), "--workers", str(max(1, args.workers))])
     run = work / "runs" / f"loc{args.image_size}"
     if not (run / "preds.csv").is_file():

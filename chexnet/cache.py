@@ -669,7 +669,7 @@ def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str],
     """
     root, label_files = cache_root_and_labels(cfg, table)
     size = cfg.image_size
-    cache = open_cache(root, size, label_files, getattr(cfg, "cache_dir", None))
+    cache = open_cache(root, size, label_files, cfg.cache_dir)
     if cache is None:
         return None
     row_of = cache.row_of()
@@ -686,7 +686,6 @@ def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str],
               f"(first: {', '.join(names[:3])})")
     table = table.loc[~absent]
     rows = rows[~absent].astype(np.int64).to_numpy()
-    pin = pin_memory
     loaders: dict[str, CacheLoader] = {}
     for fold in ("train", "val", "test"):
         pos = np.flatnonzero((table["fold"] == fold).to_numpy())
@@ -705,7 +704,7 @@ def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str],
             sampler=sampler,
             drop_last=train and drops_single_image(len(sampler) if sampler is not None else
                                                    len(pos), cfg.batch_size // world),
-            findings=findings, prefetch=1 if pin else 0, pin_memory=pin)
+            findings=findings, prefetch=1 if pin_memory else 0, pin_memory=pin_memory)
     print(f"reading images from the uint8 cache {cache.dir} ({len(cache)} images, "
           f"{size} px)")
     return loaders

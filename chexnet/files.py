@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,6 +43,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """`text` (UTF-8) to `path`, atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and delete a scratch file in `folder`. Raises the OSError a real write would
+    (read-only mount, full disk), which os.access does not see for root. Lets a command refuse
+    an unwritable output before its work, not after."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -265,7 +265,7 @@ def parse_prevalence(value: str, finding: str, data: str | None = None) -> tuple
         if not config.is_file():
             raise DataError(f"--prevalence {value}: neither a fraction in (0, 1] nor a run folder "
                             "written by retrain.py (no config.json there).") from None
-        cfg = training.run_config(value, data)
+        cfg = training.load_run_config(value, data)
         table, findings, _ = training.load_tables(cfg)
         p = finding_prevalence(training_prevalence(table, findings), finding, str(config))
         return p, f"training fold of {config}"

@@ -31,7 +31,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -53,7 +52,7 @@ from chexnet.xray_io import (  # noqa: F401 (is_dicom, load_dicom, window_to_uin
     DICOM_SUFFIXES, is_dicom, load_any, load_dicom, minmax_to_uint8, window_to_uint8,
 )
 from chexnet.cam import class_activation_maps, load_trained
-from chexnet.files import atomic_write
+from chexnet.files import atomic_write, probe_writable
 from chexnet.heatmaps import render
 
 REPO_DIR = Path(__file__).resolve().parents[1]  # the repository (this file is in chexnet/)
@@ -283,8 +282,7 @@ def check_out_path(path: Path) -> str | None:
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{path}: the folder {folder} is not writable. Choose another --out."
     try:  # a scratch file: what os.access misses (a read-only mount seen as root, a full disk)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe_writable(folder)
     except OSError as err:
         return (f"{path}: cannot write in the folder {folder} ({err.strerror or err}). Choose "
                 "a writable place with --out.")

@@ -37,11 +37,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from chexnet import metrics
-from chexnet import training_plots as plot_training
+from chexnet import training_plots
 from chexnet import train as training
 from chexnet import subgroups
 from chexnet import heatmaps
 from chexnet.data import DataError
+from chexnet.files import probe_writable
 from chexnet.scoring import patients_of, per_label_auc, truth_and_scores
 from chexnet.labels import NIH_FINDINGS, PUBLISHED_AUCS, PUBLISHED_MEAN_AUC
 
@@ -265,20 +266,20 @@ def config_section(run: Run) -> str:
 def convergence_section(run: Run, dpi: int) -> str:
     """Loss curves (plot_training), best epoch and LR steps, the per-epoch log."""
     try:
-        log = plot_training.read_log(run.path)
-        summary = plot_training.convergence_summary(log)
+        log = training_plots.read_log(run.path)
+        summary = training_plots.convergence_summary(log)
     except (FileNotFoundError, ValueError) as err:
         # The rest of the report stands without the log; say why this part is missing.
         return section("convergence", note(f"no training curves: {err}", warn=True))
-    fig = plot_training.plot_runs([log], [run.name])
+    fig = training_plots.plot_runs([log], [run.name])
     steps = ", ".join(map(str, summary["lr_steps"])) or "none"
     best = (f"best epoch {summary['best_epoch']} of {summary['epochs']} "
             f"(validation loss {summary['best_val_loss']:.4f}); checkpoint.pt holds that "
             f"epoch's weights and made the test predictions. Epochs that started at a new "
             f"learning rate: {steps}.")
     table = log.copy()
-    if "seconds" not in table and (run.path / plot_training.LOG_NAME).is_file():
-        raw = pd.read_csv(run.path / plot_training.LOG_NAME)
+    if "seconds" not in table and (run.path / training_plots.LOG_NAME).is_file():
+        raw = pd.read_csv(run.path / training_plots.LOG_NAME)
         if "seconds" in raw and len(raw) == len(table):
             table["seconds"] = raw["seconds"].to_numpy(np.float64)
     table["lr"] = [f"{v:.2e}" if math.isfinite(v) else "n/a" for v in table["lr"]]
@@ -564,12 +565,12 @@ def compare_section(run: Run, other: Run, n_boot: int, seed: int, dpi: int) -> s
     logs, names = [], []
     for tag, r in (("A", run), ("B", other)):
         try:
-            logs.append(plot_training.read_log(r.path))
+            logs.append(training_plots.read_log(r.path))
             names.append(f"{tag}: {r.name}")
         except (FileNotFoundError, ValueError) as err:
             parts.append(note(f"no training curves for {r.path}: {err}", warn=True))
     if logs:
-        parts.append(img_tag(figure_png(plot_training.plot_runs(logs, names), dpi),
+        parts.append(img_tag(figure_png(training_plots.plot_runs(logs, names), dpi),
                              "training curves of both runs"))
     parts.append("<h3>Paired AUC comparison</h3>")
     try:
@@ -667,7 +668,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, n_boot: int
         "<nav>" + "".join(f'<a href="#{s}">{_esc(SECTIONS[s])}</a>' for s in ids) + "</nav>",
         "</header><main>", *sections, "</main></body></html>", ""])
     try:
-        training.atomic_write_text(page, out)
+        training.save_text(page, out)
     except (OSError, training.SaveError) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OSError) else err
         raise unwritable(out, cause) from err
@@ -695,8 +696,7 @@ def check_writable(out: Path) -> None:
                         f"--out {out / 'report.html'}.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
+        probe_writable(out.parent)
     except OSError as err:
         raise unwritable(out, err) from err
 

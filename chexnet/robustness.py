@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from chexnet import cam
-from chexnet import heatmaps as vp
+from chexnet import heatmaps
 from chexnet import train as training
 from chexnet.corruptions import CLEAN, KINDS, SEVERITIES, corrupt, image_rng
 from chexnet.data import CXRDataset, DataError, load_xray, reference_geometry
@@ -125,7 +125,7 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
 
 def plot_robustness(table: pd.DataFrame, out: str | Path) -> Path:
     """Lines of mean AUC against severity, one per corruption, starting from the clean AUC."""
-    plt = vp._pyplot()
+    plt = heatmaps._pyplot()
     means = table[table["label"] == "mean"]
     clean = float(means.loc[means["corruption"] == CLEAN, "auc"].iloc[0])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

@@ -455,7 +455,8 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_write_text(text: str, path: Path) -> None:
+def save_text(text: str, path: Path) -> None:
+    """`text` to `path` atomically; a failure is a SaveError saying what survived."""
     _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
@@ -766,7 +767,7 @@ def announce(cfg: TrainConfig, ctx: Dist, device: torch.device, table: pd.DataFr
     say(f"{cfg.dataset}: {len(table)} images (train {counts.get('train', 0)}, "
         f"val {counts.get('val', 0)}, test {counts.get('test', 0)}), {len(findings)} findings")
     if skipped and ctx.main:
-        atomic_write_text("\n".join(skipped) + "\n", cfg.run_dir / "skipped.txt")
+        save_text("\n".join(skipped) + "\n", cfg.run_dir / "skipped.txt")
         say(f"skipped {len(skipped)} listed images not found on disk "
             f"(ids in {cfg.run_dir / 'skipped.txt'})")
     if device.type == "cpu":
@@ -831,11 +832,11 @@ def write_run_record(run: Run) -> None:
     if not run.ctx.main:
         return
     cfg = run.cfg
-    atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
+    save_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n",
                       cfg.run_dir / "config.json")
     record = {"environment": environment_record(), "data": run.data, "seed": cfg.seed,
               "processes": run.ctx.world}
-    atomic_write_text(json.dumps(record, indent=2) + "\n", cfg.run_dir / "run_record.json")
+    save_text(json.dumps(record, indent=2) + "\n", cfg.run_dir / "run_record.json")
 
 
 def build_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
@@ -929,7 +930,7 @@ def save_epoch(run: Run, epoch: int, val_loss: float, step: dict) -> None:
                            "config": dataclasses.asdict(cfg), "findings": list(run.findings)},
                           run.best_path)
     atomic_torch_save(run.last_state(epoch, None, step["stop"]), run.last_path)
-    atomic_write_text(pd.DataFrame(run.history).to_csv(index=False),
+    save_text(pd.DataFrame(run.history).to_csv(index=False),
                       cfg.run_dir / "log_train.csv")
 
 
@@ -963,7 +964,7 @@ def write_preds_csv(path: Path, cfg: TrainConfig, findings: Sequence[str], ids: 
         preds[PROB_PREFIX + f] = probs[:, k]
     for k, f in enumerate(findings):
         preds[f] = targets[:, k]
-    atomic_write_text(preds.to_csv(index=False), path)
+    save_text(preds.to_csv(index=False), path)
 
 
 def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], ids: list[str],
@@ -971,7 +972,7 @@ def write_predictions(run_dir: Path, cfg: TrainConfig, findings: Sequence[str], 
     """preds.csv and aucs.csv of the test fold; prints the AUC table."""
     write_preds_csv(run_dir / "preds.csv", cfg, findings, ids, probs, targets)
     table = auc_table(per_label_auc(targets, probs, findings), with_published=cfg.dataset == "nih")
-    atomic_write_text(table.to_csv(index=False), run_dir / "aucs.csv")
+    save_text(table.to_csv(index=False), run_dir / "aucs.csv")
     print(f"test fold AUC ({len(ids)} images):")
     print(format_table(table))
     defined = int(table["auc"].iloc[:-1].notna().sum())
@@ -1013,16 +1014,11 @@ def load_run_config(run_dir: str | os.PathLike, data: str | None = None) -> Trai
     return cfg
 
 
-def run_config(run_dir: str | Path, data: str | None = None) -> TrainConfig:
-    """The TrainConfig of a run folder (see `load_run_config`)."""
-    return load_run_config(run_dir, data)
-
-
 def run_tables(run_dir: str | Path, data: str | None = None
                ) -> tuple[TrainConfig, pd.DataFrame]:
     """The run's config and its whole label table as retrain.py built it: every fold, columns
     `image_id, patient, fold, path` and one per finding."""
-    cfg = run_config(run_dir, data)
+    cfg = load_run_config(run_dir, data)
     table, _, _ = load_tables(cfg)
     return cfg, table
 

@@ -152,7 +152,7 @@ def test_no_swallowed_exceptions_in_the_code():
 
 def test_unwritable_folder_message_does_not_blame_the_disk(tmp_path):
     with pytest.raises(training.SaveError) as err:
-        training.atomic_write_text("x", tmp_path / "absent" / "f.txt")
+        training.save_text("x", tmp_path / "absent" / "f.txt")
     assert "exists and is writable" in str(err.value) and "Free some space" not in str(err.value)
 
 

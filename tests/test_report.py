@@ -16,6 +16,7 @@ from PIL import Image
 
 from chexnet import heatmaps, report
 import retrain
+from read_only import refuse_writes
 pass
 
 PNG_URI = "data:image/png;base64,"
@@ -144,9 +145,10 @@ def test_report_without_optional_files(run_dir, tmp_path):
     assert doc.sections["roc"]["images"]
 
 
-def test_report_gallery_is_heatmapss_with_the_data_folder(run_dir, tmp_path,
+def test_report_gallery_is_visualize_predictions_with_the_data_folder(run_dir, tmp_path,
                                                                       monkeypatch):
-    """The report draws its heatmaps with heatmaps's gallery, passing --data on."""
+    """The report draws its heatmaps with visualize_prediction.py's gallery
+    (chexnet/heatmaps.py), passing --data on."""
     calls = []
     real = heatmaps.gallery
 
@@ -261,39 +263,13 @@ def _preds_only_run(folder: Path) -> Path:
     return run
 
 
-def _refuse_creating_under(monkeypatch, folder: Path) -> None:
-    """Creating a file or folder under `folder` raises PermissionError, as on a read-only mount
-    (the tests run as root, which a chmod does not stop)."""
-    import errno
-    import os
-
-    real_open, real_mkdir = os.open, os.mkdir
-
-    def under(path) -> bool:
-        return (isinstance(path, (str, os.PathLike))
-                and os.path.realpath(path).startswith(os.path.realpath(folder)))
-
-    def os_open(path, flags, *args, **kwargs):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    def mkdir(path, *args, **kwargs):
-        if under(path):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", os_open)
-    monkeypatch.setattr(os, "mkdir", mkdir)
-
-
 @pytest.mark.parametrize("where", ["report.html", "new/report.html"])
 def test_unwritable_out_is_refused_before_the_report_is_computed(tmp_path, monkeypatch, capsys,
                                                                   where):
     run = _preds_only_run(tmp_path)
     locked = tmp_path / "locked"
     locked.mkdir()
-    _refuse_creating_under(monkeypatch, locked)
+    refuse_writes(locked, monkeypatch.setattr)
 
     def computed(*args, **kwargs):
         raise AssertionError("the report was computed before its place was checked")
@@ -320,7 +296,7 @@ def test_disk_full_when_the_report_is_written(tmp_path, monkeypatch, capsys):
         raise training.SaveError(f"could not write {path}") from OSError(
             errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(training, "atomic_write_text", full)
+    monkeypatch.setattr(training, "save_text", full)
     out = tmp_path / "r.html"
     assert report.main([str(run), "--out", str(out), "--n-boot", "5"]) == 2
     err = capsys.readouterr().err

@@ -221,7 +221,7 @@ def test_run_config_rebuilds_the_table_and_reports_bad_folders(run_dir, tmp_path
     assert all(Path(p).is_file() for p in test["path"])
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(vp.DataError, match="config.json"):
-        training.run_config(tmp_path)
+        training.load_run_config(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypa
 
 def test_a_text_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "log_train.csv"
-    training.atomic_write_text("epoch,loss\n1,0.5\n", path)
+    training.save_text("epoch,loss\n1,0.5\n", path)
     real_write = type(path).write_text
 
     def half_then_fail(self, text, *a, **kw):
@@ -160,7 +160,7 @@ def test_a_text_write_that_fails_half_way_leaves_the_previous_file(tmp_path, mon
 
     monkeypatch.setattr(type(path), "write_text", half_then_fail)
     with pytest.raises(training.SaveError):
-        training.atomic_write_text("epoch,loss\n1,0.5\n2,0.4\n", path)
+        training.save_text("epoch,loss\n1,0.5\n2,0.4\n", path)
     assert path.read_text() == "epoch,loss\n1,0.5\n"
     assert [p.name for p in tmp_path.iterdir()] == ["log_train.csv"]
 
