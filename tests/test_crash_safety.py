@@ -89,6 +89,8 @@ def test_sigterm_saves_mid_epoch_and_says_how_to_resume(demo_root, reference, tm
     finished = run(demo_root, tmp_path, "term", "--resume")
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "resuming" in finished.stdout and "after batch 2" in finished.stdout
+    # No epoch had ended: there is no best loss to report (it used to say "inf (epoch 0)").
+    assert "best val loss so far" not in finished.stdout and " inf " not in finished.stdout
     assert_same_weights(weights(reference / "last.pt"), weights(tmp_path / "term" / "last.pt"))
 
 
