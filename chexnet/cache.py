@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from chexnet.files import atomic_write, atomic_write_text, sha256_file
 from chexnet.data import (
-    DataError, ImageReadError, drops_single_image, find_chexphoto_root, resolve_nih_labels,
+    DataError, ImageReadError, drops_last_batch, find_chexphoto_root, resolve_nih_labels,
     load_xray,
 )
 
@@ -702,8 +702,8 @@ def cache_loaders(cfg, table: pd.DataFrame, findings: Sequence[str],
             cfg.batch_size // world if train else cfg.eval_batch_size, shuffle=train,
             generator=torch.Generator().manual_seed(cfg.seed),
             sampler=sampler,
-            drop_last=train and drops_single_image(len(sampler) if sampler is not None else
-                                                   len(pos), cfg.batch_size // world),
+            drop_last=train and drops_last_batch(len(sampler) if sampler is not None else
+                                                 len(pos), cfg.batch_size // world, size),
             findings=findings, prefetch=1 if pin_memory else 0, pin_memory=pin_memory)
     print(f"reading images from the uint8 cache {cache.dir} ({len(cache)} images, "
           f"{size} px)")

@@ -167,14 +167,43 @@ def model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tenso
     return normalize_uint8(images.to(device, non_blocking=True))
 
 
-def drops_single_image(n: int, batch: int) -> bool:
-    """Whether an epoch of n images in batches of `batch` would end on a batch of one image.
+# The fewest values per channel that BatchNorm may normalise in a training batch. Its gradient
+# is scaled by 1 / (the batch's standard deviation), and the spread of m values can come
+# arbitrarily close to zero: for m independent values, P(sample variance < r * variance) grows
+# like r ** ((m - 1) / 2). Over DenseNet-121's ~100k channels per step, m = 2 puts some channel
+# near 1e-5 of its variance in practice; measured: a final batch of 2 images at 32 px (1x1 maps)
+# gave a gradient norm of 4.9e6 against 4 on full batches, the weights blew up and the next
+# evaluation was NaN (how close is a matter of rounding, so it differed between CPU kinds).
+# With m >= 8 the smallest spread over 1e5 channels stays near a tenth of the typical one.
+MIN_BATCHNORM_VALUES = 8
 
-    That batch is dropped: BatchNorm cannot normalise a single image whose feature map has
-    shrunk to 1x1 (small --image-size), and one image's gradient step is noise anyway. The
-    order is reshuffled every epoch, so no image is left out systematically.
+
+def final_map_side(image_size: int) -> int:
+    """Side of DenseNet-121's last feature map for a square input: conv0 (7x7, stride 2,
+    padding 3), pool0 (3x3, stride 2, padding 1), then three 2x2 average-pool transitions."""
+    side = (image_size - 1) // 2 + 1
+    side = (side - 1) // 2 + 1
+    for _ in range(3):
+        side //= 2
+    return side
+
+
+def drops_last_batch(n: int, batch: int, image_size: int) -> bool:
+    """Whether an epoch of n training images in batches of `batch` ends on a batch too small
+    for BatchNorm, which is then dropped.
+
+    Too small: one image (one image's gradient step is noise, and at 1x1 maps BatchNorm cannot
+    normalise it at all), or fewer than `MIN_BATCHNORM_VALUES` values per channel in the last
+    dense block. The second happens only at a small --image-size: at 224 px the last maps are
+    7x7, so a final batch of 2 images already gives 98 values, and a reproduce-chexnet run
+    drops nothing it would not. The order is reshuffled every epoch, so no image is left out
+    systematically.
     """
-    return batch > 1 and n % batch == 1
+    tail = n % batch
+    if batch <= 1 or tail == 0:
+        return False
+    cells = final_map_side(image_size) ** 2
+    return tail == 1 or tail * cells < MIN_BATCHNORM_VALUES
 
 
 # --------------------------------------------------------------------------------------------

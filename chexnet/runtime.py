@@ -89,6 +89,21 @@ def all_sum(values: torch.Tensor, ctx: Dist, device: torch.device) -> list[float
     return t.tolist()
 
 
+def same_buffers_as_rank_zero(model: nn.Module, ctx: Dist) -> None:
+    """Copy process 0's buffers (BatchNorm running statistics) to every process.
+
+    DistributedDataParallel broadcasts them at the start of each training forward, but every
+    process then updates its own from its own share of the batch. Without this, each process
+    would evaluate its shard of the images with slightly different statistics, none of them
+    those of the checkpoint that process 0 saves: the validation loss would not be the saved
+    model's. Parameters need nothing: the averaged gradients make them equal on all processes.
+    """
+    if not ctx.enabled:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def gather_in_order(obj: object, ctx: Dist) -> list:
     """Every process's `obj`, in rank order (for predictions of contiguous shards)."""
     if not ctx.enabled:

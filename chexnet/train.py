@@ -38,7 +38,7 @@ from tqdm import tqdm
 from chexnet.cache import cache_loaders
 from chexnet.files import atomic_write, sha256_bytes, sha256_file
 from chexnet.data import (
-    CXRDataset, DataError, chexphoto_table, drops_single_image, flip_batch,
+    CXRDataset, DataError, chexphoto_table, drops_last_batch, flip_batch,
     model_input, nih_table, reference_geometry,
 )
 from chexnet.scoring import PROB_PREFIX, auc_table, format_table, per_label_auc
@@ -46,7 +46,8 @@ from chexnet.labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_f
 from chexnet.model import build_model, masked_bce_with_logits
 from chexnet.runtime import (
     Dist, all_sum, any_process, autocast, gather_in_order, grad_scaler,
-    init_distributed, maybe_compile, probe_batch_size, resolve_amp, scaled_lr, shard,
+    init_distributed, maybe_compile, probe_batch_size, resolve_amp, same_buffers_as_rank_zero,
+    scaled_lr, shard,
 )
 
 DATASETS = ("nih", "chexphoto", "demo")
@@ -263,7 +264,8 @@ def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
             sampler = EpochSampler(len(ds), cfg.seed, ctx.rank, ctx.world)
             loaders[fold] = DataLoader(
                 ds, batch_size=cfg.batch_size // ctx.world, sampler=sampler,
-                drop_last=drops_single_image(len(sampler), cfg.batch_size // ctx.world),
+                drop_last=drops_last_batch(len(sampler), cfg.batch_size // ctx.world,
+                                           cfg.image_size),
                 num_workers=workers, pin_memory=device.type == "cuda",
                 worker_init_fn=_ignore_stop_signals)
         else:
@@ -385,6 +387,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
             a best epoch, so the run would decay and stop without a checkpoint.
     """
     model.eval()
+    same_buffers_as_rank_zero(model, ctx)  # every shard scored by process 0's model
     # Sums and outputs stay on the device until the end: no host-device wait per batch.
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, labelled entries
     probs, targets_all, ids, finite = [], [], [], []

@@ -11,6 +11,10 @@ Faults, from the environment:
   CHEXNET_TEST_KILL_RANK=R   under torchrun, only process R is signalled (default: all).
   CHEXNET_TEST_KILL_IN_SAVE=N  SIGKILL in the middle of the Nth write of last.pt: half a file
       is left at the temporary name, as a kill mid-write leaves it.
+
+Observation, also from the environment:
+  CHEXNET_TEST_STATE_AT_EVAL=DIR  after every evaluation pass, each process writes the model it
+      evaluated with (parameters and buffers) to DIR/rank{R}_eval{N}.pt.
 """
 from __future__ import annotations
 
@@ -75,7 +79,26 @@ def _kill_in_save() -> None:
     training.atomic_torch_save = atomic_torch_save
 
 
+def _state_at_eval() -> None:
+    folder = os.environ.get("CHEXNET_TEST_STATE_AT_EVAL")
+    if not folder:
+        return
+    real, passes = training.evaluate, 0
+
+    def evaluate(model, *args, **kwargs):
+        nonlocal passes
+        out = real(model, *args, **kwargs)
+        passes += 1
+        net = getattr(model, "module", model)  # inside DistributedDataParallel
+        torch.save(net.state_dict(), Path(folder) / f"rank{os.environ.get('RANK', '0')}"
+                   f"_eval{passes}.pt")
+        return out
+
+    training.evaluate = evaluate
+
+
 if __name__ == "__main__":
     _signal_at_step()
     _kill_in_save()
+    _state_at_eval()
     sys.exit(retrain.main(sys.argv[1:]))

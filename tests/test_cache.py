@@ -224,7 +224,9 @@ def test_cache_loaders_own_shuffle_follows_the_generator(tmp_path):
     make_nih(tmp_path, n=12, shapes=[("L", 40, 40)], folds=True)
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
-    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4)
+    # Batches of 3: 6 training images make 2 full batches (a final batch of 2 images at 32 px
+    # would be dropped as too small for BatchNorm, see data.drops_last_batch).
+    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=3)
     table, findings, _ = training.load_tables(cfg)
     train = cxr_cache.cache_loaders(cfg, table, findings)["train"]
     assert train.sampler is None and len(train) == 2 and len(train.dataset) == 6

@@ -18,9 +18,17 @@ pytestmark = pytest.mark.slow
 ARGS = ["--dataset", "demo", "--image-size", "64", "--batch-size", "16", "--eval-batch-size", "16",
         "--weights", "none", "--workers", "0", "--epochs", "2", "--patience", "5",
         "--save-every", "1"]
-# Stated tolerance: without SyncBatchNorm (CUDA only), each process normalises its half-batch
-# with its own statistics, so curves agree closely but not bitwise.
-LOSS_RTOL, PROB_ATOL = 0.02, 0.03
+# One process against two is not a rounding question. Without SyncBatchNorm (CUDA only), each
+# process normalises its half-batch of 8 with that half's statistics, where one process uses all
+# 16: the two runs compute different (equally valid) steps. Measured on this fixture (2026-12-04,
+# Xeon with AVX-512, torch 2.14.1), the same on all three kernel settings of tests/portable.py:
+# losses differ by at most 0.88 % (AVX-512 0.80, AVX2 0.88, SSE4.1 0.83), and the test
+# probabilities by 0.0060 on average (0.00600-0.00602; their own spread is 0.042). The bounds
+# are about twice those. The largest single difference (0.026-0.029 here, 0.030 on an AMD EPYC)
+# is an extreme of 182 and moves with the kernels, so it is not bounded. What is exact is
+# checked exactly: every process holds the same model at every evaluation (bitwise), and every
+# test image is scored once, in order, with the same ground truth.
+LOSS_RTOL, PROB_MEAN_ATOL = 0.02, 0.012
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +52,23 @@ def runs(demo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     single = launch(demo_root, out, "single", 1)
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = launch(demo_root, out, "ddp", 2, port=29531)
+    (out / "states").mkdir()
+    ddp = launch(demo_root, out, "ddp", 2, port=29531,
+                 env={"CHEXNET_TEST_STATE_AT_EVAL": str(out / "states")})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return out
+
+
+def test_every_process_evaluates_the_same_model(runs):
+    """Averaged gradients keep the parameters equal, and process 0's BatchNorm statistics
+    are copied before each evaluation: bitwise, whatever the kernels."""
+    passes = sorted((runs / "states").glob("rank0_eval*.pt"))
+    assert len(passes) == 4  # val after each of 2 epochs, then the final val and test
+    for path in passes:
+        a = torch.load(path, weights_only=True)
+        b = torch.load(path.with_name(path.name.replace("rank0", "rank1")), weights_only=True)
+        assert a.keys() == b.keys()
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], path.name
 
 
 def test_two_processes_match_one(runs):
@@ -59,7 +81,7 @@ def test_two_processes_match_one(runs):
     # Every test image exactly once, in the same order: nothing dropped or duplicated.
     assert list(pb["Image Index"]) == list(pa["Image Index"])
     probs = [c for c in pa.columns if c.startswith("prob_")]
-    np.testing.assert_allclose(pb[probs], pa[probs], atol=PROB_ATOL)
+    assert np.abs(pb[probs].to_numpy() - pa[probs].to_numpy()).mean() < PROB_MEAN_ATOL
     truth = [c[5:] for c in probs]
     pd.testing.assert_frame_equal(pb[truth], pa[truth])
 

@@ -191,21 +191,46 @@ def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
         training.load_tables(retrain.parse_args(args))[0].query("fold == 'test'"))
 
 
-def test_a_final_batch_of_one_image_is_dropped_not_crashing(demo_root, tmp_path):
-    """BatchNorm cannot train on one image whose feature map is 1x1 (32 px input)."""
-    from chexnet.data import drops_single_image
+@pytest.mark.parametrize("size", [32, 33, 40, 63, 64, 95, 96, 224, 255])
+def test_final_map_side_is_densenets(size):
+    """The side of the last feature map, against torchvision's DenseNet-121 itself."""
+    import torchvision
+    from chexnet.data import final_map_side
 
-    assert drops_single_image(33, 16) and not drops_single_image(34, 16)
-    assert not drops_single_image(5, 1)
+    features = torchvision.models.densenet121(weights=None).features.eval()
+    with torch.no_grad():
+        side = features(torch.zeros(1, 3, size, size)).shape[-1]
+    assert final_map_side(size) == side
+
+
+def test_a_final_batch_too_small_for_batchnorm_is_dropped():
+    """One image, or fewer than 8 values per channel in the last block (image side / 32)²."""
+    from chexnet.data import drops_last_batch
+
+    assert drops_last_batch(33, 16, 224) and not drops_last_batch(34, 16, 224)  # one image
+    assert not drops_last_batch(5, 1, 32) and not drops_last_batch(32, 8, 32)   # no tail
+    assert drops_last_batch(34, 8, 32) and drops_last_batch(39, 8, 32)          # 2, 7 at 1x1
+    assert not drops_last_batch(34, 8, 64)    # 2 images x 2x2 = 8 values: kept
+    assert drops_last_batch(35, 16, 64) is False and drops_last_batch(33, 16, 64)
+    assert drops_last_batch(41, 10, 32) and drops_last_batch(47, 10, 32)  # 1 and 7 at 1x1
+    assert not drops_last_batch(48, 10, 32)   # 8 images at 1x1: 8 values, kept
+    assert not drops_last_batch(78_468, 16, 224)  # the reference split: every image trains
+
+
+@pytest.mark.parametrize(("tail", "size", "batches"), [(1, 32, 1), (2, 32, 1), (2, 64, 2)])
+def test_a_dropped_final_batch_trains_and_is_not_in_the_loader(demo_root, tmp_path, tail,
+                                                                size, batches):
+    """At 32 px a final batch of 2 images (1x1 maps) is dropped; at 64 px (2x2) it is kept."""
     table, _, _ = training.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(demo_root)]))
-    batch = int((table["fold"] == "train").sum()) - 1  # the epoch ends on a single image
+    batch = int((table["fold"] == "train").sum()) - tail  # the epoch ends on `tail` images
     args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name",
-            "one", *FAST, "--epochs", "1", "--batch-size", str(batch)]
-    assert retrain.main(args) == 0
+            "one", *FAST, "--epochs", "1", "--batch-size", str(batch), "--image-size", str(size)]
     cfg = retrain.parse_args(args)
     loaders = training.make_loaders(cfg, *training.load_tables(cfg)[:2], torch.device("cpu"))
-    assert len(loaders["train"]) == 1
+    assert len(loaders["train"]) == batches
+    if tail == 1:
+        assert retrain.main(args) == 0
 
 
 # --------------------------------------------------------------------------------------------
