@@ -4,20 +4,19 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Idle OpenMP threads sleep instead of spinning: on 2 shared cores spinning made CPU training
-# 10-30x slower (see retrain.py).
-export OMP_WAIT_POLICY ?= PASSIVE
+# Idle OpenMP threads sleep: every script sets it itself (chexnet/idle_threads.py).
 DEMO_DATA ?= data/demo
 DEMO_OUT ?= results
 # The demo recipe: DenseNet-121 from scratch (no download) on 64x64 phantoms, sized to finish
 # in a few minutes on 2 CPU cores. See the README for what each flag means.
 DEMO_FLAGS ?= --image-size 64 --batch-size 32 --lr 0.05 --epochs 5 --weights none
 
-.PHONY: demo test test-fast lint clean-demo help
+.PHONY: demo test test-fast test-portable lint clean-demo help
 help:
 	@echo "make demo   - train and evaluate on the built-in demo data (CPU is fine)"
 	@echo "make test   - lint (ruff) and run the whole test suite"
 	@echo "make test-fast - the tests not marked slow (a developer's loop)"
+	@echo "make test-portable - the training and bitwise tests under AVX-512, AVX2 and SSE4.1 kernels"
 
 $(VENV)/.python-ok:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed; run make PYTHON=python3.x")'
@@ -45,7 +44,7 @@ demo: $(VENV)/.deps
 	$(PY) retrain.py --dataset demo --data $(DEMO_DATA)/nih --name demo --out $(DEMO_OUT) $(DEMO_FLAGS)
 	$(PY) eval_model.py --preds $(DEMO_OUT)/demo/preds.csv --ci --roc $(DEMO_OUT)/demo/roc.png --thresholds --no-published
 	@echo "Demo finished: results in $(DEMO_OUT)/demo/ (aucs.csv, aucs_ci.csv, roc.png, preds.csv, log_train.csv, checkpoint.pt)"
-	@$(PY) -c "import pandas as pd; t = pd.read_csv('$(DEMO_OUT)/demo/aucs.csv').set_index('label'); print(f'demo test fold mean AUC: {t.loc[\"mean\", \"auc\"]:.4f}')"
+	@$(PY) -c "import pandas as pd, torch; t = pd.read_csv('$(DEMO_OUT)/demo/aucs.csv').set_index('label'); print(f'demo test fold mean AUC: {t.loc[\"mean\", \"auc\"]:.4f} (on {torch.cuda.get_device_name() if torch.cuda.is_available() else torch.backends.cpu.get_cpu_capability() + \" CPU kernels\"}: the same on every run on this machine, not across machine kinds; see README)')"
 
 test: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check .
@@ -54,6 +53,11 @@ test: $(VENV)/.test-deps
 # The fast part of the suite (no training runs, no subprocesses): for a developer's loop.
 test-fast: $(VENV)/.test-deps
 	$(PY) -m pytest -m "not slow"
+
+# The tests that train networks, and the bitwise ones, once per CPU kernel setting this machine
+# can run (native, AVX2, SSE4.1): a test must not depend on one kernel's rounding.
+test-portable: $(VENV)/.test-deps
+	$(PY) tests/portable.py
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check .

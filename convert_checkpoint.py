@@ -3,6 +3,8 @@
 The command line of chexnet/convert_checkpoint.py, where the code and the full usage live
 (`python convert_checkpoint.py --help`).
 """
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import sys
 
 from chexnet.convert_checkpoint import main

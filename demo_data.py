@@ -3,6 +3,8 @@
 The command line of chexnet/demo.py, where the code and the full usage live
 (`python demo_data.py --help`).
 """
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 from chexnet.demo import main
 
 if __name__ == "__main__":

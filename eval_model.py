@@ -29,6 +29,8 @@ without validation predictions --nofinding-rate sets a labelled fallback thresho
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import sys
 from pathlib import Path

@@ -20,6 +20,8 @@ The committed nih_labels.csv was made from the v2020 file (2020 labels) with the
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import sys
 from typing import Sequence

@@ -3,6 +3,8 @@
 The command line of chexnet/download.py, where the code and the full usage live
 (`python nih_batch_download_zips.py --help`).
 """
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import sys
 
 from chexnet.download import main

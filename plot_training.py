@@ -3,6 +3,8 @@
 The command line of chexnet/training_plots.py, where the code and the full usage live
 (`python plot_training.py --help`).
 """
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import sys
 
 from chexnet.training_plots import main

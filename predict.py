@@ -3,6 +3,8 @@
 The command line of chexnet/predict.py, where the code and the full usage live
 (`python predict.py --help`).
 """
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import sys
 
 from chexnet.predict import main

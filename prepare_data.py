@@ -3,6 +3,8 @@
 The command line of chexnet/prepare.py, where the code and the full usage live
 (`python prepare_data.py --help`).
 """
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import sys
 
 from chexnet.prepare import main

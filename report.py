@@ -3,6 +3,8 @@
 The command line of chexnet/report.py, where the code and the full usage live
 (`python report.py --help`).
 """
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import sys
 
 from chexnet.report import main

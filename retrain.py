@@ -19,23 +19,19 @@ Outputs, in `--out/--name/`: config.json, log_train.csv, checkpoint.pt (best), l
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import dataclasses
 import os
+import sys
+from typing import Sequence
 
-# Before torch loads OpenMP: idle threads sleep instead of spinning. On a 2-core machine
-# (Colab, CI) shared with loader workers or another job, spinning threads made each CPU
-# training step 10-30x slower (measured: 13-36 s instead of 1.2 s per batch). Only this
-# entry point sets it: importing the library changes no environment variable.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import sys  # noqa: E402 (after the environment variable, on purpose)
-from typing import Sequence  # noqa: E402
-
-from chexnet.cli import at_least  # noqa: E402
-from chexnet.data import SPLITS, DataError  # noqa: E402
-from chexnet.model import WeightsUnavailable  # noqa: E402
-from chexnet.runtime import AMP_CHOICES, shutdown_distributed  # noqa: E402
-from chexnet.train import (  # noqa: E402
+from chexnet.cli import at_least
+from chexnet.data import SPLITS, DataError
+from chexnet.model import WeightsUnavailable
+from chexnet.runtime import AMP_CHOICES, shutdown_distributed
+from chexnet.train import (
     DATASETS, OPTIMIZERS, RECIPES, Interrupted, NonFiniteLoss, SaveError, TrainConfig, fit,
 )
 

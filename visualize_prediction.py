@@ -30,6 +30,8 @@ its config there); a checkpoint without one needs `--prevalence`.
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import sys
 from pathlib import Path

@@ -14,6 +14,8 @@ Prints a markdown table; the last line is `bootstrap NxKxB: N.N s` (image-level,
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import os
 import platform

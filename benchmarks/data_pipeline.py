@@ -18,6 +18,8 @@ the last line is `read/reference ratio: N.Nx`.
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import os
 import resource

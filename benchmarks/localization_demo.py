@@ -18,6 +18,8 @@ centre side by side), writes WORK/localization_demo.csv, and ends with the verdi
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import os
 import platform
@@ -25,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Sequence
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pandas as pd
 import torch

@@ -23,6 +23,8 @@ and reliability.png. The last line is `subgroups NxKxB (G subgroups): N.N s`.
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import os
 import platform

@@ -39,6 +39,8 @@ The last two lines are `best/reference train speedup: N.Nx` and
 """
 from __future__ import annotations
 
+import chexnet.idle_threads  # noqa: F401  (first, before torch loads: idle threads sleep)
+
 import argparse
 import dataclasses
 import gc

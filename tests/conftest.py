@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
-# As retrain.py does, before anything imports torch: the suite runs on 2 shared cores, where
-# spinning OpenMP threads slow every CPU training step 10-30x.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As every entry point does, before anything imports torch: the suite runs on 2 shared cores,
+# where spinning OpenMP threads slow every CPU training step 10-30x.
+import chexnet.idle_threads  # noqa: F401,E402
 
 import numpy as np
 import pandas as pd

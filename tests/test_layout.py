@@ -150,3 +150,94 @@ def test_importing_the_library_changes_no_environment_variable(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# Idle OpenMP threads sleep in every entry point (chexnet/idle_threads.py), set before torch
+# --------------------------------------------------------------------------------------------
+IDLE = "chexnet.idle_threads"
+
+
+def imports_before_idle(tree: ast.Module) -> list[str] | None:
+    """The modules imported before chexnet.idle_threads (`from __future__` left out), or None
+    when the file never imports it."""
+    before: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        if IDLE in names:
+            return before
+        before += names
+    return None
+
+
+def notebook_first_cell(path: Path) -> str:
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+
+
+def test_the_idle_threads_check_sees_a_late_import():
+    doc = '"""doc"""\nfrom __future__ import annotations\n'
+    assert imports_before_idle(ast.parse(f"{doc}import {IDLE}\nimport torch\n")) == []
+    assert imports_before_idle(ast.parse(f"import torch\nimport {IDLE}\n")) == ["torch"]
+    assert imports_before_idle(ast.parse("from chexnet import idle_threads\n")) == []
+    assert imports_before_idle(ast.parse("import torch\n")) is None
+
+
+def test_every_entry_point_imports_idle_threads_first():
+    """Scripts, benchmarks and the suite's conftest.py: before any import that may load torch."""
+    entry_points = [p for p in project_files() if not p.is_relative_to(ROOT / "chexnet")
+                    and is_script(ast.parse(p.read_text()))] + [ROOT / "tests" / "conftest.py"]
+    assert len(entry_points) >= 20
+    offenders = []
+    for path in entry_points:
+        before = imports_before_idle(ast.parse(path.read_text()))
+        if before is None:
+            offenders.append(f"{path.name}: no import of {IDLE}")
+            continue
+        # conftest.py may import the standard library first; nothing else may come before.
+        allowed = set(sys.stdlib_module_names) if path.name == "conftest.py" else set()
+        late = [n for n in before if n.split(".")[0] not in allowed]
+        if late:
+            offenders.append(f"{path.name}: {IDLE} after {late}")
+    assert offenders == []
+
+
+def test_every_notebook_first_cell_imports_idle_threads_before_anything_else_of_ours():
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 7
+    for path in notebooks:
+        tree = ast.parse(notebook_first_cell(path))
+        names = [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names] + [
+            n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert IDLE in names, path.name
+        third_party = [n for n in names if n.split(".")[0] not in sys.stdlib_module_names
+                       and n != IDLE and n.split(".")[0] != "google"]
+        assert third_party == [], (path.name, third_party)  # e.g. torch before the policy
+
+
+def test_the_library_does_not_import_idle_threads():
+    """Only entry points set the policy: importing chexnet.train must not change it."""
+    graph, _ = import_graph()
+    assert sorted(m for m, deps in graph.items() if IDLE in deps
+                  and m.startswith("chexnet.")) == []
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE"),
+                                                 ("passive", "passive")])
+def test_idle_threads_sets_passive_unless_the_user_chose(given, expected):
+    """In a fresh process, as a script starts; a user's own policy wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = (f"import sys; import {IDLE}, os; "
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=ROOT, check=True).stdout.split()
+    assert out == [expected, "False"]  # and it loads no torch itself
