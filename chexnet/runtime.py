@@ -97,6 +97,9 @@ def same_buffers_as_rank_zero(model: nn.Module, ctx: Dist) -> None:
     would evaluate its shard of the images with slightly different statistics, none of them
     those of the checkpoint that process 0 saves: the validation loss would not be the saved
     model's. Parameters need nothing: the averaged gradients make them equal on all processes.
+    (The wrapper's first forward after training broadcasts them too, because a flag set by the
+    last training forward is still on; evaluation does not depend on that detail, nor on being
+    given the wrapper.)
     """
     if not ctx.enabled:
         return
