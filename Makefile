@@ -40,11 +40,15 @@ $(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps
 demo: $(VENV)/.deps
 	@test -f $(DEMO_DATA)/nih/Data_Entry_2017.csv || $(PY) demo_data.py --out $(DEMO_DATA) --kind nih
 	$(PY) prepare_data.py nih --data $(DEMO_DATA)/nih --labels $(DEMO_DATA)/nih/Data_Entry_2017.csv --image-size 64 --split random
-	rm -rf $(DEMO_OUT)/demo
-	$(PY) retrain.py --dataset demo --data $(DEMO_DATA)/nih --name demo --out $(DEMO_OUT) $(DEMO_FLAGS)
-	$(PY) eval_model.py --preds $(DEMO_OUT)/demo/preds.csv --ci --roc $(DEMO_OUT)/demo/roc.png --thresholds --no-published
-	@echo "Demo finished: results in $(DEMO_OUT)/demo/ (aucs.csv, aucs_ci.csv, roc.png, preds.csv, log_train.csv, checkpoint.pt)"
-	@$(PY) -c "import pandas as pd, torch; t = pd.read_csv('$(DEMO_OUT)/demo/aucs.csv').set_index('label'); print(f'demo test fold mean AUC: {t.loc[\"mean\", \"auc\"]:.4f} (on {torch.cuda.get_device_name() if torch.cuda.is_available() else torch.backends.cpu.get_cpu_capability() + \" CPU kernels\"}: the same on every run on this machine, not across machine kinds; see README)')"
+	@# A previous demo run is never deleted: this one goes to the first free name (demo, demo-2, ...).
+	@name=demo; n=1; while [ -e $(DEMO_OUT)/$$name ]; do n=$$((n + 1)); name=demo-$$n; done; \
+	if [ $$name != demo ]; then echo "$(DEMO_OUT)/demo holds an earlier demo run (kept): this one is $(DEMO_OUT)/$$name (to replace it instead: rm -rf $(DEMO_OUT)/demo, then make demo)"; fi; \
+	set -ex; \
+	$(PY) retrain.py --dataset demo --data $(DEMO_DATA)/nih --name $$name --out $(DEMO_OUT) $(DEMO_FLAGS); \
+	$(PY) eval_model.py --preds $(DEMO_OUT)/$$name/preds.csv --ci --roc $(DEMO_OUT)/$$name/roc.png --thresholds --no-published; \
+	set +x; \
+	echo "Demo finished: results in $(DEMO_OUT)/$$name/ (aucs.csv, aucs_ci.csv, roc.png, preds.csv, log_train.csv, checkpoint.pt)"; \
+	$(PY) -c "import pandas as pd, torch; t = pd.read_csv('$(DEMO_OUT)/$$name/aucs.csv').set_index('label'); print(f'demo test fold mean AUC: {t.loc[\"mean\", \"auc\"]:.4f} (on {torch.cuda.get_device_name() if torch.cuda.is_available() else torch.backends.cpu.get_cpu_capability() + \" CPU kernels\"}: the same on every run on this machine, not across machine kinds; see README)')"
 
 test: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check .

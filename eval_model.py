@@ -39,6 +39,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from chexnet.files import check_outputs
+from chexnet.cli import FRACTION, at_least, command, integer
 from chexnet import metrics, subgroups
 from chexnet.data import DataError
 from chexnet.scoring import (
@@ -46,6 +48,7 @@ from chexnet.scoring import (
 )
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-published", action="store_true", help="leave out the published "
                         "NIH columns (e.g. for the synthetic demo, where they mean nothing)")
     parser.add_argument("--ci", action="store_true", help="95%% bootstrap confidence intervals")
-    parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-boot", type=at_least(1), default=1000)
+    parser.add_argument("--seed", type=integer(0), default=0)
     parser.add_argument("--roc", metavar="PNG", help="write ROC curves per finding to PNG")
     parser.add_argument("--thresholds", action="store_true", help="F1/precision/recall/"
                         "specificity at 0.5 and at Youden's threshold chosen on --val-preds")
@@ -72,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="age band edges for --by age (default 0,20,40,60,80: 0-19 ... 80+)")
     parser.add_argument("--followup-bands", default="0,1,5,10,20", metavar="EDGES",
                         help="follow-up number band edges for --by followup (default 0,1,5,10,20)")
-    parser.add_argument("--nofinding-rate", type=float, metavar="FRACTION",
+    parser.add_argument("--nofinding-rate", type=FRACTION, metavar="FRACTION",
                         help="without validation predictions: call this fraction of the test "
                         "images normal for the under-diagnosis rates (a threshold set on the test "
                         "scores, reported as such), e.g. the training fold's No Finding rate")
@@ -80,16 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "reliability diagrams; temperature scaling fitted on --val-preds, "
                         "written to preds_calibrated.csv")
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # an output folder that is read-only, full or missing
-        print(f"error: cannot write {err.filename or 'an output file'}: "
-              f"{err.strerror or err}. Choose a writable place with --out (the AUC table; "
-              "the other outputs go beside --preds).", file=sys.stderr)
-        return 2
+    aucs = Path(args.out) if args.out else Path(args.preds).parent / "aucs.csv"
+    check_outputs({"--out": aucs, "--out (its _ci.csv)": aucs.with_name(aucs.stem + "_ci.csv"),
+                   "--roc": args.roc},
+                  {"--preds": args.preds, "--labels": args.labels, "--val-preds": args.val_preds,
+                   "--compare": args.compare})
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

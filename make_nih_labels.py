@@ -26,12 +26,15 @@ import argparse
 import sys
 from typing import Sequence
 
-from chexnet.data import DataError, nih_labels_table
+from chexnet.files import atomic_write, check_outputs
+from chexnet.cli import command, integer
+from chexnet.data import nih_labels_table
 from chexnet.labels import NIH_PATIENT_COL
 
 SPLIT_CHOICES = ("reference", "random", "official")
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,21 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="nih_labels.csv")
     p.add_argument("--split", choices=SPLIT_CHOICES, default="reference")
     p.add_argument("--lists", help="folder of the split's lists (see above)")
-    p.add_argument("--seed", type=int, default=0, help="patient shuffle of --split random, and "
+    p.add_argument("--seed", type=integer(0), default=0,
+                   help="patient shuffle of --split random, and "
                    "of the train/val cut of --split official")
     args = p.parse_args(argv)
+    check_outputs({"--out": args.out}, {"--data-entry": args.data_entry})
     if args.split == "official" and not args.lists:
         p.error("--split official needs --lists: the folder with NIH's train_val_list.txt and "
                 "test_list.txt")
-    try:
-        table = nih_labels_table(args.data_entry, args.split, args.seed, args.lists)
-        table.to_csv(args.out, index=False)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
+    table = nih_labels_table(args.data_entry, args.split, args.seed, args.lists)
+    atomic_write(args.out, lambda tmp: table.to_csv(tmp, index=False))
     counts = table["fold"].value_counts()
     patients = table.groupby("fold")[NIH_PATIENT_COL].nunique()
     print(f"wrote {args.out} ({args.split} split): {len(table)} images; " + ", ".join(

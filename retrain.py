@@ -27,12 +27,13 @@ import os
 import sys
 from typing import Sequence
 
-from chexnet.cli import at_least
-from chexnet.data import SPLITS, DataError
-from chexnet.model import WeightsUnavailable
+from chexnet.cli import (
+    DECAY_FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, at_least, command, device_arg, integer,
+)
+from chexnet.data import SPLITS
 from chexnet.runtime import AMP_CHOICES, shutdown_distributed
 from chexnet.train import (
-    DATASETS, OPTIMIZERS, RECIPES, Interrupted, NonFiniteLoss, SaveError, TrainConfig, fit,
+    DATASETS, OPTIMIZERS, RECIPES, TrainConfig, fit,
 )
 
 MIN_IMAGE_SIZE = 32  # DenseNet-121 downsamples by 32: a smaller input has no feature map left
@@ -103,12 +104,12 @@ def _recipe_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help=f"input side in pixels (at least {MIN_IMAGE_SIZE}: DenseNet-121 "
                    "halves it five times)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
-    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+    p.add_argument("--lr", type=POSITIVE, default=None)
+    p.add_argument("--momentum", type=MOMENTUM, default=None, help="SGD momentum")
+    p.add_argument("--betas", type=MOMENTUM, nargs=2, default=None, metavar=("B1", "B2"),
                    help="Adam betas")
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--lr-decay", type=float, default=None,
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None)
+    p.add_argument("--lr-decay", type=DECAY_FACTOR, default=None,
                    help="divide the lr by this after an epoch whose val loss is worse than the "
                    "best")
     p.add_argument("--keep-momentum", action=argparse.BooleanOptionalAction, default=None,
@@ -131,17 +132,18 @@ def _run_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    "with a message where unavailable)")
     p.add_argument("--memory-efficient", action="store_true", help="checkpointed DenseNet "
                    "layers: less GPU memory (6 GB cards), ~20%% slower")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, default=d.workers, help="data loader processes "
+    p.add_argument("--device", type=device_arg, default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=integer(-1), default=d.workers, help="data loader processes "
                    "(-1: auto)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=integer(0), default=d.seed)
     p.add_argument("--cache", choices=("auto", "on", "off"), default=d.cache,
                    help="read images from prepare_data.py's uint8 cache: auto = when a valid "
                    "one exists for --image-size (the batches are identical either way)")
     p.add_argument("--cache-dir", metavar="DIR", default=d.cache_dir,
                    help="where prepare_data.py --cache-dir put the cache (it reads DIR/<image "
                    "size>/); default: DATA/cache. For a read-only dataset folder, e.g. Kaggle's")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="write last.pt every N "
+    p.add_argument("--save-every", type=integer(0), default=d.save_every,
+                   help="write last.pt every N "
                    "optimizer steps as well as after every epoch (0: only after epochs)")
 
 
@@ -163,19 +165,13 @@ def _selection_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--force", action="store_true", help="resume even if settings changed")
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
+    """Errors reach the one boundary of every command (`chexnet.cli.run`): a bad input or a
+    full disk exits 2, a non-finite loss 3, a stop signal 128 + its number (after last.pt)."""
     cfg = parse_args(argv)
     try:
         run_dir = fit(cfg)
-    except (DataError, WeightsUnavailable, FileNotFoundError, SaveError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except Interrupted as err:
-        print(f"{err}. Run the same command with --resume to continue.", file=sys.stderr)
-        return 128 + err.signum
     finally:
         shutdown_distributed()
     if int(os.environ.get("RANK", "0")):

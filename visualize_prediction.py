@@ -39,6 +39,8 @@ from typing import Sequence
 
 import torch
 
+from chexnet.files import check_outputs, run_files
+from chexnet.cli import at_least, command
 from chexnet.data import DataError, build_transform
 from chexnet.cam import METHODS, heatmap, load_checkpoint, model_view, reference_log_odds_maps
 from chexnet.heatmaps import (
@@ -51,6 +53,7 @@ from chexnet.xray_io import load_any
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,18 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="reference style: the finding's base rate, a fraction in (0, 1] or a run "
                         "folder whose training fold gives it (default: the training fold of the "
                         "run, or of the data recorded in the checkpoint)")
-    p.add_argument("--top", type=int, default=12, help="gallery tiles")
+    p.add_argument("--top", type=at_least(1), default=12, help="gallery tiles")
     p.add_argument("--boxes", help="gallery: NIH-schema BBox_List CSV whose boxes are drawn")
     p.add_argument("--data", help="dataset folder, if it moved since training")
     p.add_argument("--out", default=None, help="PNG (default heatmap.png, gallery.png)")
     args = p.parse_args(argv)
-    try:
-        _check_method_style(args.method or "cam", args.style)
-        if args.prevalence is not None and args.style != "reference":
-            raise DataError("--prevalence only applies to --style reference.")
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_outputs({"--out": args.out or ("gallery.png" if args.run else "heatmap.png")},
+                  {"--checkpoint": args.checkpoint, "--image": args.image, "--boxes": args.boxes,
+                   **run_files(args.run)})
+    _check_method_style(args.method or "cam", args.style)
+    if args.prevalence is not None and args.style != "reference":
+        raise DataError("--prevalence only applies to --style reference.")
     args.method = args.method or "cam"
     if args.run:
         return _gallery_main(args)
@@ -92,34 +94,26 @@ def _gallery_main(args: argparse.Namespace) -> int:
     if not args.label:
         print("error: gallery mode (--run) needs --label", file=sys.stderr)
         return 2
-    try:
-        out = gallery(args.run, args.label, args.top, args.out or "gallery.png", args.method,
-                      args.boxes, args.data, args.style, args.prevalence)
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = gallery(args.run, args.label, args.top, args.out or "gallery.png", args.method,
+                  args.boxes, args.data, args.style, args.prevalence)
     print(f"wrote {out}")
     return 0
 
 
 def _one_image_main(args: argparse.Namespace) -> int:
-    try:
-        model, findings, size, config = load_checkpoint(args.checkpoint)
-        if args.label and args.label not in findings:
-            raise DataError(f"--label {args.label!r} is not a finding of this model: "
-                            f"{', '.join(findings)}")
-        gray = load_any(args.image)  # PNG, JPEG or DICOM, as predict.py reads them
-        x = build_transform(size)(gray)[None]
-        with torch.inference_mode():
-            probs = torch.sigmoid(model(x))[0]
-        k = findings.index(args.label) if args.label else int(probs.argmax())
-        if args.style == "reference":
-            prevalence, source = (
-                parse_prevalence(args.prevalence, findings[k], args.data) if args.prevalence
-                else checkpoint_prevalence(args.checkpoint, config, findings[k], args.data))
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, findings, size, config = load_checkpoint(args.checkpoint)
+    if args.label and args.label not in findings:
+        raise DataError(f"--label {args.label!r} is not a finding of this model: "
+                        f"{', '.join(findings)}")
+    gray = load_any(args.image)  # PNG, JPEG or DICOM, as predict.py reads them
+    x = build_transform(size)(gray)[None]
+    with torch.inference_mode():
+        probs = torch.sigmoid(model(x))[0]
+    k = findings.index(args.label) if args.label else int(probs.argmax())
+    if args.style == "reference":
+        prevalence, source = (
+            parse_prevalence(args.prevalence, findings[k], args.data) if args.prevalence
+            else checkpoint_prevalence(args.checkpoint, config, findings[k], args.data))
     out = args.out or "heatmap.png"
     if args.style == "reference":
         grid, _ = reference_log_odds_maps(model, x, k, prevalence)

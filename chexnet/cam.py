@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from chexnet.model import build_model
+from chexnet.model import CheckpointError, build_model, read_checkpoint
 
 METHODS = ("cam", "gradcam")
 
@@ -145,12 +145,23 @@ def reference_log_odds_maps(model: nn.Module, images: torch.Tensor, k: int, prev
 
 
 def load_checkpoint(checkpoint: str | Path) -> tuple[nn.Module, list[str], int, dict]:
-    """Model, findings, image size and recorded config (a dict) of a retrain.py checkpoint."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    """Model, findings, image size and recorded config (a dict) of a retrain.py checkpoint.
+
+    Raises:
+        CheckpointError: missing, not a checkpoint, damaged, or not a DenseNet-121 of this
+            project (named, with what to do).
+    """
+    state = read_checkpoint(checkpoint, ("model", "config", "findings"))
     findings, config = state["findings"], state["config"]
-    model = build_model(len(findings), "none")
-    model.load_state_dict(state["model"])
-    return model.eval(), findings, int(config["image_size"]), config
+    try:
+        model = build_model(len(findings), "none")
+        model.load_state_dict(state["model"])
+        size = int(config["image_size"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint}: not a DenseNet-121 checkpoint of this project "
+                              f"({type(err).__name__}: {str(err)[:200]}). Convert other CheXNet "
+                              "checkpoints with convert_checkpoint.py.") from None
+    return model.eval(), list(findings), size, config
 
 
 def load_trained(checkpoint: str | Path) -> tuple[nn.Module, list[str], int]:

@@ -44,13 +44,12 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from chexnet.files import check_outputs
+from chexnet.cli import CommandError, at_least, command
 from chexnet.labels import findings_for
-from chexnet.model import build_model
+from chexnet.model import build_model, looks_like_torch_file
 from chexnet.train import SaveError, atomic_torch_save
 
-# The first bytes of a legacy (pre-1.6, non-zip) torch.save file: the pickled magic number
-# 0x1950a86a20f9469cfc6c, protocol 2, as written by PyTorch 0.3/0.4 (both reference projects).
-_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 # Pre-0.4 torchvision named the layers of a dense layer `norm.1`, `relu.1`, `conv.1`, `norm.2`,
 # `relu.2`, `conv.2`; today they are `norm1` ... `conv2`. (torchvision's own loader uses the
 # same pattern when it reads its old ImageNet files.)
@@ -60,7 +59,7 @@ _WRAPPER_PREFIXES = ("module.", "densenet121.")
 _SHOW = 10  # keys listed per kind of mismatch
 
 
-class ConversionError(ValueError):
+class ConversionError(CommandError, ValueError):
     """The input cannot be converted; the message names the file and what to do."""
 
 
@@ -77,19 +76,6 @@ class Source:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-def looks_like_torch_file(path: Path) -> bool:
-    """True for a `torch.save` file: a zip archive (PyTorch >= 1.6) or the legacy pickle format.
-
-    Checked before unpickling so that "not a checkpoint at all" and "a checkpoint that needs
-    unsafe unpickling" get different messages (torch raises UnpicklingError for both).
-    """
-    with open(path, "rb") as f:
-        head = f.read(16)
-    # The local-file-header signature, not zipfile.is_zipfile: a truncated archive has lost
-    # its central directory but is still a (corrupt) checkpoint, not some other file.
-    return head.startswith(b"PK\x03\x04") or _LEGACY_MAGIC in head
-
-
 def read_source(path: str | os.PathLike, trust_pickle: bool = False) -> object:
     """`torch.load` the file on the CPU, with `weights_only=True` unless that is impossible.
 
@@ -336,6 +322,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, trust_pickl
     return checkpoint, source
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -344,11 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow unpickling a whole pickled model (runs code from the file; only "
                         "for files from a source you trust)")
-    p.add_argument("--image-size", type=int, default=224,
+    p.add_argument("--image-size", type=at_least(32), default=224,
                    help="input size the model was trained at (default 224)")
     p.add_argument("--dataset", choices=("nih", "chexphoto"), default="nih",
                    help="label set of the outputs (default nih: 14 findings)")
     args = p.parse_args(argv)
+    check_outputs({"OUT": args.output}, {"IN": args.input})
     try:
         checkpoint, source = convert(args.input, args.output, args.trust_pickle,
                                      args.image_size, args.dataset)

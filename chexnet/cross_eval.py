@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from chexnet.files import check_outputs
+from chexnet.cli import at_least, command, device_arg, integer
 from chexnet import train as training
 from chexnet import cam
 from chexnet.data import CXRDataset, DataError, model_input, reference_geometry
@@ -198,6 +200,7 @@ def load_target(dataset: str, data: str, labels: str | None = None, seed: int = 
     return table, list(findings)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,18 +212,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="CSV of per-finding AUCs (default: cross_<dataset>.csv next "
                    "to the checkpoint)")
     p.add_argument("--labels", help="NIH labels file (as retrain.py --labels)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (as retrain.py --seed)")
+    p.add_argument("--seed", type=integer(0), default=0, help="split seed (as retrain.py --seed)")
     p.add_argument("--uncertainty", choices=("zeros", "ones", "ignore"), default="zeros",
                    help="CheXphoto uncertain labels (valid.csv has none)")
     p.add_argument("--source", default="all",
                    choices=("all", "natural", "synthetic", "digital", "photographic"))
     p.add_argument("--view", default="frontal", choices=("frontal", "lateral", "all"))
     p.add_argument("--missing", choices=("error", "skip"), default="error")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (0: no CI)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--n-boot", type=integer(0), default=1000,
+                   help="bootstrap replicates (0: no CI)")
+    p.add_argument("--device", type=device_arg, default="auto")
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--workers", type=integer(0), default=0)
     args = p.parse_args(argv)
+    check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, "--labels": args.labels})
     try:
         checkpoint = Path(args.checkpoint)
         if not checkpoint.is_file():

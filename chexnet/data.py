@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
+from chexnet.cli import CommandError
 from chexnet.labels import (
     CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, FOLD_FRACTIONS, FOLDS,
     IMAGENET_MEAN, IMAGENET_STD, NIH_FINDINGS, NIH_FINDINGS_COL,
@@ -35,7 +36,7 @@ DEFAULT_NIH_LABELS = REPO_DIR / "nih_labels.csv"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class DataError(ValueError):
+class DataError(CommandError, ValueError):
     """A problem with the user's data files; the message names the file and what to do."""
 
 

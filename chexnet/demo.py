@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from chexnet.cli import at_least, command, integer
 from chexnet import corruptions
 from chexnet.labels import (
     CHEXPERT_META_COLS,
@@ -1444,20 +1445,27 @@ def _underdiagnose_arg(text: str) -> tuple[str, float]:
     return sex, value
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI entry point: parse arguments, write the dataset(s), print a summary."""
+@command
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (demo_data.py): write the dataset(s), print a summary."""
+    generate(argv)
+    return 0
+
+
+def generate(argv: Sequence[str] | None = None) -> dict:
+    """Parse demo_data.py's arguments, write the dataset(s), print and return a summary."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True,
                     help="output folder; writes OUT/nih and/or OUT/chexphoto")
     ap.add_argument("--kind", choices=("nih", "chexphoto", "both"), default="both")
-    ap.add_argument("--n-images", type=int, default=3000, help="NIH images")
-    ap.add_argument("--n-train", type=int, default=1200, help="CheXphoto train rows")
-    ap.add_argument("--n-valid", type=int, default=240, help="CheXphoto valid rows")
-    ap.add_argument("--png-size", type=int, default=128,
+    ap.add_argument("--n-images", type=at_least(1), default=3000, help="NIH images")
+    ap.add_argument("--n-train", type=at_least(1), default=1200, help="CheXphoto train rows")
+    ap.add_argument("--n-valid", type=at_least(1), default=240, help="CheXphoto valid rows")
+    ap.add_argument("--png-size", type=at_least(16), default=128,
                     help="side in pixels of the generated images (the model's input size is "
                     "retrain.py --image-size)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=1, help="rendering processes")
+    ap.add_argument("--seed", type=integer(0), default=0)
+    ap.add_argument("--workers", type=at_least(1), default=1, help="rendering processes")
     ap.add_argument("--underdiagnose", metavar="SEX:FRACTION", type=_underdiagnose_arg,
                     help="NIH demo: remove each positive label of one sex's images with this "
                     "probability (a known subgroup effect in the labels), e.g. F:0.5; off by "

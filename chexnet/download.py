@@ -65,6 +65,7 @@ from typing import Iterable, Optional, Sequence
 
 from tqdm import tqdm
 
+from chexnet.cli import CommandError, NON_NEGATIVE, POSITIVE, command, integer
 from chexnet.files import atomic_write, atomic_write_text
 
 # (filename, url) for the 12 archives, in release order. Source: the NIH
@@ -108,7 +109,7 @@ EXIT_NETWORK = 2
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(CommandError, RuntimeError):
     """A file could not be downloaded after all retries.
 
     Attributes:
@@ -128,11 +129,11 @@ class DownloadError(RuntimeError):
         self.connection_failed = connection_failed
 
 
-class ArchiveCorruptError(ValueError):
+class ArchiveCorruptError(CommandError, ValueError):
     """An archive has the wrong size or its gzip/tar stream is damaged."""
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(CommandError, ValueError):
     """An archive contains a member that is not a regular file under images/."""
 
 
@@ -664,7 +665,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="Re-running resumes partial downloads and skips finished work.")
     parser.add_argument("--out", required=True, type=Path,
                         help="folder for the .tar.gz archives")
-    parser.add_argument("--only", nargs="+", type=int, metavar="N",
+    parser.add_argument("--only", nargs="+", type=integer(1, 12), metavar="N",
                         help="only these archives (1-based positions, e.g. 1 3 12)")
     parser.add_argument("--extract", action="store_true",
                         help="extract the archives after downloading")
@@ -677,11 +678,11 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="delete each archive once it has been extracted")
     parser.add_argument("--url-list", type=Path, metavar="FILE",
                         help="text file of 'filename url' lines replacing the NIH links")
-    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+    parser.add_argument("--retries", type=integer(0), default=DEFAULT_RETRIES,
                         help=f"extra attempts per file (default {DEFAULT_RETRIES})")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    parser.add_argument("--timeout", type=POSITIVE, default=DEFAULT_TIMEOUT,
                         help=f"socket timeout in seconds (default {DEFAULT_TIMEOUT:g})")
-    parser.add_argument("--backoff", type=float, default=DEFAULT_BACKOFF,
+    parser.add_argument("--backoff", type=NON_NEGATIVE, default=DEFAULT_BACKOFF,
                         help="base seconds between retries, doubling "
                         f"(default {DEFAULT_BACKOFF:g})")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
@@ -752,6 +753,7 @@ def _fetch_verified(name: str, url: str, dest: Path, args: argparse.Namespace,
         return True
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point.
 

@@ -36,6 +36,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import ImageOps
 
+from chexnet.cli import at_least, command, integer
 from chexnet.data import (
     DataError, chexphoto_table, find_chexphoto_root, index_images, load_xray, plain_value,
     resolve_nih_labels,
@@ -786,6 +787,7 @@ def _finish(summary: dict, written: list[str], out: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -797,8 +799,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         s.add_argument("--missing", choices=("keep", "skip"), default="keep",
                        help="keep: count every labelled row (samples from the files present); "
                        "skip: count only the images on disk")
-        s.add_argument("--seed", type=int, default=0, help="split seed (as retrain.py --seed)")
-        s.add_argument("--k", type=int, default=3, help="sample images per finding")
+        s.add_argument("--seed", type=integer(0), default=0,
+                       help="split seed (as retrain.py --seed)")
+        s.add_argument("--k", type=at_least(1), default=3, help="sample images per finding")
         if name == "nih":
             s.add_argument("--labels", help="nih_labels.csv or Data_Entry_2017*.csv(.gz); "
                            "default: DATA/nih_labels.csv, DATA/Data_Entry_2017*.csv, then this "

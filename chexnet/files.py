@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from chexnet.cli import CommandError
+
 CHUNK = 1 << 20  # bytes read at a time when hashing
 
 
@@ -68,3 +70,69 @@ def sha256_file(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
             for block in iter(lambda: fh.read(CHUNK), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The output policy of every command: nothing destroys what it did not make
+# ---------------------------------------------------------------------------------------------
+# What makes a folder a run (any one of them), and the files only retrain.py writes there: the
+# run's record, which no other command replaces (their own outputs, e.g. eval_model.py's
+# aucs.csv, can be re-derived from this record and may be rewritten).
+RUN_MARKERS = ("config.json", "checkpoint.pt", "preds.csv", "log_train.csv", "last.pt")
+RUN_RECORD = RUN_MARKERS + ("run_record.json", "val_preds.csv")
+
+
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """True when `folder` holds any of a run's files (not only last.pt: a run whose last.pt
+    was deleted is still a run)."""
+    return any((Path(folder) / name).exists() for name in RUN_MARKERS)
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Do `a` and `b` name the same file (through links, `..` or a relative path)?"""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+class OutputRefused(CommandError):
+    """An output path that would destroy an input or a run's record (exit 2)."""
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None],
+                  inputs: dict[str, str | os.PathLike | None], overwrite: bool | None = None
+                  ) -> None:
+    """Refuse, before any work, an output that is one of the command's inputs, or a file of a
+    run's record (`RUN_RECORD` in a run folder) that this command would replace. Every command
+    that writes calls this with its outputs and inputs, each under the name the user gave it
+    (e.g. {"--out": "aucs.csv"}); `overwrite` (a command's --overwrite; None for a command
+    without one) allows replacing a run's file, never an input.
+
+    Raises:
+        OutputRefused (a chexnet.cli.CommandError): naming the output and what to do.
+    """
+    for label, out in outputs.items():
+        if out is None:
+            continue
+        out = Path(out)
+        for in_label, given in inputs.items():
+            if given is not None and same_path(out, given):
+                raise OutputRefused(
+                    f"{label} {out} is also this command's input ({in_label}): writing it would "
+                    "destroy that input. Choose another output path.")
+        if not overwrite and out.name in RUN_RECORD and is_run_folder(out.parent):
+            raise OutputRefused(
+                f"{label} {out}: {out.parent} is a run folder, and {out.name} is part of the "
+                "run's record (only retrain.py writes it). Choose another output path"
+                + (", or pass --overwrite." if overwrite is not None else "."))
+
+
+def run_files(folder: str | os.PathLike | None) -> dict[str, Path]:
+    """A run folder's record files, as `check_outputs` inputs (for a command that reads a run)."""
+    if folder is None:
+        return {}
+    return {str(Path(folder) / name): Path(folder) / name for name in RUN_RECORD}

@@ -28,6 +28,8 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from chexnet.files import check_outputs, run_files
+from chexnet.cli import NON_NEGATIVE, at_least, command
 from chexnet import cam
 from chexnet import train as training
 from chexnet.data import DataError, build_transform, load_xray
@@ -401,6 +403,7 @@ def format_summary(table: pd.DataFrame) -> str:
     return table.to_string(index=False, na_rep="n/a", float_format=lambda v: f"{v:.3f}")
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -409,14 +412,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="summary CSV (default: RUN/localization_<method>.csv)")
     p.add_argument("--per-box", help="also write one row per box to this CSV")
     p.add_argument("--method", choices=cam.METHODS, default="cam")
-    p.add_argument("--tolerance", type=float, default=0.0,
+    p.add_argument("--tolerance", type=NON_NEGATIVE, default=0.0,
                    help="pointing game: grow boxes by this many input pixels (DenseNet's "
                    "heatmap cell is 32 px, so 16 is half a cell); default 0")
     p.add_argument("--data", help="dataset folder, if it moved since training")
-    p.add_argument("--box-image-size", type=int, help="size of the (square) images the boxes "
+    p.add_argument("--box-image-size", type=at_least(1),
+                   help="size of the (square) images the boxes "
                    "were drawn on; default 1024 for NIH, the file's own size otherwise")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=at_least(1), default=16)
     args = p.parse_args(argv)
+    check_outputs({"--out": args.out, "--per-box": args.per_box},
+                  {"--boxes": args.boxes, **run_files(args.run)})
     try:
         summary, scored = run_localization(args.run, args.boxes, args.method, args.tolerance,
                                            args.data, args.box_image_size, args.batch_size)

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from chexnet.cli import CommandError
+
 IMAGENET_WEIGHTS = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(CommandError, RuntimeError):
     """Pretrained weights could not be obtained; the message says how to fix it."""
 
 
@@ -147,3 +149,68 @@ def masked_bce_with_logits(logits: torch.Tensor, target: torch.Tensor,
     if reduction == "sum":
         return total
     return total / mask.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The one reader of this project's checkpoints (checkpoint.pt, last.pt)
+# --------------------------------------------------------------------------------------------
+class CheckpointError(CommandError, ValueError):
+    """A checkpoint file that is missing, not a checkpoint, damaged or of another kind; the
+    message names the file and what to do."""
+
+
+# The first bytes of a legacy (pre-1.6, non-zip) torch.save file: the pickled magic number
+# 0x1950a86a20f9469cfc6c, protocol 2, as written by PyTorch 0.3/0.4 (both reference projects).
+_LEGACY_TORCH_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def looks_like_torch_file(path: Path) -> bool:
+    """True for a `torch.save` file: a zip archive (PyTorch >= 1.6) or the legacy pickle format.
+
+    Checked before unpickling so that "not a checkpoint at all" and "a checkpoint that needs
+    unsafe unpickling" get different messages (torch raises UnpicklingError for both).
+    """
+    with open(path, "rb") as f:
+        head = f.read(16)
+    # The local-file-header signature, not zipfile.is_zipfile: a truncated archive has lost
+    # its central directory but is still a (corrupt) checkpoint, not some other file.
+    return head.startswith(b"PK\x03\x04") or _LEGACY_TORCH_MAGIC in head
+
+
+def read_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] = ("model",),
+                    damaged_hint: str = "copy it again, or retrain") -> dict:
+    """A checkpoint written by this project, loaded on the CPU without unpickling code.
+
+    Args:
+        keys: what the file must hold (retrain.py writes model, config, findings, ...).
+        damaged_hint: what the user can do about a truncated or damaged file.
+
+    Raises:
+        CheckpointError: the file is missing, not a PyTorch file, a pickled model (another
+            project's), truncated or damaged, or lacks `keys`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found"
+                              f"{' (it is a folder)' if path.is_dir() else ''}.")
+    if not looks_like_torch_file(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (give checkpoint.pt or "
+                              "last.pt of a retrain.py run).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: a pickled model (reproduce-chexnet style), which is not loaded directly "
+            "because unpickling runs code from the file. Convert it once: python "
+            f"convert_checkpoint.py {path} pretrained/checkpoint.pt --trust-pickle (only for "
+            "files from a source you trust).") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
+        raise CheckpointError(f"{path}: cannot read this checkpoint; it is truncated or "
+                              f"damaged ({type(err).__name__}: {str(err)[:160]}). "
+                              f"{damaged_hint[:1].upper()}{damaged_hint[1:]}.") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no {', '.join(missing)}"
+                              "; retrain.py writes model, config and findings). Convert other "
+                              "CheXNet checkpoints with convert_checkpoint.py.")
+    return state

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import sys
 from collections import Counter
@@ -44,7 +43,7 @@ from torch import nn
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from chexnet.convert_checkpoint import looks_like_torch_file
+from chexnet.cli import command
 from chexnet.data import DataError, ImageReadError, build_transform
 from chexnet.scoring import PROB_PREFIX
 from chexnet.labels import NIH_IMAGE_COL
@@ -52,7 +51,7 @@ from chexnet.xray_io import (  # noqa: F401 (is_dicom, load_dicom, window_to_uin
     DICOM_SUFFIXES, is_dicom, load_any, load_dicom, minmax_to_uint8, window_to_uint8,
 )
 from chexnet.cam import class_activation_maps, load_trained
-from chexnet.files import atomic_write, probe_writable
+from chexnet.files import atomic_write, check_outputs, probe_writable
 from chexnet.heatmaps import render
 
 REPO_DIR = Path(__file__).resolve().parents[1]  # the repository (this file is in chexnet/)
@@ -142,26 +141,9 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, list[str], int]:
     """Model (eval mode, CPU), findings and image size S of a project checkpoint.
 
     Raises:
-        DataError: missing file, or not a checkpoint of this project (with what to do).
+        CheckpointError: missing file, or not a checkpoint of this project (with what to do).
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found.")
-    if not looks_like_torch_file(path):
-        raise DataError(f"{path}: not a PyTorch checkpoint.")
-    try:
-        return load_trained(path)
-    except pickle.UnpicklingError as err:
-        raise DataError(f"{path}: a pickled model (reproduce-chexnet style), which is not loaded "
-                        "directly because unpickling runs code from the file. Convert it once: "
-                        f"python convert_checkpoint.py {path} pretrained/checkpoint.pt "
-                        "--trust-pickle (only for files from a source you trust).") from err
-    except (KeyError, TypeError, IndexError) as err:
-        raise DataError(f"{path}: not a checkpoint of this project (expected the keys model, "
-                        "config, findings as retrain.py writes them). Convert other CheXNet "
-                        "checkpoints with convert_checkpoint.py.") from err
-    except (RuntimeError, EOFError) as err:
-        raise DataError(f"{path}: cannot load this checkpoint ({str(err)[:300]}).") from err
+    return load_trained(checkpoint)
 
 
 def preprocess(gray: Image.Image, image_size: int) -> torch.Tensor:
@@ -356,6 +338,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"images per forward pass (default {DEFAULT_BATCH_SIZE}); lower it "
                         "if memory runs out")
     p.add_argument("--heatmap", metavar="DIR", help="write a CAM of the top finding per image")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to replace a run "
+                   "folder's preds.csv (an earlier predict.py output beside other run files)")
     p.add_argument("--top", type=_positive_int, help="print only the K most probable findings")
     args = p.parse_args(argv)
     if args.top is not None and args.out is not None:
@@ -394,8 +378,12 @@ def prepare_outputs(out: Path | None, heat_dir: Path | None) -> bool:
     return problem is None
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    check_outputs({"--out": args.out, "--heatmap": args.heatmap},
+                  {"--checkpoint": args.checkpoint or DEFAULT_CHECKPOINT}
+                  | {f"input {name}": name for name in args.images}, overwrite=args.overwrite)
     loaded = open_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else None
     heat_dir = Path(args.heatmap) if args.heatmap else None

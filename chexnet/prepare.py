@@ -37,14 +37,13 @@ import errno
 import filecmp
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from chexnet.cli import OldName, at_least
+from chexnet.cli import OldName, at_least, command, integer
 from chexnet.files import atomic_write, sha256_file
 from chexnet.cache import (
     DEFAULT_SIZE, DONE, BuildResult, build_cache, cache_dir, default_workers, peak_rss_mb,
@@ -127,14 +126,17 @@ def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str |
             from err
     try:
         return _cache_nih(root, size, labels_file, split, workers, skip_bad, folder, **build_kw)
-    except DataError:
-        # Nothing cached: leave the folder as it was (no new labels file, no empty cache).
+    except BaseException:  # restores the labels file, then re-raises
+        # Failed or interrupted (Ctrl-C, a dead worker, a full disk): the labels file is the
+        # previous one again, so the next retrain.py does not use folds this command did not
+        # finish. The cache keeps what it decoded (the same command resumes it) unless it
+        # was new and holds nothing.
         if not had_cache and not _has_cached_rows(folder):
             shutil.rmtree(folder, ignore_errors=True)
-            if previous is None:
-                labels_file.unlink(missing_ok=True)
-            else:
-                labels_file.write_bytes(previous)
+        if previous is None:
+            labels_file.unlink(missing_ok=True)
+        else:
+            atomic_write(labels_file, lambda tmp: tmp.write_bytes(previous))
         raise
 
 
@@ -240,7 +242,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         s.add_argument("--cache-dir", metavar="DIR",
                        help="put the cache in DIR/<image size>/ instead of ROOT/cache/ (a "
                        "read-only dataset folder); give retrain.py the same --cache-dir")
-        s.add_argument("--workers", type=int, default=default_workers(),
+        s.add_argument("--workers", type=at_least(1), default=default_workers(),
                        help="decoding processes (default: every core)")
         s.add_argument("--skip-bad", action="store_true",
                        help="leave out missing or undecodable images (listed in skip.txt) "
@@ -256,7 +258,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                            "nih_labels.csv); random: seeded patient-level 70/10/20; official: "
                            "ROOT/test_list.txt and ROOT/train_val_list.txt. Default: the "
                            "--labels file's own folds when it has a fold column, else reference")
-            s.add_argument("--seed", type=int, default=0,
+            s.add_argument("--seed", type=integer(0), default=0,
                            help="patient shuffle of --split random and of the official "
                            "train/val cut")
     args = p.parse_args(argv)
@@ -265,19 +267,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.dataset == "nih":
-            result = prepare_nih(args.data, args.image_size, args.labels, args.split,
-                                 args.workers, args.skip_bad, args.seed,
-                                 labels_out=args.labels_out, cache_base=args.cache_dir)
-        else:
-            result = prepare_chexphoto(args.data, args.image_size, args.workers, args.skip_bad,
-                                       cache_base=args.cache_dir)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.dataset == "nih":
+        result = prepare_nih(args.data, args.image_size, args.labels, args.split,
+                             args.workers, args.skip_bad, args.seed,
+                             labels_out=args.labels_out, cache_base=args.cache_dir)
+    else:
+        result = prepare_chexphoto(args.data, args.image_size, args.workers, args.skip_bad,
+                                   cache_base=args.cache_dir)
     rss = peak_rss_mb()
     size = args.image_size
     print(f"cache: {result.dir} ({result.count} images, {size}x{size} uint8; "

@@ -36,13 +36,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from chexnet.cli import at_least, command, integer
 from chexnet import metrics
 from chexnet import training_plots
 from chexnet import train as training
 from chexnet import subgroups
 from chexnet import heatmaps
 from chexnet.data import DataError
-from chexnet.files import probe_writable
+from chexnet.files import check_outputs, probe_writable, run_files
 from chexnet.scoring import patients_of, per_label_auc, truth_and_scores
 from chexnet.labels import NIH_FINDINGS, PUBLISHED_AUCS, PUBLISHED_MEAN_AUC
 
@@ -701,6 +702,7 @@ def check_writable(out: Path) -> None:
         raise unwritable(out, err) from err
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -708,11 +710,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="HTML file (default RUN/report.html)")
     p.add_argument("--compare-to", metavar="RUN_B", help="another run folder: adds a paired "
                    "comparison (AUC differences with bootstrap CIs and DeLong's test)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--top", type=int, default=4, help="tiles per heatmap gallery")
+    p.add_argument("--n-boot", type=at_least(1), default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=integer(0), default=0, help="bootstrap seed")
+    p.add_argument("--top", type=at_least(1), default=4, help="tiles per heatmap gallery")
     p.add_argument("--data", help="dataset folder, if it moved since training (heatmaps)")
     args = p.parse_args(argv)
+    check_outputs({"--out": args.out or Path(args.run) / "report.html"},
+                  {**run_files(args.run), **run_files(args.compare_to)})
     if args.n_boot < 1 or args.top < 1:
         p.error("--n-boot and --top must be at least 1")
     try:

@@ -20,6 +20,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from chexnet.files import check_outputs, run_files
+from chexnet.cli import at_least, command, device_arg, integer
 from chexnet import cam
 from chexnet import heatmaps
 from chexnet import train as training
@@ -147,22 +149,24 @@ def plot_robustness(table: pd.DataFrame, out: str | Path) -> Path:
     return out
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder written by retrain.py")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), metavar="KIND",
                    help=f"corruptions (default all): {' '.join(KINDS)}")
-    p.add_argument("--severities", nargs="+", type=int, default=[1, 3, 5])
+    p.add_argument("--severities", nargs="+", type=integer(1, 5), default=[1, 3, 5])
     p.add_argument("--out", default="robustness.csv", help="CSV, one row per corruption x "
                    "severity x finding (+ mean)")
     p.add_argument("--plot", help="PNG of mean AUC against severity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-images", type=int, help="score only the first N test images")
+    p.add_argument("--seed", type=integer(0), default=0)
+    p.add_argument("--device", type=device_arg, default="auto")
+    p.add_argument("--max-images", type=at_least(1), help="score only the first N test images")
     p.add_argument("--data", help="dataset folder, if it moved since training")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=integer(0), default=0)
     args = p.parse_args(argv)
+    check_outputs({"--out": args.out, "--plot": args.plot}, run_files(args.run))
     try:
         table = robustness(args.run, args.kinds, args.severities, args.seed, args.device,
                            args.max_images, args.data, args.workers)

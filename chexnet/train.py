@@ -35,15 +35,16 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from chexnet.cli import CommandError
 from chexnet.cache import cache_loaders
-from chexnet.files import atomic_write, sha256_bytes, sha256_file
+from chexnet.files import RUN_MARKERS, atomic_write, is_run_folder, sha256_bytes, sha256_file
 from chexnet.data import (
     CXRDataset, DataError, chexphoto_table, drops_last_batch, flip_batch,
     model_input, nih_table, reference_geometry,
 )
 from chexnet.scoring import PROB_PREFIX, auc_table, format_table, per_label_auc
 from chexnet.labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
-from chexnet.model import build_model, masked_bce_with_logits
+from chexnet.model import build_model, masked_bce_with_logits, read_checkpoint
 from chexnet.runtime import (
     Dist, all_sum, any_process, autocast, gather_in_order, grad_scaler,
     init_distributed, maybe_compile, probe_batch_size, resolve_amp, same_buffers_as_rank_zero,
@@ -279,8 +280,10 @@ def make_loaders(cfg: TrainConfig, table: pd.DataFrame, findings: Sequence[str],
 # --------------------------------------------------------------------------------------------
 # One epoch of training, one pass of evaluation
 # --------------------------------------------------------------------------------------------
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the message names the batch's images."""
+class NonFiniteLoss(CommandError, RuntimeError):
+    """The loss became NaN or infinite; the message names the batch's images (exit 3)."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -435,7 +438,7 @@ def _non_finite_message(desc: str, finite: list[tuple[torch.Tensor, int]], ids: 
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-class SaveError(RuntimeError):
+class SaveError(CommandError, RuntimeError):
     """A result file could not be written (disk full, permissions); the old file is intact."""
 
 
@@ -480,8 +483,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint written by this project (state dicts only: weights_only=True)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint written by this project (state dicts only: weights_only=True).
+
+    Raises:
+        CheckpointError: missing, not a checkpoint, or damaged (named, with what to do).
+    """
+    hint = ("it cannot be resumed from: start a new run with another --name (its checkpoint.pt "
+            "still holds the best epoch)" if Path(path).name == "last.pt" else "retrain")
+    return read_checkpoint(path, ("model",), hint)
 
 
 def seed_everything(seed: int) -> None:
@@ -502,6 +511,11 @@ def pick_device(name: str, ctx: Dist = Dist()) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {name}: no CUDA GPU is available here; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"GPU(s), numbered from 0; use --device cuda (the first) or cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"--device {name}: Apple's MPS is not available here; use --device cpu.")
     return device
 
 
@@ -538,12 +552,15 @@ def describe_changes(diff: dict[str, tuple]) -> str:
     return "\n  ".join(lines)
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; last.pt was saved first."""
+class Interrupted(CommandError):
+    """SIGINT/SIGTERM arrived; last.pt was saved first (exit 128 + the signal's number, as a
+    shell reports a process the signal ended)."""
 
     def __init__(self, signum: int, where: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}. Run the same "
+                         "command with --resume to continue.")
         self.signum = signum
+        self.exit_code = 128 + signum
 
 
 class StopRequest:
@@ -685,6 +702,7 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         yield
         return
     created = not run_dir.exists()
+    new_lock = not (run_dir / LOCK_FILE).exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fh = open(run_dir / LOCK_FILE, "a+")
@@ -710,6 +728,8 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
     finally:
         if not finished and created and {p.name for p in run_dir.iterdir()} == {LOCK_FILE}:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing but our lock: leave no trace
+        elif not finished and new_lock:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)  # a refused run adds no file
         fh.close()  # releases the lock
 
 
@@ -750,14 +770,18 @@ def start_run(cfg: TrainConfig) -> Run:
 
 
 def check_run_folder(cfg: TrainConfig, ctx: Dist) -> None:
-    """A new run needs a folder without a run; --resume needs its last.pt."""
+    """A new run needs a folder without a run (any of its files: files.RUN_MARKERS);
+    --resume needs its last.pt."""
     last_path = cfg.run_dir / "last.pt"
     if cfg.resume and not last_path.is_file():
         raise DataError(f"{last_path}: nothing to resume (no last.pt). Drop --resume to start "
                         "a new run.")
-    if not cfg.resume and last_path.is_file():
-        raise DataError(f"{cfg.run_dir} already holds a run. Pass --resume to continue it, or "
-                        "choose another --name.")
+    if not cfg.resume and is_run_folder(cfg.run_dir):
+        held = ", ".join(n for n in RUN_MARKERS if (cfg.run_dir / n).exists())
+        resume = ("Pass --resume to continue it, or choose" if last_path.is_file() else
+                  "It has no last.pt to resume from; choose")
+        raise DataError(f"{cfg.run_dir} already holds a run ({held}). {resume} another --name "
+                        "(a run folder is never trained over).")
     if ctx.main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
 

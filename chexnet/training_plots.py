@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from chexnet.cli import OldName
+from chexnet.files import check_outputs, run_files
+from chexnet.cli import OldName, command
 
 LOG_NAME = "log_train.csv"
 COLUMNS = ("epoch", "train_loss", "val_loss", "lr")
@@ -186,6 +187,7 @@ def run_label(path: str | Path) -> str:
     return path.name if path.is_dir() else path.stem
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser.add_argument("--out", default="training_curves.png", help="figure path (PNG)")
     args = parser.parse_args(argv)
+    check_outputs({"--out": args.out}, {f"run {r}": r for r in args.runs}
+                  | {k: v for r in args.runs for k, v in run_files(r).items()})
     labels = args.names or [run_label(r) for r in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} --names")

@@ -106,8 +106,10 @@ def test_robustness_cli_errors(tmp_path_factory, tmp_path, capsys):
     out = str(tmp_path / "r.csv")
     assert robustness.main(["--run", str(run), "--kinds", "fog", "--out", out]) == 2
     assert "fog" in capsys.readouterr().err
-    assert robustness.main(["--run", str(run), "--severities", "0", "--out", out]) == 2
-    assert "1 to 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # refused while the arguments are parsed
+        robustness.main(["--run", str(run), "--severities", "0", "--out", out])
+    assert refused.value.code == 2
+    assert "--severities: 0 is out of range: it must be >= 1 and <= 5" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
 
 

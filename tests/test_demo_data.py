@@ -306,8 +306,8 @@ def test_chexpert_observation_mapping():
 
 
 def test_cli_writes_both(tmp_path, capsys):
-    out = dd.main(["--out", str(tmp_path), "--kind", "both", "--n-images", "8", "--n-train", "6",
-                   "--n-valid", "6", "--png-size", "32", "--seed", "1"])
+    out = dd.generate(["--out", str(tmp_path), "--kind", "both", "--n-images", "8",
+                       "--n-train", "6", "--n-valid", "6", "--png-size", "32", "--seed", "1"])
     assert (tmp_path / "nih" / "Data_Entry_2017.csv").exists()
     assert (tmp_path / "chexphoto" / "CheXphoto-v1.1" / "valid.csv").exists()
     assert out["nih"]["n_images"] == 8 and out["chexphoto"]["n_valid"] == 6

@@ -376,7 +376,7 @@ def test_out_refusals_name_the_file_and_keep_the_old_csv(tmp_path, trained, caps
     assert f"{tmp_path} is a folder" in capsys.readouterr().err
 
     # The write fails at the end: reported, the previous CSV intact, no temp file left.
-    out = tmp_path / "out" / "preds.csv"
+    out = tmp_path / "out" / "predictions.csv"  # preds.csv would make "out" a run folder
     out.parent.mkdir()
     out.write_text("previous\n")
     def refuse(src, dst):

@@ -316,9 +316,11 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(demo_ro
     finally:
         first.kill()
         first.wait()
-    # Killed (SIGKILL) while holding it: the lock does not outlive the process.
-    assert retrain.main(args) == 0  # it left no last.pt: a fresh run starts
-    assert "in use" not in capsys.readouterr().err
+    # Killed (SIGKILL) while holding it: the lock does not outlive the process. Its
+    # config.json makes the folder a run (files.is_run_folder), never trained over.
+    assert retrain.main(args) == 2
+    err = capsys.readouterr().err
+    assert "in use" not in err and "already holds a run (config.json" in err
 
 
 def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path, capsys):
