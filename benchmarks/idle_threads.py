@@ -13,7 +13,8 @@ DenseNet-121 saved at 64 px: the weights do not change the work):
 The load is --load pure-Python busy loops, one core each, as a browser tab or another job
 would be. The rows alternate (before, after, before, ...) so that a drift in the machine hits
 both. Times are whole commands, start-up (importing torch, reading the checkpoint) included;
-the start-up alone (predict.py on one image) is shown too.
+the start-up alone (predict.py on one image) is shown too. Figures: BENCHMARKS.md, "Idle
+threads".
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ PyTorch's CPU kernels run on an OpenMP thread pool. Between two parallel regions
 threads spin, waiting for work, unless `OMP_WAIT_POLICY=PASSIVE`. On a machine whose cores are
 shared (Colab's 2 cores, a laptop with a browser open, CI, a DataLoader's workers beside the
 main process) the spinning threads take the cores from the ones with work: measured on 2 cores
-beside one CPU-bound process, `predict.py` ran 15x slower and a training step 10-30x slower
-(BENCHMARKS.md, "Idle threads").
+beside one CPU-bound process, `predict.py` predicted about 13x slower (4.4x as a whole command,
+start-up included) and a training step 10-30x slower (BENCHMARKS.md, "Idle threads").
 
 The OpenMP runtime reads the variable once, when torch loads it, so this must run before the
 first `import torch` of the process; it also reaches every subprocess (loader workers, torchrun).
