@@ -104,13 +104,15 @@ class OutputRefused(CommandError):
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None],
-                  inputs: dict[str, str | os.PathLike | None], overwrite: bool | None = None
-                  ) -> None:
+                  inputs: dict[str, str | os.PathLike | None], overwrite: bool | None = None,
+                  folders: Sequence[str] = ()) -> None:
     """Refuse, before any work, an output that is one of the command's inputs, or a file of a
     run's record (`RUN_RECORD` in a run folder) that this command would replace. Every command
     that writes calls this with its outputs and inputs, each under the name the user gave it
     (e.g. {"--out": "aucs.csv"}); `overwrite` (a command's --overwrite; None for a command
-    without one) allows replacing a run's file, never an input.
+    without one) allows replacing a run's file, never an input. An output that is an existing
+    folder is refused too (a figure would silently go to FOLDER.png beside it), unless its
+    label is in `folders` (an output that is a folder, e.g. predict.py --heatmap).
 
     Raises:
         OutputRefused (a chexnet.cli.CommandError): naming the output and what to do.
@@ -119,6 +121,9 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None],
         if out is None:
             continue
         out = Path(out)
+        if label not in folders and out.is_dir():
+            raise OutputRefused(f"{label} {out} is a folder: give the path of a file (e.g. "
+                                f"{out / 'out.png'}).")
         for in_label, given in inputs.items():
             if given is not None and same_path(out, given):
                 raise OutputRefused(

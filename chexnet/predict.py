@@ -381,9 +381,12 @@ def prepare_outputs(out: Path | None, heat_dir: Path | None) -> bool:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    paths, failed = collect_inputs(args.images)  # listed only: nothing is read yet
     check_outputs({"--out": args.out, "--heatmap": args.heatmap},
                   {"--checkpoint": args.checkpoint or DEFAULT_CHECKPOINT}
-                  | {f"input {name}": name for name in args.images}, overwrite=args.overwrite)
+                  | {f"input {name}": name for name in args.images}
+                  | {f"input image {p}": p for p in paths}, overwrite=args.overwrite,
+                  folders=("--heatmap",))
     loaded = open_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else None
     heat_dir = Path(args.heatmap) if args.heatmap else None
@@ -391,7 +394,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     model, findings, size = loaded
 
-    paths, failed = collect_inputs(args.images)
     n_inputs = len(paths) + len(failed)     # the empty folders count as failed inputs
     rows, row_probs, used = [], [], set()
     for pred in predict_batches(model, paths, size, args.batch_size, failed,

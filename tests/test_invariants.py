@@ -270,6 +270,35 @@ def test_predict_does_not_replace_a_runs_predictions(run, tmp_path, capsys):
     assert hashes(run, images) == before
 
 
+def test_predict_does_not_write_over_an_image_of_its_input_folder(run, tmp_path, capsys):
+    """Found by tests/test_fuzz.py: --out naming an image inside the folder being predicted."""
+    import predict
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("L", (40, 40), 100).save(images / name)
+    before = hashes(images)
+    code = predict.main([str(images), "--checkpoint", str(run / "checkpoint.pt"), "--out",
+                         str(images / "b.png")])
+    refused(capsys, code, f"--out {images / 'b.png'} is also this command's input (input "
+            f"image {images / 'b.png'})")
+    assert hashes(images) == before
+
+
+def test_a_figure_is_not_written_beside_a_folder_given_as_out(run, tmp_path, capsys):
+    """Found by tests/test_fuzz.py: matplotlib writes FOLDER.png for a folder given as --out."""
+    import visualize_prediction
+
+    image = tmp_path / "a.png"
+    Image.new("L", (40, 40), 100).save(image)
+    (tmp_path / "figs").mkdir()
+    code = visualize_prediction.main(["--checkpoint", str(run / "checkpoint.pt"), "--image",
+                                      str(image), "--out", str(tmp_path / "figs")])
+    refused(capsys, code, f"--out {tmp_path / 'figs'} is a folder: give the path of a file")
+    assert not (tmp_path / "figs.png").exists()
+
+
 def test_a_run_folder_without_last_pt_is_not_trained_over(run, capsys):
     """The run has config.json, checkpoint.pt and preds.csv but no last.pt."""
     import json
