@@ -28,7 +28,7 @@ from typing import Sequence
 
 from chexnet.files import atomic_write, check_outputs
 from chexnet.cli import command, integer
-from chexnet.data import nih_labels_table
+from chexnet.data import DataError, nih_labels_table
 from chexnet.labels import NIH_PATIENT_COL
 
 SPLIT_CHOICES = ("reference", "random", "official")
@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--split official needs --lists: the folder with NIH's train_val_list.txt and "
                 "test_list.txt")
     table = nih_labels_table(args.data_entry, args.split, args.seed, args.lists)
+    if table.empty:
+        raise DataError(f"{args.data_entry}: no images (a header and no rows?). Give the NIH "
+                        "Data_Entry_2017*.csv.")
     atomic_write(args.out, lambda tmp: table.to_csv(tmp, index=False))
     counts = table["fold"].value_counts()
     patients = table.groupby("fold")[NIH_PATIENT_COL].nunique()

@@ -15,7 +15,8 @@ predictions. `--recipe paper` is the CheXNet paper's: Adam (lr 0.001, betas 0.9/
 The README's recipe table lists every difference.
 
 Outputs, in `--out/--name/`: config.json, log_train.csv, checkpoint.pt (best), last.pt
-(resume point), preds.csv (test fold), aucs.csv; see the README for what each holds.
+(resume point), preds.csv (test fold), val_preds.csv (validation fold), run_record.json,
+aucs.csv; see the README for what each holds.
 """
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")):
         return 0
     print(f"results in {run_dir}/ (config.json, run_record.json, log_train.csv, checkpoint.pt, "
-          "last.pt, preds.csv, aucs.csv)")
+          "last.pt, preds.csv, val_preds.csv, aucs.csv)")
     return 0
 
 

@@ -726,8 +726,10 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         yield
         finished = True
     finally:
-        if not finished and created and {p.name for p in run_dir.iterdir()} == {LOCK_FILE}:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing but our lock: leave no trace
+        if not finished and created and not (run_dir / "last.pt").exists():
+            # Failed before its first save (bad data, an empty fold): nothing to resume, so
+            # leave no trace; a config.json left behind would make the folder a run.
+            shutil.rmtree(run_dir, ignore_errors=True)
         elif not finished and new_lock:
             (run_dir / LOCK_FILE).unlink(missing_ok=True)  # a refused run adds no file
         fh.close()  # releases the lock

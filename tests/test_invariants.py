@@ -439,3 +439,17 @@ def test_scripts_do_not_print_their_own_errors():
                         offenders.append(f"{path.name}:{handler.lineno}")
     assert offenders == [], offenders
 
+
+
+def test_a_header_only_data_entry_is_a_message_and_writes_nothing(tmp_path, capsys):
+    """Found by tests/test_fuzz.py (a KeyError after the file was written)."""
+    import make_nih_labels
+
+    entry = tmp_path / "Data_Entry_2017.csv"
+    entry.write_text("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,"
+                     "Patient Gender,View Position\n")
+    out = tmp_path / "nih_labels.csv"
+    code = make_nih_labels.main(["--data-entry", str(entry), "--out", str(out), "--split",
+                                 "random"])
+    refused(capsys, code, f"{entry}: no images")
+    assert not out.exists()
