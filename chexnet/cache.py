@@ -28,6 +28,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -169,6 +170,13 @@ def _build_chunk(task: _ChunkTask) -> _ChunkResult:
     return _ChunkResult(task.rows, bad, time.process_time() - cpu0)
 
 
+def _leave_ctrl_c_to_main() -> None:
+    """In each pool worker: ignore SIGINT. A terminal's Ctrl-C reaches the whole process
+    group; the main process stops (its one message), lets the chunks in flight finish and
+    record themselves, and the workers print no KeyboardInterrupt traceback of their own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_chunks(tasks: list[_ChunkTask], workers: int) -> Iterator[_ChunkResult]:
     """Yield chunk results as they finish. One worker: in this process (no pool start-up).
 
@@ -181,7 +189,7 @@ def _run_chunks(tasks: list[_ChunkTask], workers: int) -> Iterator[_ChunkResult]
         return
     pending: set[cf.Future] = set()
     todo = iter(tasks)
-    with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, initializer=_leave_ctrl_c_to_main) as pool:
         try:
             for task in todo:
                 pending.add(pool.submit(_build_chunk, task))
@@ -238,26 +246,38 @@ def _reuse_reason(folder: Path, size: int, sha: str, ids: Sequence[str]) -> str 
 
 
 def _create(folder: Path, ids: Sequence[str], size: int, manifest: dict) -> None:
-    """Fresh, empty cache files. images.u8 is created sparse: no N x S x S buffer in RAM."""
+    """Fresh, empty cache files, their disk space reserved (see `_reserved_file`)."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     index = pd.DataFrame({"row": np.arange(len(ids)), "image_id": list(ids)})
     atomic_write_text(folder / INDEX_FILE, index.to_csv(index=False))
-    atomic_write(folder / IMAGES_FILE, lambda tmp: _sparse_file(tmp, len(ids) * size * size))
+    atomic_write(folder / IMAGES_FILE, lambda tmp: _reserved_file(tmp, len(ids) * size * size))
+    # The per-row 'done' flags: N bytes (112 KB for NIH), written out, never sparse.
     atomic_write(folder / DONE_FILE, lambda tmp: _zeros_npy(tmp, len(ids)))
 
 
-def _sparse_file(path: Path, n_bytes: int) -> None:
-    """A file of n_bytes zeros that takes no disk space until written (sparse)."""
+def _zeros_npy(path: Path, n: int) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add .npy to the name
+        np.save(f, np.zeros(n, np.uint8))
+
+
+def _reserved_file(path: Path, n_bytes: int) -> None:
+    """A file of n_bytes zeros whose disk space is allocated now, without an n_bytes buffer
+    in RAM. The workers write it through a memory map: a page of a sparse file that the disk
+    has no room for kills the process with SIGBUS (a "Bus error", a "worker process died"),
+    where a reservation fails here with ENOSPC, which the command reports as a full disk."""
     with open(path, "wb") as f:
         f.truncate(n_bytes)
+    _reserve(path, n_bytes)
 
 
-def _zeros_npy(path: Path, n: int) -> None:
-    """An .npy file of n uint8 zeros (the per-row 'done' flags), written without a RAM copy."""
-    done = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n,))
-    done.flush()
-    del done
+def _reserve(path: Path, n_bytes: int) -> None:
+    """Allocate the disk blocks of `path`'s first n_bytes (idempotent; os.posix_fallocate
+    writes zeros itself on filesystems without fallocate). Where the call does not exist
+    (macOS, Windows) the file stays sparse."""
+    if n_bytes and hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, n_bytes)
 
 
 def build_cache(folder: str | os.PathLike, ids: Sequence[str], paths: Sequence[str],
@@ -355,6 +375,8 @@ def _open_or_create(folder: Path, ids: list[str], size: int, sha: str,
                     "labels_sha256": sha, "created": _now(), "complete": False,
                     **(meta or {})}
         _create(folder, ids, size, manifest)
+    elif not manifest.get("complete"):  # resuming: space for the rows still to be written
+        _reserve(folder / IMAGES_FILE, len(ids) * size * size)
     return manifest
 
 

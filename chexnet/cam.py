@@ -158,8 +158,9 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[nn.Module, list[str], int, 
         model.load_state_dict(state["model"])
         size = int(config["image_size"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        detail = " ".join(str(err).split())[:200]  # torch's message spans lines: one line
         raise CheckpointError(f"{checkpoint}: not a DenseNet-121 checkpoint of this project "
-                              f"({type(err).__name__}: {str(err)[:200]}). Convert other CheXNet "
+                              f"({type(err).__name__}: {detail}). Convert other CheXNet "
                               "checkpoints with convert_checkpoint.py.") from None
     return model.eval(), list(findings), size, config
 

@@ -71,6 +71,11 @@ def load_xray(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError as err:
         raise ImageReadError(f"{path}: image file not found. Check --data points at the "
                              "dataset root, or pass --missing skip to train without it.") from err
+    except Image.DecompressionBombError as err:  # PIL refuses it before decoding
+        raise ImageReadError(
+            f"{path}: PIL refuses to decode this image ({err}): a chest X-ray has a few million "
+            "pixels, this file claims far more. Check the file, or delete it and pass "
+            "--missing skip.") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         size = path.stat().st_size if path.exists() else 0
         raise ImageReadError(

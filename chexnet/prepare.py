@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from chexnet.cli import OldName, at_least, command, integer
-from chexnet.files import atomic_write, sha256_file
+from chexnet.files import atomic_write, check_outputs, sha256_file
 from chexnet.cache import (
     DEFAULT_SIZE, DONE, BuildResult, build_cache, cache_dir, default_workers, peak_rss_mb,
 )
@@ -116,6 +116,8 @@ def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str |
         raise DataError(f"{root}: folder not found. Pass --data with the NIH dataset folder.")
     out = Path(labels_out) if labels_out is not None else root / "nih_labels.csv"
     previous = out.read_bytes() if out.is_file() else None
+    backup = out.with_name(out.name + ".bak")  # write_nih_labels keeps a replaced file there
+    previous_backup = backup.read_bytes() if backup.is_file() else None
     folder = cache_dir(root, size, cache_base)
     had_cache = folder.exists()
     try:
@@ -133,10 +135,11 @@ def prepare_nih(root: str | os.PathLike, size: int = DEFAULT_SIZE, labels: str |
         # was new and holds nothing.
         if not had_cache and not _has_cached_rows(folder):
             shutil.rmtree(folder, ignore_errors=True)
-        if previous is None:
-            labels_file.unlink(missing_ok=True)
-        else:
-            atomic_write(labels_file, lambda tmp: tmp.write_bytes(previous))
+        for path, content in ((labels_file, previous), (backup, previous_backup)):
+            if content is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write(path, lambda tmp, content=content: tmp.write_bytes(content))
         raise
 
 
@@ -163,17 +166,25 @@ def _labels_unwritable(root: Path, out: Path, err: OSError, both_default: bool) 
     return DataError(f"cannot write the labels file {out}: {_why(err)}. {fix}")
 
 
-def _build(folder: Path, *args, **kwargs) -> BuildResult:
+def _build(folder: Path, ids: Sequence[str], paths: Sequence[str], size: int, sha: str,
+           **kwargs) -> BuildResult:
     """`build_cache` into `folder`; a folder that cannot be written (read-only, as Kaggle's
     input is, or full) becomes a DataError that names it and --cache-dir."""
     try:
-        return build_cache(folder, *args, **kwargs)
+        return build_cache(folder, ids, paths, size, sha, **kwargs)
     except OSError as err:
         where = f" ({err.filename})" if err.filename and Path(err.filename) != folder else ""
+        if err.errno == errno.ENOSPC:
+            need = len(ids) * size * size
+            amount = (f"{need / 1e9:,.1f} GB" if need >= 1e9 else f"{need / 1e6:,.1f} MB"
+                      if need >= 1e6 else f"{need / 1e3:,.0f} kB")
+            fix = (f"The cache needs {amount}: free some space, or pass --cache-dir DIR on a "
+                   "disk with room")
+        else:
+            fix = "Pass --cache-dir DIR to put it in a writable folder"
         raise DataError(
-            f"cannot write the image cache in {folder}: {_why(err)}{where}. Pass --cache-dir "
-            "DIR to put it in a writable folder (the cache goes to DIR/<image size>/), and give "
-            "retrain.py the same --cache-dir DIR.") from err
+            f"cannot write the image cache in {folder}: {_why(err)}{where}. {fix} (the cache "
+            "goes to DIR/<image size>/), and give retrain.py the same --cache-dir DIR.") from err
 
 
 def _has_cached_rows(folder: Path) -> bool:
@@ -270,6 +281,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    labels_out = getattr(args, "labels_out", None)
+    check_outputs({"--labels-out": labels_out or (Path(args.data or ".") / "nih_labels.csv")
+                   if args.dataset == "nih" else None, "--cache-dir": args.cache_dir},
+                  {"--labels": getattr(args, "labels", None)}, folders=("--cache-dir",))
     if args.dataset == "nih":
         result = prepare_nih(args.data, args.image_size, args.labels, args.split,
                              args.workers, args.skip_bad, args.seed,

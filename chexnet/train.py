@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 import json
 import math
 import os
@@ -450,15 +451,22 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as err:
         kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
         if err.errno == errno.ENOSPC:
-            fix = ("Free some space (a checkpoint needs ~60 MB) and run the same command with "
-                   "--resume.")
+            # --resume only where a last.pt exists: a run that stops before its first last.pt
+            # is removed (run_folder_lock), and the same command starts it again.
+            again = " with --resume" if (path.parent / "last.pt").exists() else ""
+            fix = f"Free some space (a checkpoint needs ~60 MB) and run the same command{again}."
         else:
             fix = f"Check that {path.parent} exists and is writable."
         raise SaveError(f"could not write {path}: {err.strerror or err} ({kept}). {fix}") from err
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """`torch.save` of `obj` to `path`, atomically. The archive is built in memory and written
+    by Python: torch's own file writer reports a full disk as a RuntimeError ("unexpected
+    pos"), Python's write as the OSError (ENOSPC) it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def save_text(text: str, path: Path) -> None:
@@ -718,6 +726,8 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         raise DataError(f"{run_dir} is in use by another retrain.py ({owner}). Wait for it to "
                         "finish (or stop it), or choose another --name.") from err
     finished = False
+    fh.seek(0)
+    previous_owner = fh.read()  # put back if this run stops: a refused run changes no file
     try:
         fh.seek(0)
         fh.truncate()
@@ -732,6 +742,10 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
             shutil.rmtree(run_dir, ignore_errors=True)
         elif not finished and new_lock:
             (run_dir / LOCK_FILE).unlink(missing_ok=True)  # a refused run adds no file
+        elif not finished:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(previous_owner)
         fh.close()  # releases the lock
 
 

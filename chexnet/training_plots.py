@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from chexnet.files import check_outputs, run_files
-from chexnet.cli import OldName, command
+from chexnet.cli import CommandError, OldName, command
 
 LOG_NAME = "log_train.csv"
 COLUMNS = ("epoch", "train_loss", "val_loss", "lr")
@@ -35,14 +34,22 @@ _NUMBER = re.compile(r"^\s*(?:tensor\(\s*)?([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?
                      r"|[-+]?inf)\s*(?:[,)].*)?$", re.IGNORECASE)
 
 
+class LogError(CommandError, ValueError):
+    """A training log that cannot be read as one: the message names the file."""
+
+
+class LogNotFound(CommandError, FileNotFoundError):
+    """No training log where one was named."""
+
+
 def log_path(path: str | Path) -> Path:
     """The log CSV of a run folder (its log_train.csv) or the CSV path itself."""
     path = Path(path)
     if path.is_dir():
         path = path / LOG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training log (expected a run folder with "
-                                f"{LOG_NAME}, or a CSV file)")
+        raise LogNotFound(f"{path}: no training log (expected a run folder with "
+                          f"{LOG_NAME}, or a CSV file)")
     return path
 
 
@@ -71,18 +78,25 @@ def read_log(path: str | Path) -> pd.DataFrame:
         the log has no lr column), one row per epoch in file order.
 
     Raises:
-        FileNotFoundError: no log at `path`.
-        ValueError: a required column is missing or a cell is not a number (names file, row
-            and column).
+        LogNotFound (a FileNotFoundError): no log at `path`.
+        LogError (a ValueError): not a CSV, no epoch yet, a required column missing or a
+            cell that is not a number (names file, row and column).
     """
     path = log_path(path)
     # Read as text: printed tensors contain commas inside quotes, and parsing them ourselves
     # keeps one code path for both formats.
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise LogError(f"{path}: not a training log CSV ({str(err).strip() or 'empty'}); "
+                       f"expected the columns {', '.join(COLUMNS)}") from None
     missing = [c for c in COLUMNS[:3] if c not in raw.columns]
     if missing:
-        raise ValueError(f"{path}: no column(s) {missing} (columns: {list(raw.columns)}); "
-                         f"expected {', '.join(COLUMNS)}")
+        raise LogError(f"{path}: no column(s) {missing} (columns: {list(raw.columns)}); "
+                       f"expected {', '.join(COLUMNS)}")
+    if raw.empty:
+        raise LogError(f"{path}: no epochs in this log (it has only its header): the run has "
+                       "not finished its first epoch yet.")
     out = {}
     for col in COLUMNS:
         if col not in raw.columns:
@@ -93,8 +107,14 @@ def read_log(path: str | Path) -> pd.DataFrame:
             try:
                 values.append(parse_number(cell))
             except ValueError as err:
-                raise ValueError(f"{path}: line {row + 2}, column '{col}': {err}") from None
+                raise LogError(f"{path}: line {row + 2}, column '{col}': {err}") from None
         out[col] = np.array(values, dtype=np.float64)
+    epochs = out["epoch"]
+    bad = ~np.isfinite(epochs) | (np.round(epochs) != epochs)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise LogError(f"{path}: line {row + 2}, column 'epoch': {raw['epoch'].iloc[row]!r} is "
+                       "not a whole number of epochs")
     log = pd.DataFrame(out)
     log["epoch"] = log["epoch"].astype(int)
     return log
@@ -204,11 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = args.names or [run_label(r) for r in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} --names")
-    try:
-        logs = [read_log(r) for r in args.runs]
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    logs = [read_log(r) for r in args.runs]
     for label, log in zip(labels, logs):
         s = convergence_summary(log)
         steps = ", ".join(map(str, s["lr_steps"])) or lr_note(log)

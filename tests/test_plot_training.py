@@ -78,6 +78,16 @@ def test_read_log_errors_name_file_line_and_column(tmp_path):
         plot_training.read_log(bad)
     with pytest.raises(FileNotFoundError, match="log_train.csv"):
         plot_training.read_log(tmp_path)
+    bad.write_text("epoch,train_loss,val_loss\n1,0.2,0.1\nnan,0.2,0.1\n")  # found by test_fuzz
+    with pytest.raises(ValueError, match=r"log.csv: line 3, column 'epoch': 'nan' is not a "
+                       r"whole number"):
+        plot_training.read_log(bad)
+    bad.write_text("epoch,train_loss,val_loss\n")
+    with pytest.raises(ValueError, match=r"log.csv: no epochs in this log"):
+        plot_training.read_log(bad)
+    bad.write_text("")
+    with pytest.raises(ValueError, match=r"log.csv: not a training log CSV"):
+        plot_training.read_log(bad)
 
 
 def test_summary_earliest_best_on_ties_and_no_steps_for_constant_lr():

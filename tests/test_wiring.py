@@ -129,21 +129,19 @@ def test_resume_across_epochs_without_improvement_restores_the_schedule(demo_roo
 # --------------------------------------------------------------------------------------------
 def test_a_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
     """Mutation: atomic_torch_save / atomic_write_text writing straight to the final path.
-    torch.save is made to write half a file and then fail, as a full disk does."""
+    The archive's write is made to write half a file and then fail, as a full disk does."""
     path = tmp_path / "last.pt"
     training.atomic_torch_save({"epoch": 1}, path)
     before = path.read_bytes()
-    real_save = torch.save
+    real_write = type(path).write_bytes
 
-    def half_then_full_disk(obj, target, *a, **kw):
-        real_save({"epoch": 2, "pad": torch.zeros(10_000)}, target, *a, **kw)
-        with open(target, "r+b") as fh:
-            fh.truncate(len(open(target, "rb").read()) // 2)
+    def half_then_full_disk(self, data):
+        real_write(self, bytes(data)[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", half_then_full_disk)
+    monkeypatch.setattr(type(path), "write_bytes", half_then_full_disk)
     with pytest.raises(training.SaveError, match="previous last.pt is intact"):
-        training.atomic_torch_save({"epoch": 2}, path)
+        training.atomic_torch_save({"epoch": 2, "pad": torch.zeros(10_000)}, path)
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
