@@ -83,12 +83,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "reliability diagrams; temperature scaling fitted on --val-preds, "
                         "written to preds_calibrated.csv")
     args = parser.parse_args(argv)
-    aucs = Path(args.out) if args.out else Path(args.preds).parent / "aucs.csv"
-    check_outputs({"--out": aucs, "--out (its _ci.csv)": aucs.with_name(aucs.stem + "_ci.csv"),
-                   "--roc": args.roc},
-                  {"--preds": args.preds, "--labels": args.labels, "--val-preds": args.val_preds,
-                   "--compare": args.compare})
+    check_outputs(output_paths(args), input_paths(args))
     return _run(args)
+
+
+def output_paths(args: argparse.Namespace) -> dict[str, Path | None]:
+    """Every file this command line writes, by the option that makes it (checked by
+    files.check_outputs before anything is read)."""
+    folder = Path(args.preds).parent
+    aucs = Path(args.out) if args.out else folder / "aucs.csv"
+    beside = {"thresholds": ["thresholds.csv"], "compare": ["compare.csv"],
+              "calibration": ["calibration.csv", "reliability.png", "preds_calibrated.csv"]}
+    paths = {"--out": aucs, "--roc": Path(args.roc) if args.roc else None}
+    if args.ci:
+        paths["--out (its _ci.csv)"] = aucs.with_name(aucs.stem + "_ci.csv")
+    for flag, names in beside.items():
+        if getattr(args, flag):
+            paths.update({f"--{flag} ({name})": folder / name for name in names})
+    if args.by:
+        paths.update({f"--by ({name})": aucs.parent / name
+                      for name in ("subgroups.csv", "underdiagnosis.csv")})
+    return paths
+
+
+def input_paths(args: argparse.Namespace) -> dict[str, str | Path | None]:
+    uses_validation = args.thresholds or args.by or args.calibration
+    val = args.val_preds or (Path(args.preds).parent / "val_preds.csv" if uses_validation
+                             else None)
+    return {"--preds": args.preds, "--labels": args.labels, "--val-preds": val,
+            "--compare": args.compare}
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -161,6 +161,8 @@ def describe_os_error(err: OSError) -> str:
     """An OSError as a sentence naming the file and what to do."""
     import errno
 
+    if err.errno is None and err.filename is None and str(err):
+        return str(err)  # raised with a message of its own, e.g. FileNotFoundError("x: not found")
     where = err.filename if err.filename is not None else "a file"
     if err.filename2 is not None:
         where = f"{err.filename} -> {err.filename2}"

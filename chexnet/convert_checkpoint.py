@@ -35,7 +35,6 @@ import argparse
 import os
 import pickle
 import re
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from chexnet.files import check_outputs
 from chexnet.cli import CommandError, at_least, command
 from chexnet.labels import findings_for
 from chexnet.model import build_model, looks_like_torch_file
-from chexnet.train import SaveError, atomic_torch_save
+from chexnet.train import atomic_torch_save
 
 # Pre-0.4 torchvision named the layers of a dense layer `norm.1`, `relu.1`, `conv.1`, `norm.2`,
 # `relu.2`, `conv.2`; today they are `norm1` ... `conv2`. (torchvision's own loader uses the
@@ -337,12 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="label set of the outputs (default nih: 14 findings)")
     args = p.parse_args(argv)
     check_outputs({"OUT": args.output}, {"IN": args.input})
-    try:
-        checkpoint, source = convert(args.input, args.output, args.trust_pickle,
-                                     args.image_size, args.dataset)
-    except (ConversionError, SaveError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    checkpoint, source = convert(args.input, args.output, args.trust_pickle,
+                                 args.image_size, args.dataset)
     n = len(checkpoint["findings"])
     loss = "?" if source.best_loss is None else f"{source.best_loss:.4g}"
     print(f"{args.input}: {source.source_format} checkpoint, DenseNet-121 with {n} outputs "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -226,21 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=integer(0), default=0)
     args = p.parse_args(argv)
     check_outputs({"--out": args.out}, {"--checkpoint": args.checkpoint, "--labels": args.labels})
-    try:
-        checkpoint = Path(args.checkpoint)
-        if not checkpoint.is_file():
-            raise DataError(f"{checkpoint}: checkpoint not found.")
-        model, model_findings, size = cam.load_trained(checkpoint)
-        table, target_findings = load_target(args.dataset, args.data, args.labels, args.seed,
-                                             args.uncertainty, args.source, args.view,
-                                             args.missing)
-        result, left = cross_evaluate(model, model_findings, size, table, target_findings,
-                                      args.fold, args.n_boot, args.seed,
-                                      training.pick_device(args.device), args.batch_size,
-                                      args.workers)
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise DataError(f"{checkpoint}: checkpoint not found.")
+    model, model_findings, size = cam.load_trained(checkpoint)
+    table, target_findings = load_target(args.dataset, args.data, args.labels, args.seed,
+                                         args.uncertainty, args.source, args.view,
+                                         args.missing)
+    result, left = cross_evaluate(model, model_findings, size, table, target_findings,
+                                  args.fold, args.n_boot, args.seed,
+                                  training.pick_device(args.device), args.batch_size,
+                                  args.workers)
     n_rows = len(table) if args.fold == "all" else int((table["fold"] == args.fold).sum())
     pairs = result[result["model_finding"] != "mean"]
     print(f"{checkpoint} ({len(model_findings)} findings) on {args.dataset} {args.data}, "

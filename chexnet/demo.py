@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from chexnet.cli import at_least, command, integer
+from chexnet.cli import CommandError, at_least, command, integer
+from chexnet.files import check_outputs
 from chexnet import corruptions
 from chexnet.labels import (
     CHEXPERT_META_COLS,
@@ -1452,6 +1453,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+class DemoError(CommandError, ValueError):
+    """demo_data.py refuses its --out (the message says why and what to do)."""
+
+
 def generate(argv: Sequence[str] | None = None) -> dict:
     """Parse demo_data.py's arguments, write the dataset(s), print and return a summary."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1472,6 +1477,14 @@ def generate(argv: Sequence[str] | None = None) -> dict:
                     "default")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    kinds = ("nih", "chexphoto") if args.kind == "both" else (args.kind,)
+    check_outputs({"--out": out, **{f"--out ({k})": out / k for k in kinds}}, {},
+                  folders=("--out", *(f"--out ({k})" for k in kinds)))
+    for kind in kinds:
+        if (out / kind).is_dir() and any((out / kind).iterdir()):
+            raise DemoError(f"{out / kind} already holds files: demo_data.py writes a dataset "
+                            "only into a new or empty folder, so that it never mixes with or "
+                            "replaces another. Choose another --out, or delete that folder.")
     result = {}
     if args.kind in ("nih", "both"):
         s = make_nih_demo(out / "nih", args.n_images, args.png_size, args.seed, args.workers,

@@ -38,10 +38,10 @@ Usage examples::
 Re-running the same command is always safe: complete archives are skipped,
 partial ones are resumed and extracted archives are not unpacked again.
 
-Exit status: 0 on success, 2 when a download failed (network or HTTP error;
-the ``.part`` file is kept so that a re-run resumes), 1 for other failures
-(an archive still corrupt after one re-download, or an unsafe archive).
-Command-line usage errors also exit with 2 (the argparse convention).
+Exit status: 0 on success, 2 on any expected failure, as every command of the
+project: a download that failed (network or HTTP error; the ``.part`` file is
+kept so that a re-run resumes), an archive still corrupt after one re-download,
+an unsafe archive, or a bad command line. Each is named on stderr.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from typing import Iterable, Optional, Sequence
 from tqdm import tqdm
 
 from chexnet.cli import CommandError, NON_NEGATIVE, POSITIVE, command, integer
-from chexnet.files import atomic_write, atomic_write_text
+from chexnet.files import atomic_write, atomic_write_text, check_outputs
 
 # (filename, url) for the 12 archives, in release order. Source: the NIH
 # ChestX-ray14 release's batch_download_zips.py (as copied into
@@ -99,7 +99,7 @@ DEFAULT_BACKOFF = 2.0
 USER_AGENT = "chexnet-nih-downloader/1.0 (+urllib)"
 
 EXIT_OK = 0
-EXIT_FAILED = 1
+EXIT_FAILED = 2  # a corrupt or unsafe archive (exit 1 is Python's, for a traceback)
 EXIT_NETWORK = 2
 
 # Errors that mean "the transfer did not work this time" and are worth
@@ -761,7 +761,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        Exit status: 0 success, 1 corrupt/unsafe archive, 2 download failure.
+        Exit status: 0 success, 2 a failed download or a corrupt or unsafe archive.
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -771,8 +771,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     extract_root: Path = args.extract_to if args.extract_to is not None else out
+    check_outputs({"--out": out, "--extract-to": extract_root}, {"--url-list": args.url_list},
+                  folders=("--out", "--extract-to"))
+    out.mkdir(parents=True, exist_ok=True)
 
     summary = _Summary()
     status = EXIT_OK

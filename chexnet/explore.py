@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -37,6 +36,7 @@ from matplotlib.figure import Figure
 from PIL import ImageOps
 
 from chexnet.cli import at_least, command, integer
+from chexnet.files import check_outputs
 from chexnet.data import (
     DataError, chexphoto_table, find_chexphoto_root, index_images, load_xray, plain_value,
     resolve_nih_labels,
@@ -811,17 +811,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            help="rows to explore (retrain.py trains on frontal by default; "
                            "folds match a run only with the same --view)")
     args = p.parse_args(argv)
-    try:
-        if args.dataset == "nih":
-            summary = explore_nih(args.data, args.out, args.labels, args.missing, args.seed,
-                                  args.k)
-        else:
-            summary = explore_chexphoto(args.data, args.out, args.missing, args.view,
-                                        args.seed, args.k)
-    except (DataError, FileNotFoundError) as err:
-        # DataError covers ImageReadError: both name the offending file.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_outputs({"--out": args.out}, {"--data": args.data,
+                                        "--labels": getattr(args, "labels", None)},
+                  folders=("--out",))
+    if args.dataset == "nih":
+        summary = explore_nih(args.data, args.out, args.labels, args.missing, args.seed,
+                              args.k)
+    else:
+        summary = explore_chexphoto(args.data, args.out, args.missing, args.view,
+                                    args.seed, args.k)
     folds = ", ".join(f"{f} {n}" for f, n in summary["folds"].items())
     print(f"{summary['dataset']}: {summary['images']} images of {summary['patients']} patients "
           f"({folds}); {summary['images_present']} of {summary['images_listed']} listed images "

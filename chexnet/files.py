@@ -112,7 +112,8 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None],
     (e.g. {"--out": "aucs.csv"}); `overwrite` (a command's --overwrite; None for a command
     without one) allows replacing a run's file, never an input. An output that is an existing
     folder is refused too (a figure would silently go to FOLDER.png beside it), unless its
-    label is in `folders` (an output that is a folder, e.g. predict.py --heatmap).
+    label is in `folders` (an output that is a folder, e.g. predict.py --heatmap), which in
+    turn is refused when it is an existing file.
 
     Raises:
         OutputRefused (a chexnet.cli.CommandError): naming the output and what to do.
@@ -124,6 +125,9 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None],
         if label not in folders and out.is_dir():
             raise OutputRefused(f"{label} {out} is a folder: give the path of a file (e.g. "
                                 f"{out / 'out.png'}).")
+        if label in folders and out.exists() and not out.is_dir():
+            raise OutputRefused(f"{label} {out} is a file: give the path of a folder (new or "
+                                "existing).")
         for in_label, given in inputs.items():
             if given is not None and same_path(out, given):
                 raise OutputRefused(

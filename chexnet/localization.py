@@ -19,7 +19,6 @@ smaller than a pixel still has one.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -423,12 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_outputs({"--out": args.out, "--per-box": args.per_box},
                   {"--boxes": args.boxes, **run_files(args.run)})
-    try:
-        summary, scored = run_localization(args.run, args.boxes, args.method, args.tolerance,
-                                           args.data, args.box_image_size, args.batch_size)
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary, scored = run_localization(args.run, args.boxes, args.method, args.tolerance,
+                                       args.data, args.box_image_size, args.batch_size)
     out = Path(args.out) if args.out else Path(args.run) / f"localization_{args.method}.csv"
     summary.to_csv(out, index=False)
     if args.per_box:

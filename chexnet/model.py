@@ -108,21 +108,12 @@ def load_weights_file(net: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _read_state(path: Path) -> dict:
-    """The state dict in a weights file, read without unpickling code (weights_only=True)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message advises weights_only=False, i.e. running the file's code: not
-        # passed on. `from None`: that advice is not printed with this error either.
-        raise WeightsUnavailable(
-            f"{path}: holds a pickled model object (reproduce-chexnet saves its checkpoints so), "
-            "which --weights does not load: unpickling runs code from the file. If you trust "
-            f"where it came from, convert it once with\n  python convert_checkpoint.py {path} "
-            "converted.pt --trust-pickle\nand pass --weights converted.pt.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise WeightsUnavailable(f"{path}: not a PyTorch checkpoint, or a damaged one "
-                                 f"({str(err)[:200]}). --weights takes imagenet, none, or a "
-                                 "checkpoint written by retrain.py.") from None
+    """The state dict in a weights file (this project's checkpoint, arnoweng/CheXNet's
+    model.pth.tar, or a bare state dict), read by `read_checkpoint`: no code unpickled."""
+    state = read_checkpoint(path, keys=(), error=WeightsUnavailable,
+                            damaged_hint="--weights takes imagenet, none, or a checkpoint "
+                            "written by retrain.py", convert_to="converted.pt",
+                            then=", and pass --weights converted.pt")
     for key in ("model", "state_dict"):  # this project's checkpoints; arnoweng's model.pth.tar
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -178,39 +169,47 @@ def looks_like_torch_file(path: Path) -> bool:
 
 
 def read_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] = ("model",),
-                    damaged_hint: str = "copy it again, or retrain") -> dict:
-    """A checkpoint written by this project, loaded on the CPU without unpickling code.
+                    damaged_hint: str = "copy it again, or retrain",
+                    convert_to: str = "pretrained/checkpoint.pt", then: str = "",
+                    error: type[CommandError] = CheckpointError) -> dict:
+    """A checkpoint, loaded on the CPU without unpickling code: the one reader of every
+    checkpoint a command is given (--checkpoint, --resume's last.pt, --weights).
 
     Args:
         keys: what the file must hold (retrain.py writes model, config, findings, ...).
         damaged_hint: what the user can do about a truncated or damaged file.
+        convert_to, then: the conversion command's output for a pickled model, and what to do
+            with it.
+        error: the class raised (CheckpointError; --weights raises WeightsUnavailable).
 
     Raises:
-        CheckpointError: the file is missing, not a PyTorch file, a pickled model (another
-            project's), truncated or damaged, or lacks `keys`.
+        `error`: the file is missing, not a PyTorch file, a pickled model (another project's),
+            truncated or damaged, or lacks `keys`.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found"
-                              f"{' (it is a folder)' if path.is_dir() else ''}.")
+        raise error(f"{path}: checkpoint not found"
+                    f"{' (it is a folder)' if path.is_dir() else ''}.")
     if not looks_like_torch_file(path):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (give checkpoint.pt or "
-                              "last.pt of a retrain.py run).")
+        raise error(f"{path}: not a PyTorch checkpoint (give checkpoint.pt or last.pt of a "
+                    "retrain.py run).")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(
+        # torch's own message advises weights_only=False, i.e. running the file's code: not
+        # passed on. `from None`: that advice is not printed with this error either.
+        raise error(
             f"{path}: a pickled model (reproduce-chexnet style), which is not loaded directly "
             "because unpickling runs code from the file. Convert it once: python "
-            f"convert_checkpoint.py {path} pretrained/checkpoint.pt --trust-pickle (only for "
-            "files from a source you trust).") from None
+            f"convert_checkpoint.py {path} {convert_to} --trust-pickle (only for files from a "
+            f"source you trust){then}.") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
-        raise CheckpointError(f"{path}: cannot read this checkpoint; it is truncated or "
-                              f"damaged ({type(err).__name__}: {str(err)[:160]}). "
-                              f"{damaged_hint[:1].upper()}{damaged_hint[1:]}.") from None
+        raise error(f"{path}: cannot read this checkpoint; it is truncated or damaged "
+                    f"({type(err).__name__}: {str(err)[:160]}). "
+                    f"{damaged_hint[:1].upper()}{damaged_hint[1:]}.") from None
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no {', '.join(missing)}"
-                              "; retrain.py writes model, config and findings). Convert other "
-                              "CheXNet checkpoints with convert_checkpoint.py.")
+        raise error(f"{path}: not a checkpoint of this project (no {', '.join(missing)}; "
+                    "retrain.py writes model, config and findings). Convert other CheXNet "
+                    "checkpoints with convert_checkpoint.py.")
     return state

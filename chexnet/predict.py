@@ -348,24 +348,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def open_checkpoint(name: str | None) -> tuple[nn.Module, list[str], int] | None:
-    """`load_model` of --checkpoint or the default; None after reporting why it failed."""
+def open_checkpoint(name: str | None) -> tuple[nn.Module, list[str], int]:
+    """`load_model` of --checkpoint or the default.
+
+    Raises:
+        DataError: no checkpoint there, or one that cannot be read (names it).
+    """
     if name is None and not DEFAULT_CHECKPOINT.is_file():
-        print(f"error: no model at {DEFAULT_CHECKPOINT}. Train one (python retrain.py ...; "
-              "copy results/<name>/checkpoint.pt there) or pass --checkpoint PATH. Checkpoints "
-              "from reproduce-chexnet or arnoweng/CheXNet: convert them first with "
-              "convert_checkpoint.py.", file=sys.stderr)
-        return None
-    try:
-        return load_model(name or DEFAULT_CHECKPOINT)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+        raise DataError(f"no model at {DEFAULT_CHECKPOINT}. Train one (python retrain.py ...; "
+                        "copy results/<name>/checkpoint.pt there) or pass --checkpoint PATH. "
+                        "Checkpoints from reproduce-chexnet or arnoweng/CheXNet: convert them "
+                        "first with convert_checkpoint.py.")
+    return load_model(name or DEFAULT_CHECKPOINT)
 
 
-def prepare_outputs(out: Path | None, heat_dir: Path | None) -> bool:
-    """Check --out and create --heatmap's folder before any image is read; False after
-    reporting a problem."""
+def prepare_outputs(out: Path | None, heat_dir: Path | None) -> None:
+    """Check --out and create --heatmap's folder before any image is read.
+
+    Raises:
+        DataError: naming the output that cannot be written.
+    """
     problem = check_out_path(out) if out is not None else None
     if problem is None and heat_dir is not None:
         try:
@@ -374,8 +376,7 @@ def prepare_outputs(out: Path | None, heat_dir: Path | None) -> bool:
             problem = (f"{heat_dir}: cannot create the heatmap folder ({err.strerror or err}). "
                        "Choose another --heatmap.")
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-    return problem is None
+        raise DataError(problem)
 
 
 @command
@@ -387,12 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   | {f"input {name}": name for name in args.images}
                   | {f"input image {p}": p for p in paths}, overwrite=args.overwrite,
                   folders=("--heatmap",))
-    loaded = open_checkpoint(args.checkpoint)
+    model, findings, size = open_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else None
     heat_dir = Path(args.heatmap) if args.heatmap else None
-    if loaded is None or not prepare_outputs(out, heat_dir):
-        return 2
-    model, findings, size = loaded
+    prepare_outputs(out, heat_dir)
 
     n_inputs = len(paths) + len(failed)     # the empty folders count as failed inputs
     rows, row_probs, used = [], [], set()

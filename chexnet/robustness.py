@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -167,12 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=integer(0), default=0)
     args = p.parse_args(argv)
     check_outputs({"--out": args.out, "--plot": args.plot}, run_files(args.run))
-    try:
-        table = robustness(args.run, args.kinds, args.severities, args.seed, args.device,
-                           args.max_images, args.data, args.workers)
-    except (DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    table = robustness(args.run, args.kinds, args.severities, args.seed, args.device,
+                       args.max_images, args.data, args.workers)
     table.to_csv(args.out, index=False)
     print(summary_table(table).to_string(index=False, na_rep="n/a",
                                          float_format=lambda v: f"{v:.4f}"))

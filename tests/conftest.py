@@ -30,6 +30,19 @@ def shared(*parts: str) -> Path:
     return path
 
 
+def hashes(*paths: str | Path) -> dict[str, str]:
+    """sha256 of every file under the given folders and of the given files (links not
+    followed): compare before and after a command to prove it changed nothing."""
+    from chexnet.files import sha256_file
+
+    out = {}
+    for top in map(Path, paths):
+        for path in [top] if not top.is_dir() else sorted(top.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                out[str(path)] = sha256_file(path)
+    return out
+
+
 def reference_densenet(seed: int = 0):
     """The network reproduce-chexnet and arnoweng/CheXNet train: torchvision DenseNet-121 with a
     Sequential(Linear(1024, 14), Sigmoid) head; random weights and BatchNorm statistics (so

@@ -404,7 +404,7 @@ def test_corrupt_on_server_fails_after_one_retry(server: FileServer, tmp_path: P
     server.files[name] = b"<html>not an archive</html>"
     url_list = write_url_list(tmp_path / "urls.txt", [(name, server.url(name))])
     rc = nbd.main(["--out", str(tmp_path / "data"), "--url-list", str(url_list), *FAST])
-    assert rc == 1
+    assert rc == 2
     assert len(server.gets(name)) == 2  # original download plus exactly one re-download
     captured = capsys.readouterr()
     assert f"corrupt archive {name} even after downloading it again" in captured.err
@@ -512,13 +512,13 @@ def test_path_traversal_member_is_refused(tmp_path: Path, blob: bytes) -> None:
     assert not nbd.extraction_marker(archive, dest).exists()
 
 
-def test_unsafe_archive_via_cli_exits_1(server: FileServer, tmp_path: Path,
+def test_unsafe_archive_via_cli_exits_2(server: FileServer, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     name = "images_001.tar.gz"
     server.files[name] = make_archive({"images/../../evil.png": b"evil"})
     url_list = write_url_list(tmp_path / "urls.txt", [(name, server.url(name))])
     out = tmp_path / "a" / "data"
     rc = nbd.main(["--out", str(out), "--url-list", str(url_list), "--extract", *FAST])
-    assert rc == 1
+    assert rc == 2
     assert not (tmp_path / "evil.png").exists()
     assert f"ERROR extracting {name}" in capsys.readouterr().err

@@ -22,21 +22,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny_run
+from conftest import ROOT, hashes, tiny_run
 from chexnet import cli
-from chexnet.files import check_outputs, is_run_folder, same_path, sha256_file
+from chexnet.files import check_outputs, is_run_folder, same_path
 
 SCRIPTS = sorted(p for p in ROOT.glob("*.py") if '__name__ == "__main__"' in p.read_text())
-
-
-def hashes(*folders_or_files: Path) -> dict[str, str]:
-    """sha256 of every file under the given folders (and of the given files)."""
-    out = {}
-    for top in folders_or_files:
-        for path in ([top] if top.is_file() else sorted(top.rglob("*"))):
-            if path.is_file():
-                out[str(path)] = sha256_file(path)
-    return out
 
 
 @pytest.fixture
@@ -78,6 +68,8 @@ def failing(exc: BaseException):
     (BrokenProcessPool("A child process terminated abruptly"), 2,
      ["worker process died", "fewer --workers"]),
     (MemoryError(), 2, ["out of memory"]),
+    (FileNotFoundError("run/log_train.csv: no training log"), 2,  # a message of its own
+     ["error: run/log_train.csv: no training log"]),
     (RuntimeError("DataLoader worker (pid 42) is killed by signal: Killed."), 2,
      ["DataLoader worker (pid 42)", "--workers 0"]),
     (KeyboardInterrupt(), 130, ["interrupted (Ctrl-C)", "run the same command again"]),
@@ -427,9 +419,10 @@ def test_a_failed_prepare_restores_the_previous_labels(tmp_path_factory, tmp_pat
 # Every command's own file: one boundary, no try/except printing errors itself
 # ---------------------------------------------------------------------------------------------
 def test_scripts_do_not_print_their_own_errors():
-    """`print(f"error: ...")` followed by `return 2` in a main is the boundary's job."""
+    """`print(f"error: ...")` followed by `return 2` in a main (a script's or the library
+    module's it calls) is the boundary's job."""
     offenders = []
-    for path in SCRIPTS:
+    for path in [*SCRIPTS, *sorted((ROOT / "chexnet").glob("*.py"))]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name == "main":
@@ -453,3 +446,95 @@ def test_a_header_only_data_entry_is_a_message_and_writes_nothing(tmp_path, caps
                                  "random"])
     refused(capsys, code, f"{entry}: no images")
     assert not out.exists()
+
+
+def test_eval_model_writes_only_the_files_it_checked(run, tmp_path, capsys):
+    """With every option that writes, the files that appear or change are exactly those that
+    `output_paths` declares (and check_outputs saw): a new output cannot skip the check."""
+    import json
+
+    import eval_model
+
+    entry = Path(json.loads((run / "config.json").read_text())["data"]) / "Data_Entry_2017.csv"
+    shutil.copy(run / "preds.csv", run / "val_preds.csv")
+    shutil.copy(run / "preds.csv", tmp_path / "other.csv")
+    (run / "aucs.csv").unlink()  # rewritten with the same bytes: it would not show as written
+    argv = ["--preds", str(run / "preds.csv"), "--labels", str(entry), "--ci", "--n-boot", "5",
+            "--roc", str(run / "roc.png"), "--thresholds", "--by", "sex", "--calibration",
+            "--compare", str(tmp_path / "other.csv"), "--no-published"]
+    before = hashes(run, tmp_path)
+    assert eval_model.main(argv) == 0, capsys.readouterr().err
+    after = hashes(run, tmp_path)
+    written = {path for path, sha in after.items() if before.get(path) != sha}
+    declared = {str(p) for p in eval_model.output_paths(eval_model_args(argv)).values()}
+    assert written == declared
+    assert len(written) == 10  # aucs, _ci, roc, thresholds, compare, 3 calibration, 2 --by
+
+
+def eval_model_args(argv):
+    """The Namespace eval_model.main parses from argv."""
+    import argparse
+
+    import eval_model
+
+    seen = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def keep(self, args=None, namespace=None):
+        seen["args"] = real(self, args, namespace)
+        raise Parsed(self)
+    argparse.ArgumentParser.parse_args = keep
+    try:
+        with pytest.raises(Parsed):
+            eval_model.main(argv)
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return seen["args"]
+
+
+def test_prepare_does_not_write_its_labels_over_the_file_it_reads(tmp_path_factory, tmp_path,
+                                                                  capsys):
+    """Found by tests/test_fuzz.py: --labels-out naming the --labels file replaced NIH's
+    Data_Entry with the derived labels file."""
+    import prepare_data
+
+    root = tmp_path / "nih"
+    shutil.copytree(tiny_run(tmp_path_factory).parents[1] / "nih", root)
+    entry = root / "Data_Entry_2017.csv"
+    before = hashes(root)
+    code = prepare_data.main(["nih", "--data", str(root), "--labels", str(entry), "--split",
+                              "random", "--image-size", "16", "--workers", "1",
+                              "--labels-out", str(entry)])
+    refused(capsys, code, f"--labels-out {entry} is also this command's input (--labels)")
+    assert hashes(root) == before
+
+
+@pytest.mark.parametrize("command", ["explore_data", "nih_batch_download_zips", "demo_data"])
+def test_a_folder_output_that_is_a_file_is_refused(tmp_path_factory, tmp_path, capsys,
+                                                   command):
+    """Found by tests/test_fuzz.py: "FILE: File exists." from a mkdir, naming no option."""
+    module = importlib.import_module(command)
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    (tmp_path / "urls.txt").write_text("images_001.tar.gz http://127.0.0.1:9/x\n")
+    nih = tiny_run(tmp_path_factory).parents[1] / "nih"
+    argv = {"explore_data": ["nih", "--data", str(nih), "--out", str(existing)],
+            "nih_batch_download_zips": ["--out", str(existing), "--url-list",
+                                        str(tmp_path / "urls.txt")],
+            "demo_data": ["--out", str(existing), "--kind", "nih", "--n-images", "2"]}[command]
+    code = module.main(argv)
+    refused(capsys, code, f"--out {existing} is a file: give the path of a folder")
+    assert existing.read_text() == "mine"
+
+
+def test_demo_data_does_not_write_into_a_folder_that_holds_files(tmp_path, capsys):
+    """demo_data.py --out /data would have written its phantoms over a real NIH folder."""
+    import demo_data
+
+    real = tmp_path / "nih"
+    real.mkdir()
+    (real / "Data_Entry_2017.csv").write_text("the real metadata\n")
+    code = demo_data.main(["--out", str(tmp_path), "--kind", "nih", "--n-images", "2"])
+    refused(capsys, code, f"{real} already holds files", "Choose another --out")
+    assert list(real.iterdir()) == [real / "Data_Entry_2017.csv"]
+    assert (real / "Data_Entry_2017.csv").read_text() == "the real metadata\n"
