@@ -1,15 +1,13 @@
-"""Every command line, run as a user runs it (a subprocess), on the bad inputs of issue 12:
+"""Every command line, run as a user runs it (a process of its own, tests/warm.py), on the bad
+inputs of issue 12:
 a non-zero exit, a message naming the file or value, and never a Python traceback.
 
 A read-only folder (Kaggle's /kaggle/input, a shared drive) cannot be made with chmod when the
-tests run as root: those cases run the command through READ_ONLY, which refuses every write
-under one folder with PermissionError, as a read-only mount does.
+tests run as root: those cases refuse every write under one folder with PermissionError
+(tests/read_only.py), as a read-only mount does.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, reference_densenet
+from conftest import reference_densenet
+from warm import Warm
 from chexnet.labels import NIH_FINDINGS
 
-pytestmark = pytest.mark.slow  # one Python process (and a torch import) per case
-
-# python READ_ONLY FOLDER SCRIPT ARGS...: run SCRIPT with every write under FOLDER refused.
-READ_ONLY = str(Path(__file__).with_name("read_only.py"))
+pytestmark = pytest.mark.slow  # one process per case
 
 
 @pytest.fixture(scope="module")
@@ -125,21 +121,23 @@ def cases(root):
     ]] + read_only
 
 
-def run_cli(argv: list[str], read_only: Path | None = None) -> subprocess.CompletedProcess:
-    """A script of the repository with its arguments, in a fresh Python (through READ_ONLY
-    when a folder is to be read-only)."""
-    command = [sys.executable, str(ROOT / argv[0]), *argv[1:]]
-    if read_only is not None:
-        command = [sys.executable, READ_ONLY, str(read_only), *command[1:]]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+@pytest.fixture(scope="module")
+def warm():
+    with Warm() as server:
+        yield server
+
+
+def run_cli(warm: Warm, argv: list[str], read_only: Path | None = None):
+    """A script of the repository with its arguments, in a process of its own
+    (tests/warm.py), with every write under `read_only` refused."""
+    return warm.run(argv, read_only=read_only)
 
 
 @pytest.mark.parametrize("name", [case[0] for case in cases(Path("/files"))])
-def test_cli_bad_input_is_a_message_not_a_traceback(files, name):
+def test_cli_bad_input_is_a_message_not_a_traceback(warm, files, name):
     _, argv, expected, read_only = next(c for c in cases(files) if c[0] == name)
     (files / "out").mkdir(exist_ok=True)
-    done = run_cli(argv, read_only)
+    done = run_cli(warm, argv, read_only)
     output = done.stdout + done.stderr
     assert done.returncode != 0, f"{name}: exit 0\n{output[-2000:]}"
     for text in [expected] if isinstance(expected, str) else expected:
@@ -147,11 +145,11 @@ def test_cli_bad_input_is_a_message_not_a_traceback(files, name):
     assert "Traceback" not in output, f"{name}:\n{output[-3000:]}"
 
 
-def test_prepare_read_only_dataset_with_labels_out_and_cache_dir(files):
+def test_prepare_read_only_dataset_with_labels_out_and_cache_dir(warm, files):
     """Both options: the run succeeds, and the dataset folder is left exactly as it was."""
     demo = files / "demo"
     before = {p: p.read_bytes() for p in sorted(demo.rglob("*")) if p.is_file()}
-    done = run_cli(["prepare_data.py", "nih", "--data", str(demo), "--labels",
+    done = run_cli(warm, ["prepare_data.py", "nih", "--data", str(demo), "--labels",
                     str(demo / "Data_Entry_2017.csv"), "--split", "random", "--image-size",
                     "16", "--workers", "1", "--labels-out", str(files / "ok" / "labels.csv"),
                     "--cache-dir", str(files / "ok" / "cache")], read_only=demo)
