@@ -452,6 +452,47 @@ def with_suffix(out: Path | None, suffix: str) -> Path | None:
 
 @FEW
 @given(data=st.data())
+def test_retrain_inputs(run_dir, data):
+    """retrain.py given a drawn labels file, --weights checkpoint or last.pt to resume from:
+    a message, or one epoch whose outputs parse; a refused --resume leaves its run as it was."""
+    import retrain
+
+    nih = run_dir.parents[1] / "nih"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        argv = ["--dataset", "demo", "--data", str(nih), "--out", str(folder / "runs"),
+                "--name", "r", "--epochs", "1", "--image-size", "32", "--batch-size", "8",
+                "--workers", "0", "--eval-batch-size", "16"]
+        inputs = [nih, run_dir]
+        what = data.draw(st.sampled_from(["labels", "weights", "resume"]))
+        if what == "labels":
+            argv += ["--weights", "none", "--labels",
+                     str(drawn_csv(data, folder / "labels.csv"))]
+            inputs.append(folder / "labels.csv")
+        elif what == "weights":
+            weights = data.draw(checkpoint_file(folder, run_dir / "checkpoint.pt", 2))
+            argv += ["--weights", str(weights)]
+            inputs.append(weights)
+        else:  # a run folder whose last.pt is drawn: a checkpoint.pt is no last.pt, ...
+            run = folder / "runs" / "r"
+            shutil.copytree(run_dir, run)
+            drawn = data.draw(checkpoint_file(folder, run_dir / "checkpoint.pt", 2))
+            if drawn.exists():
+                shutil.move(drawn, run / "last.pt")
+            argv += ["--weights", "none", "--resume"]
+        before = hashes(folder / "runs")
+        code, _ = check(retrain.main, argv, inputs)
+        if code != 0:
+            assert hashes(folder / "runs") == before, (argv, "a refused run changed a file")
+        else:
+            out = folder / "runs" / "r"
+            assert set(pd.read_csv(out / "preds.csv")["Image Index"]) == set(
+                pd.read_csv(run_dir / "preds.csv")["Image Index"])  # the same test fold
+            assert "model" in torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+@FEW
+@given(data=st.data())
 def test_report(run_dir, data):
     import report
 
