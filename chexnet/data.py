@@ -28,7 +28,7 @@ from chexnet.cli import CommandError
 from chexnet.labels import (
     CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, FOLD_FRACTIONS, FOLDS,
     IMAGENET_MEAN, IMAGENET_STD, NIH_FINDINGS, NIH_FINDINGS_COL,
-    NIH_IMAGE_COL, NIH_NO_FINDING, NIH_PATIENT_COL, UNCERTAINTY_POLICIES,
+    NIH_IMAGE_COL, NIH_METADATA_COLS, NIH_NO_FINDING, NIH_PATIENT_COL, UNCERTAINTY_POLICIES,
 )
 
 REPO_DIR = Path(__file__).resolve().parents[1]  # the repository (this file is in chexnet/)
@@ -431,6 +431,9 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
     else:
         out["fold"] = patient_split(out["patient"], seed)
     out.attrs["file_folds"] = "fold" in df.columns
+    for col in NIH_METADATA_COLS:  # kept as the file has them (nih_labels.csv writes them back)
+        if col in df.columns:
+            out[col] = df[col].to_numpy()
     dup = out["image_id"].duplicated()
     if dup.any():
         raise DataError(f"{path}: image {out['image_id'][dup].iloc[0]!r} is listed twice.")
@@ -442,7 +445,9 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
 def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference", seed: int = 0,
                      lists: str | os.PathLike | None = None) -> pd.DataFrame:
     """A labels file (Data_Entry_2017*.csv or nih_labels.csv style) -> the nih_labels.csv table:
-    `Image Index`, `Patient ID`, the 14 findings (0/1 ints), `fold`, in the file's row order.
+    `Image Index`, `Follow-up #`, `Patient ID`, `Patient Age`, `Patient Gender`, `View
+    Position` (reproduce-chexnet's columns, those the file has), the 14 findings (0/1 ints),
+    `fold`, in the file's row order.
 
     `split` and `lists` are as in `apply_split` (`lists`: arnoweng's lists for `reference`,
     optional; NIH's lists for `official`, required); None: the file's own folds when it has a
@@ -452,7 +457,12 @@ def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference",
     if split is None:
         split = "file" if table.attrs.get("file_folds") else "reference"
     table = apply_split(table, split, seed, lists, str(labels))
-    out = pd.DataFrame({NIH_IMAGE_COL: table["image_id"], NIH_PATIENT_COL: table["patient"]})
+    out = pd.DataFrame({NIH_IMAGE_COL: table["image_id"]})
+    for col in (NIH_METADATA_COLS[0], NIH_PATIENT_COL, *NIH_METADATA_COLS[1:]):
+        if col == NIH_PATIENT_COL:
+            out[col] = table["patient"]
+        elif col in table.columns:
+            out[col] = table[col]
     for f in NIH_FINDINGS:
         out[f] = table[f].astype(int)
     out["fold"] = table["fold"]

@@ -19,6 +19,10 @@ NIH_IMAGE_COL = "Image Index"
 NIH_FINDINGS_COL = "Finding Labels"
 NIH_PATIENT_COL = "Patient ID"
 NIH_NO_FINDING = "No Finding"
+# The metadata columns reproduce-chexnet's nih_labels.csv carries beside the findings (from
+# Data_Entry_2017*.csv), in that file's order around `Patient ID`: they give eval_model.py --by
+# its subgroups without another file.
+NIH_METADATA_COLS = ("Follow-up #", "Patient Age", "Patient Gender", "View Position")
 NIH_ENTRY_REQUIRED = (NIH_IMAGE_COL, NIH_FINDINGS_COL, NIH_PATIENT_COL)
 
 # `BBox_List_2017.csv` spells one finding differently from Data_Entry.

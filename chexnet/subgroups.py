@@ -42,7 +42,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import precision_recall_curve
 
 from chexnet import metrics
-from chexnet.data import DataError, find_chexphoto_root
+from chexnet.data import DEFAULT_NIH_LABELS, DataError, find_chexphoto_root
 from chexnet.labels import NIH_IMAGE_COL, NIH_NO_FINDING, NIH_PATIENT_COL
 
 if TYPE_CHECKING:
@@ -209,8 +209,10 @@ def read_attributes(path: str | Path | Sequence[str | Path], ids: Sequence[str],
 def metadata_files(run_dir: str | Path, data: str | None = None) -> list[list[Path]]:
     """Candidate labels files with subgroup columns for a run folder written by retrain.py,
     from its config.json: the `labels` file, then the dataset folder's nih_labels.csv and
-    Data_Entry_2017*.csv (NIH, demo), or its train.csv + valid.csv (CheXphoto). Each candidate
-    is a list of files read as one table. `data` replaces the recorded dataset folder."""
+    Data_Entry_2017*.csv (NIH, demo), then, for NIH runs and predictions without a run
+    folder, this repository's nih_labels.csv (every NIH image, with reproduce-chexnet's
+    metadata columns); for CheXphoto its train.csv + valid.csv. Each candidate is a list of
+    files read as one table. `data` replaces the recorded dataset folder."""
     path = Path(run_dir) / "config.json"
     try:
         config = json.loads(path.read_text()) if path.is_file() else {}
@@ -225,7 +227,10 @@ def metadata_files(run_dir: str | Path, data: str | None = None) -> list[list[Pa
         return [[p for p in (root / "train.csv", root / "valid.csv") if p.is_file()]]
     found = [Path(config["labels"])] if config.get("labels") else []
     found += [folder / "nih_labels.csv", *sorted(folder.glob("Data_Entry_2017*.csv*"))]
-    return [[p] for p in found if p.is_file()]
+    if config.get("dataset", "nih") == "nih":  # not the demo's: its phantoms reuse NIH's ids
+        found.append(DEFAULT_NIH_LABELS)  # this repository's: every NIH image, with metadata
+    unique = list(dict.fromkeys(p.resolve() for p in found if p.is_file()))
+    return [[p] for p in unique]
 
 
 def find_attributes(ids: Sequence[str], candidates: Sequence[Sequence[Path]],

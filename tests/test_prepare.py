@@ -60,7 +60,11 @@ def test_nih_cache_equals_reference_preprocessing(tmp_path):
     folder = cache_dir(tmp_path, 32)
     assert result.dir == folder and result.count == 8 and result.decoded == 8 and result.complete
     labels = pd.read_csv(tmp_path / "nih_labels.csv")
-    assert list(labels.columns) == ["Image Index", "Patient ID", *NIH_FINDINGS, "fold"]
+    meta = ["Follow-up #", "Patient Age", "Patient Gender", "View Position"]
+    assert list(labels.columns) == ["Image Index", meta[0], "Patient ID", *meta[1:],
+                                    *NIH_FINDINGS, "fold"]  # reproduce-chexnet's columns
+    entry = pd.read_csv(tmp_path / "Data_Entry_2017.csv")
+    assert labels[meta].equals(entry[meta])
     assert labels.loc[1, "Effusion"] == 1 and labels.loc[1, "Mass"] == 1
     assert labels.loc[0, list(NIH_FINDINGS)].sum() == 0
     index = pd.read_csv(folder / "index.csv")

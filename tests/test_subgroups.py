@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from chexnet import demo as demo_data
 from chexnet import metrics
 from chexnet import subgroups
-from conftest import load_benchmark, shared
+from conftest import ROOT, load_benchmark, shared
 from chexnet.data import DataError
 from chexnet.labels import NIH_FINDINGS
 
@@ -112,6 +112,31 @@ def test_metadata_files_prefer_a_file_with_the_columns(tmp_path):
     assert attrs.source == str(data / "Data_Entry_2017.csv")
     assert list(attrs.table["followup"]) == ["0", "1-4"]
     assert "nih_labels.csv: no subgroup column" in notes[0]
+
+
+def test_predictions_without_a_run_folder_find_the_committed_metadata(tmp_path):
+    """reproduce-chexnet's columns in nih_labels.csv: `eval_model.py --by` needs no --labels
+    for NIH predictions. Counts of the reference test fold: literals from Data_Entry v2020."""
+    committed = pd.read_csv(ROOT / "nih_labels.csv")
+    assert list(committed.columns[:6]) == ["Image Index", "Follow-up #", "Patient ID",
+                                           "Patient Age", "Patient Gender", "View Position"]
+    test = committed[committed["fold"] == "test"]
+    assert test["Patient Gender"].value_counts().to_dict() == {"M": 12631, "F": 9802}
+    assert test["View Position"].value_counts().to_dict() == {"PA": 13586, "AP": 8847}
+    candidates = subgroups.metadata_files(tmp_path)  # a folder with only a predictions file
+    assert candidates == [[ROOT / "nih_labels.csv"]]
+    ids = test["Image Index"].iloc[::500].tolist()
+    attrs, _ = subgroups.find_attributes(ids, candidates)
+    assert list(attrs.table["sex"]) == test["Patient Gender"].iloc[::500].tolist()
+    assert attrs.available == ["sex", "age", "view", "followup"]
+
+
+def test_a_demo_run_never_takes_the_real_nih_metadata(tmp_path):
+    """The demo's phantom images reuse NIH's ids (00000001_000.png, ...): the repository's
+    nih_labels.csv would give them real patients' ages."""
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "demo",
+                                                      "data": str(tmp_path / "none")}))
+    assert subgroups.metadata_files(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------ subgroup AUC
