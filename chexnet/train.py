@@ -1000,13 +1000,19 @@ def barrier(ctx: Dist) -> None:
 
 def write_preds_csv(path: Path, cfg: TrainConfig, findings: Sequence[str], ids: list[str],
                     probs: np.ndarray, targets: np.ndarray) -> None:
-    """id column, prob_<F> per finding (reproduce-chexnet's format), then the ground truth."""
+    """id column, prob_<F> per finding (reproduce-chexnet's format), then the ground truth.
+
+    NIH rows are sorted by `Image Index`, as reproduce-chexnet's preds.csv is (its labels file
+    is sorted; Data_Entry v2020, and so the folds here, are not quite: 4,911 of the 22,433
+    reference test rows would sit elsewhere). CheXphoto rows keep the order of its CSV."""
     id_col = "Path" if cfg.dataset == "chexphoto" else "Image Index"
     preds = pd.DataFrame({id_col: ids})
     for k, f in enumerate(findings):
         preds[PROB_PREFIX + f] = probs[:, k]
     for k, f in enumerate(findings):
         preds[f] = targets[:, k]
+    if id_col == "Image Index":
+        preds = preds.sort_values(id_col, kind="stable")
     save_text(preds.to_csv(index=False), path)
 
 

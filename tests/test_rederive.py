@@ -176,14 +176,15 @@ def text_table(path: Path) -> pd.DataFrame:
 
 
 def assert_preds_file(path: Path, derived: Derived, fold: str, probs: np.ndarray) -> None:
-    """`path` holds the fold's images in label-file order, our float32 probabilities written in
-    float32's shortest round-trip form (as pandas writes a float32 column), and the labels."""
+    """`path` holds the fold's images sorted by name (reproduce-chexnet's order), our float32
+    probabilities (`probs`: in label-file order) written in float32's shortest round-trip
+    form (as pandas writes a float32 column), and the labels."""
     got = text_table(path)
     assert list(got.columns) == ["Image Index", *PROBS, *FINDINGS]
-    assert got["Image Index"].tolist() == derived.ids[fold]
-    want_probs = probs.astype(np.float32).astype(str)
-    for r, image in enumerate(derived.ids[fold]):
-        assert got.loc[r, PROBS].tolist() == want_probs[r].tolist(), (path.name, image)
+    assert got["Image Index"].tolist() == sorted(derived.ids[fold])
+    want_probs = dict(zip(derived.ids[fold], probs.astype(np.float32).astype(str)))
+    for r, image in enumerate(sorted(derived.ids[fold])):
+        assert got.loc[r, PROBS].tolist() == want_probs[image].tolist(), (path.name, image)
         assert got.loc[r, FINDINGS].tolist() == [str(v) for v in derived.labels.loc[image]], image
 
 

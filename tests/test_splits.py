@@ -46,7 +46,8 @@ def test_committed_nih_labels_is_complete_and_patient_disjoint():
     table = committed()
     assert len(table) == 112_120
     assert table["Image Index"].is_unique
-    assert list(table.columns) == ["Image Index", "Patient ID", *NIH_FINDINGS, "fold"]
+    assert list(table.columns) == ["Image Index", "Follow-up #", "Patient ID", "Patient Age",
+                                   "Patient Gender", "View Position", *NIH_FINDINGS, "fold"]
     assert table.groupby("Patient ID")["fold"].nunique().max() == 1
     assert table[list(NIH_FINDINGS)].isin([0, 1]).all().all()
     # reproduce-chexnet's fold sizes (datasets.md): 78,468 / 11,219 / 22,433.
@@ -60,6 +61,36 @@ def test_committed_test_fold_is_the_reference_predictions_image_set():
     table = committed()
     assert set(table.loc[table["fold"] == "test", "Image Index"]) == set(preds["Image Index"])
     assert len(preds) == 22_433 and preds["Image Index"].is_unique
+
+
+def _preds_written_for_the_test_fold(tmp_path) -> pd.DataFrame:
+    """preds.csv as retrain.py writes it for the reference test fold, given in the order a
+    run evaluates it (the labels file's)."""
+    from chexnet import train as training
+
+    ids = committed().query("fold == 'test'")["Image Index"].tolist()
+    rng = np.random.default_rng(0)
+    probs, targets = rng.random((len(ids), 14)), rng.integers(0, 2, (len(ids), 14))
+    cfg = training.TrainConfig(dataset="nih")
+    training.write_preds_csv(tmp_path / "preds.csv", cfg, NIH_FINDINGS, ids, probs, targets)
+    written = pd.read_csv(tmp_path / "preds.csv")
+    row = ids.index("00000020_000.png")  # after 00000020_001.png in the labels file
+    assert written.set_index("Image Index").loc["00000020_000.png", "prob_Hernia"] == \
+        pytest.approx(probs[row, 13], abs=1e-15)
+    return written
+
+
+def test_preds_csv_lists_the_test_fold_sorted_by_name(tmp_path):
+    ids = _preds_written_for_the_test_fold(tmp_path)["Image Index"].tolist()
+    assert ids[:3] == ["00000010_000.png", "00000015_000.png", "00000020_000.png"]
+    assert all(a < b for a, b in zip(ids, ids[1:]))  # strictly increasing: sorted, no repeats
+
+
+def test_preds_csv_rows_are_in_the_reference_preds_order(tmp_path):
+    reference = pd.read_csv(shared("reference", "reproduce_chexnet_pretrained_preds.csv"),
+                            usecols=["Image Index"])
+    written = _preds_written_for_the_test_fold(tmp_path)
+    assert written["Image Index"].tolist() == reference["Image Index"].tolist()
 
 
 @pytest.mark.parametrize("fold", ["train", "val", "test"])
