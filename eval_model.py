@@ -15,7 +15,11 @@ ids name them: NIH `NNNNNNNN_NNN.png`, CheXphoto `.../patientNNNNN/...`; else of
 --thresholds reports F1, precision, recall and specificity at 0.5 and at Youden's threshold
 chosen on the validation predictions (`val_preds.csv` next to --preds, written by
 retrain.py): the test fold never chooses a threshold. --compare B.csv is a paired comparison
-of two runs on the same images: AUC difference with its bootstrap CI and DeLong's test.
+of two runs on the same images: AUC difference with its bootstrap CI and DeLong's test, per
+finding and for the mean AUC (the same resamples), and a verdict on each: REPRODUCED when the
+95% CI of the difference lies within +-M (--margin, default 0.01), DIFFERENT when it excludes
+0 and reaches past M, INCONCLUSIVE otherwise. This is equivalence by CI inclusion (TOST at the
+CI level); M is a choice to state with the result, not a property of the data.
 
 --by sex,age,view,followup: subgroup AUCs with patient-bootstrap CIs and the gap of each
 subgroup to the rest of the test fold (same resamples for both sides), written to
@@ -40,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from chexnet.files import check_outputs
-from chexnet.cli import FRACTION, at_least, command, integer
+from chexnet.cli import FRACTION, at_least, command, integer, number
 from chexnet import metrics, subgroups
 from chexnet.data import DataError
 from chexnet.scoring import (
@@ -68,7 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-preds", help="validation predictions for --thresholds (default: "
                         "val_preds.csv next to --preds)")
     parser.add_argument("--compare", metavar="PREDS_B", help="paired comparison with another "
-                        "run's predictions on the same images (diff = A - B)")
+                        "run's predictions on the same images (diff = A - B), with a "
+                        "reproduction verdict on the mean AUC")
+    parser.add_argument("--margin", type=number(0, 0.5, low_open=True), metavar="M",
+                        default=metrics.DEFAULT_MARGIN, help="--compare's equivalence margin "
+                        "in AUC (default %(default)g): REPRODUCED when the 95%% CI of the "
+                        "difference lies within +-M")
     parser.add_argument("--by", metavar="ATTRS", help="subgroup AUCs and under-diagnosis by "
                         "these comma-separated attributes: sex, age, view, followup (or all)")
     parser.add_argument("--age-bands", default="0,20,40,60,80", metavar="EDGES",
@@ -162,10 +171,12 @@ def _run(args: argparse.Namespace) -> int:
     if pair is not None:
         truth = pair.y_true if pair.y_true is not None else y_true
         cmp = metrics.compare_runs(truth, pair.score_a, pair.score_b, pair.findings,
-                                   args.n_boot, args.seed, patients_of(pair.ids))
+                                   args.n_boot, args.seed, patients_of(pair.ids),
+                                   margin=args.margin)
         print(f"\nPaired comparison on {len(pair.ids)} images, diff = AUC of A ({args.preds}) "
               f"minus AUC of B ({args.compare}); DeLong's test for correlated ROC curves:")
         print(metrics.format_ci_table(cmp))
+        print(verdict_line(cmp, args.margin))
         cmp.to_csv(folder / "compare.csv", index=False)
         print(f"wrote {folder / 'compare.csv'}")
     validation = _validation(args, folder, findings) if args.by or args.calibration else None
@@ -187,6 +198,20 @@ def _validation(args: argparse.Namespace, folder: Path, findings: list[str]
     if v_findings != findings:
         raise DataError(f"{val_path}: findings differ from {args.preds}.")
     return v_true, v_score, val_path
+
+
+def verdict_line(cmp: pd.DataFrame, margin: float) -> str:
+    """The one-line answer to "is A's mean AUC B's?", from compare_runs' `mean` row."""
+    mean = cmp.set_index("label").loc["mean"]
+    interval = (f"[{mean['diff_ci_low']:+.4f}, {mean['diff_ci_high']:+.4f}]"
+                if mean["verdict"] != "n/a" else "undefined")
+    why = {metrics.REPRODUCED: f"lies within +-{margin:g}",
+           metrics.DIFFERENT: f"excludes 0 and reaches past +-{margin:g}",
+           metrics.INCONCLUSIVE: f"holds 0 and reaches past +-{margin:g}: too few images "
+                                 "to tell"}.get(mean["verdict"], "cannot be judged")
+    return (f"{mean['verdict']}: mean AUC {mean['auc_a']:.4f} (A) vs {mean['auc_b']:.4f} (B), "
+            f"difference {mean['diff']:+.4f}, 95% CI {interval} {why} (equivalence by CI "
+            f"inclusion, i.e. TOST at the CI level, margin {margin:g} chosen by --margin).")
 
 
 def _subgroup_outputs(args: argparse.Namespace, out_dir: Path, y_true: np.ndarray,

@@ -375,10 +375,32 @@ def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray
     return float(auc_a), float(auc_b), float(z), float(p)
 
 
+REPRODUCED, DIFFERENT, INCONCLUSIVE = "REPRODUCED", "DIFFERENT", "INCONCLUSIVE"
+DEFAULT_MARGIN = 0.01  # in AUC: eval_model.py --compare's equivalence margin
+
+
+def equivalence_verdict(low: float, high: float, margin: float) -> str:
+    """The verdict of a difference's confidence interval [low, high] against a margin M:
+    equivalence by CI inclusion (TOST at the CI level: a (1 - alpha) interval inside [-M, M]
+    is two one-sided tests at level alpha / 2 each).
+
+    REPRODUCED when the interval lies within [-M, M]; else DIFFERENT when it excludes 0 (it
+    reaches past a margin, on one side of 0); else INCONCLUSIVE (it holds 0 and reaches past a
+    margin: too few images to tell). "n/a" when the interval is undefined.
+    """
+    if np.isnan(low) or np.isnan(high):
+        return "n/a"
+    if -margin <= low and high <= margin:
+        return REPRODUCED
+    if low > 0 or high < 0:
+        return DIFFERENT
+    return INCONCLUSIVE
+
+
 def compare_runs(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
                  findings: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
-                 groups: Sequence | np.ndarray | None = None, alpha: float = 0.05
-                 ) -> pd.DataFrame:
+                 groups: Sequence | np.ndarray | None = None, alpha: float = 0.05,
+                 margin: float | None = None) -> pd.DataFrame:
     """Paired comparison of two runs scored on the same images.
 
     The bootstrap interval of diff = auc_a - auc_b uses the SAME resample for both runs in
@@ -392,10 +414,14 @@ def compare_runs(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
         score_a, score_b: (N, K) scores of run A and run B, rows aligned (see `align_preds`).
         findings: K label names.
         n_boot, seed, groups, alpha: as in `bootstrap_auc`.
+        margin: with a margin, a last row `mean` (the mean AUC over the labels defined in both
+            runs, its difference's interval from the same resamples; no DeLong test) and a
+            column `verdict` (`equivalence_verdict` of each row's interval).
 
     Returns:
         DataFrame with columns label, auc_a, auc_b, diff, diff_ci_low, diff_ci_high,
-        delong_z, delong_p (one row per label); `attrs["alpha"]` holds alpha.
+        delong_z, delong_p (one row per label); `attrs["alpha"]` holds alpha (and
+        `attrs["margin"]` the margin).
     """
     _, score_b, _ = _as_2d(y_true, score_b, findings)
     y_true, score_a, names = _as_2d(y_true, score_a, findings)
@@ -409,6 +435,20 @@ def compare_runs(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
     table = pd.DataFrame({"label": names, "auc_a": point_a, "auc_b": point_b,
                           "diff": point_a - point_b, "diff_ci_low": low, "diff_ci_high": high,
                           "delong_z": z, "delong_p": p})
+    if margin is not None:
+        # As bootstrap_auc's mean: the labels defined on the full data (here in both runs),
+        # the same ones in every replicate; a replicate where one is undefined is left out.
+        both = np.isfinite(point_a) & np.isfinite(point_b)
+        mean_a, mean_b = (point_a[both].mean(), point_b[both].mean()) if both.any() else (
+            math.nan, math.nan)
+        rep_diff = (rep_a[:, both].mean(axis=1) - rep_b[:, both].mean(axis=1) if both.any()
+                    else np.full(n_boot, np.nan))
+        (m_low,), (m_high,) = _percentile_ci(rep_diff[:, None], alpha)
+        table.loc[len(table)] = ["mean", mean_a, mean_b, mean_a - mean_b, m_low, m_high,
+                                 np.nan, np.nan]
+        table["verdict"] = [equivalence_verdict(lo, hi, margin)
+                            for lo, hi in zip(table["diff_ci_low"], table["diff_ci_high"])]
+        table.attrs["margin"] = margin
     table.attrs["alpha"] = alpha
     return table
 
