@@ -1,10 +1,11 @@
 """Bootstrap AUC benchmark: `metrics.bootstrap_auc` against a naive resample-and-score loop.
 
-    python benchmarks/bootstrap.py                    # reference preds + Data_Entry in ../shared
+    python benchmarks/bootstrap.py    # pretrained/preds.csv (fetch_reference.py), nih_labels.csv
     python benchmarks/bootstrap.py --n-boot 1000 --naive-boot 20
 
-On the reference predictions (22,433 test images x 14 findings), labels parsed from
-Data_Entry_2017_v2020.csv with `eval_model.read_truth`, patient groups from its `Patient ID`:
+On the reference predictions (22,433 test images x 14 findings), labels from this
+repository's nih_labels.csv (the 2020 labels) with `scoring.read_truth`, patient groups from
+its `Patient ID`:
   vectorised: `metrics.bootstrap_auc`, --n-boot resamples, images and patients as the unit.
   naive: per resample, index the arrays and call sklearn's `roc_auc_score` per label. It is
       timed on --naive-boot resamples (the same resamples as the first rows of the vectorised
@@ -28,14 +29,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from chexnet import metrics
+from chexnet.reference import PRETRAINED_DIR
 from chexnet.scoring import PROB_PREFIX, read_preds, read_truth
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
 ROOT = Path(__file__).resolve().parents[1]
 
-SHARED = ROOT.parent / "shared" / "data"
-DEFAULT_PREDS = SHARED / "reference" / "reproduce_chexnet_pretrained_preds.csv"
-DEFAULT_LABELS = SHARED / "nih" / "Data_Entry_2017_v2020.csv.gz"
+DEFAULT_PREDS = PRETRAINED_DIR / "preds.csv"  # reproduce-chexnet's, from fetch_reference.py
+DEFAULT_LABELS = ROOT / "nih_labels.csv"
 
 
 def load(preds_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,

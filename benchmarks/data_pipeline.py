@@ -1,6 +1,6 @@
 """Data pipeline benchmark: the reference per-image pipeline against the uint8 cache.
 
-    python benchmarks/data_pipeline.py                      # the 120 NIH PNGs in ../shared/data
+    python benchmarks/data_pipeline.py   # the 120 NIH PNGs of ../shared/data (not in a clone)
     python benchmarks/data_pipeline.py --images DIR --repeats 7
     python benchmarks/data_pipeline.py --quick              # 8 generated images, 1 repeat (tests)
 
@@ -156,6 +156,15 @@ def measure(args: argparse.Namespace, work: Path, warmup: int) -> SimpleNamespac
         images_dir = args.images or DEFAULT_IMAGES
     paths = sorted(p for p in Path(images_dir).glob("*") if p.suffix.lower() in
                    (".png", ".jpg", ".jpeg"))
+    if not paths and args.images is None:
+        # The default is the 120 real NIH images of the project's shared sample, which a clone
+        # does not have: say so, and what to run instead.
+        print(f"skipped: {images_dir} is not here (the default is the 120 real NIH images of "
+              "the shared sample beside the repository, ../shared/data/nih/images, which a "
+              "plain clone does not have). Pass --images DIR with NIH PNGs (e.g. "
+              "/data/nih/images_001/images), or --quick for 8 generated images.",
+              file=sys.stderr)
+        return 0
     if not paths:
         print(f"error: no PNG/JPEG images in {images_dir}", file=sys.stderr)
         return 2

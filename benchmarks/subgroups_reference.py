@@ -1,11 +1,12 @@
 """Subgroup AUCs, under-diagnosis and calibration of the reference model's real predictions.
 
-    python benchmarks/subgroups_reference.py                  # the files in ../shared/data
+    python benchmarks/subgroups_reference.py   # pretrained/preds.csv (fetch_reference.py)
     python benchmarks/subgroups_reference.py --out results/subgroups_reference
 
-On reproduce-chexnet's 22,433 test predictions (`--preds`), scored against `--labels`
-(Data_Entry_2017_v2020.csv.gz: `Finding Labels`, and the subgroup columns `Patient Gender`,
-`Patient Age`, `View Position`, `Follow-up #`), with `Patient ID` as the bootstrap unit:
+On reproduce-chexnet's 22,433 test predictions (`--preds`, default pretrained/preds.csv),
+scored against `--labels` (default this repository's nih_labels.csv: the 2020 labels, and the
+subgroup columns `Patient Gender`, `Patient Age`, `View Position`, `Follow-up #`; a
+Data_Entry_2017_v2020.csv gives the same), with `Patient ID` as the bootstrap unit:
   1. `subgroups.subgroup_auc`: AUC per (attribute, group, finding) and the mean, 95% CIs from
      --n-boot patient resamples, and each group's gap to the rest of the fold under the same
      resamples. Timed: this is the benchmark figure (last line).
@@ -40,12 +41,12 @@ from chexnet import metrics
 from chexnet import subgroups
 from chexnet.data import DataError, read_nih_labels
 from chexnet.labels import FOLDS, NIH_FINDINGS, NIH_IMAGE_COL
+from chexnet.reference import PRETRAINED_DIR, hint
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-DEFAULT_PREDS = SHARED / "reference" / "reproduce_chexnet_pretrained_preds.csv"
-DEFAULT_LABELS = SHARED / "nih" / "Data_Entry_2017_v2020.csv.gz"
+DEFAULT_PREDS = PRETRAINED_DIR / "preds.csv"  # reproduce-chexnet's, from fetch_reference.py
+DEFAULT_LABELS = ROOT / "nih_labels.csv"
 PROB = "prob_"
 
 
@@ -54,7 +55,7 @@ def load(preds_path: Path, labels_path: Path, age_edges: Sequence[int],
          ) -> tuple[np.ndarray, np.ndarray, list[str], subgroups.Attributes]:
     """(y_true (N, K), y_score (N, K), findings, attributes with patient ids) of the preds."""
     if not preds_path.is_file():
-        raise DataError(f"{preds_path}: predictions file not found (--preds).")
+        raise DataError(f"{preds_path}: predictions file not found (--preds).{hint(preds_path)}")
     preds = pd.read_csv(preds_path)
     findings = [c[len(PROB):] for c in preds.columns if c.startswith(PROB)]
     if NIH_IMAGE_COL not in preds.columns or set(findings) != set(NIH_FINDINGS):

@@ -19,6 +19,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from chexnet.data import DataError, read_chexpert_csv, read_csv_or_explain, read_nih_labels
+from chexnet.reference import hint
 from chexnet.labels import (
     CHEXPHOTO_FINDINGS, NIH_FINDINGS, NIH_IMAGE_COL, PUBLISHED_AUCS, PUBLISHED_MEAN_AUC,
 )
@@ -104,7 +105,7 @@ def read_preds(path: str | Path) -> tuple[pd.DataFrame, str, list[str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: predictions file not found.")
+        raise DataError(f"{path}: predictions file not found.{hint(path)}")
     preds = read_csv_or_explain(path, "reproduce-chexnet's preds.csv format (an id column, "
                                 "then prob_<Finding> columns)")
     findings = [c[len(PROB_PREFIX):] for c in preds.columns if c.startswith(PROB_PREFIX)]

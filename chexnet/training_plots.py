@@ -1,8 +1,11 @@
 """Training curves of one or more runs: loss per epoch, LR steps, best epoch.
 
     python plot_training.py results/A results/B --labels baseline amp --out curves.png
-    python plot_training.py ../shared/data/reference/reproduce_chexnet_pretrained_log_train.csv \\
-        --out reference.png
+    python plot_training.py results/demo --reference --out curves.png
+    python plot_training.py pretrained/log_train --out reference.png
+
+--reference adds reproduce-chexnet's published curve (pretrained/log_train, fetched once by
+`python fetch_reference.py`).
 
 Each argument is a run folder (its `log_train.csv` is read) or a CSV file. Two formats:
   - this project's `log_train.csv`: `epoch,train_loss,val_loss,lr,seconds`;
@@ -24,6 +27,7 @@ from matplotlib.figure import Figure
 
 from chexnet.files import check_outputs, run_files
 from chexnet.cli import CommandError, OldName, command
+from chexnet.reference import hint, reference_path
 
 LOG_NAME = "log_train.csv"
 COLUMNS = ("epoch", "train_loss", "val_loss", "lr")
@@ -49,7 +53,7 @@ def log_path(path: str | Path) -> Path:
         path = path / LOG_NAME
     if not path.is_file():
         raise LogNotFound(f"{path}: no training log (expected a run folder with "
-                          f"{LOG_NAME}, or a CSV file)")
+                          f"{LOG_NAME}, or a CSV file).{hint(path)}")
     return path
 
 
@@ -211,7 +215,9 @@ def run_label(path: str | Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders or log CSV files")
+    parser.add_argument("runs", nargs="*", help="run folders or log CSV files")
+    parser.add_argument("--reference", action="store_true", help="add reproduce-chexnet's "
+                        "published curve (pretrained/log_train, from fetch_reference.py)")
     parser.add_argument("--names", nargs="+", help="legend names, one per run "
                         "(default: folder names / file stems)")
     parser.add_argument("--labels", nargs="+", dest="names", default=argparse.SUPPRESS,
@@ -219,12 +225,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser.add_argument("--out", default="training_curves.png", help="figure path (PNG)")
     args = parser.parse_args(argv)
+    if not args.runs and not args.reference:
+        parser.error("give run folders or log CSV files, or --reference")
     check_outputs({"--out": args.out}, {f"run {r}": r for r in args.runs}
                   | {k: v for r in args.runs for k, v in run_files(r).items()})
     labels = args.names or [run_label(r) for r in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} --names")
-    logs = [read_log(r) for r in args.runs]
+    runs = list(args.runs)
+    if args.reference:
+        runs.append(reference_path("log_train"))
+        labels.append("reproduce-chexnet (published)")
+    logs = [read_log(r) for r in runs]
     for label, log in zip(labels, logs):
         s = convergence_summary(log)
         steps = ", ".join(map(str, s["lr_steps"])) or lr_note(log)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -178,3 +179,28 @@ def test_a_one_epoch_run_is_drawn_with_markers(tmp_path):
     fig = plot_training.plot_runs([plot_training.read_log(log)], ["one"])
     lines = {line.get_gid(): line for line in fig.axes[0].lines}
     assert lines["train"].get_marker() == "o" and lines["val"].get_marker() == "o"
+
+
+def test_reference_flag_adds_the_published_curve_or_says_how_to_fetch_it(tmp_path, monkeypatch,
+                                                                        capsys):
+    from chexnet import reference
+
+    monkeypatch.setattr(reference, "PRETRAINED_DIR", tmp_path / "pretrained")
+    out = tmp_path / "curves.png"
+    assert plot_training.main(["--reference", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "log_train: not found" in err and "python fetch_reference.py" in err
+    assert not out.exists()
+    (tmp_path / "pretrained").mkdir()
+    shutil.copyfile(shared("reference", "reproduce_chexnet_pretrained_log_train.csv"),
+                    tmp_path / "pretrained" / "log_train")
+    assert plot_training.main(["--reference", "--out", str(out)]) == 0
+    assert "reproduce-chexnet (published): 9 epochs, best epoch 6 (val loss 0.1452)" in \
+        capsys.readouterr().out
+    assert out.stat().st_size > 10_000
+
+
+def test_no_run_and_no_reference_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        plot_training.main([])
+    assert stop.value.code == 2 and "or --reference" in capsys.readouterr().err
