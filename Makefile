@@ -11,12 +11,14 @@ DEMO_OUT ?= results
 # in a few minutes on 2 CPU cores. See the README for what each flag means.
 DEMO_FLAGS ?= --image-size 64 --batch-size 32 --lr 0.05 --epochs 5 --weights none
 
-.PHONY: demo test test-fast test-portable lint clean-demo help
+.PHONY: demo test test-fast test-portable lint clean-demo help notebooks reference
 help:
 	@echo "make demo   - train and evaluate on the built-in demo data (CPU is fine)"
 	@echo "make test   - lint (ruff) and run the whole test suite"
 	@echo "make test-fast - the tests not marked slow (a developer's loop)"
 	@echo "make test-portable - the training and bitwise tests under AVX-512, AVX2 and SSE4.1 kernels"
+	@echo "make notebooks - install JupyterLab into .venv and open notebooks/"
+	@echo "make reference - download reproduce-chexnet's published results into pretrained/ (4 MB)"
 
 $(VENV)/.python-ok:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed; run make PYTHON=python3.x")'
@@ -31,7 +33,7 @@ $(VENV)/.deps: requirements.txt pyproject.toml $(VENV)/.python-ok
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
-$(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps
+$(VENV)/.test-deps: requirements-test.txt requirements-notebooks.txt $(VENV)/.deps
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	@touch $@
 
@@ -62,6 +64,18 @@ test-fast: $(VENV)/.test-deps
 # can run (native, AVX2, SSE4.1): a test must not depend on one kernel's rounding.
 test-portable: $(VENV)/.test-deps
 	$(PY) tests/portable.py
+
+# JupyterLab on the notebooks (each notebook's first cell finds the repository itself).
+$(VENV)/.notebook-deps: requirements-notebooks.txt $(VENV)/.deps
+	$(PY) -m pip install --quiet -r requirements-notebooks.txt
+	@touch $@
+
+notebooks: $(VENV)/.notebook-deps
+	$(VENV)/bin/jupyter lab notebooks/
+
+# reproduce-chexnet's published preds.csv, aucs.csv and log_train, checked by sha256.
+reference: $(VENV)/.deps
+	$(PY) fetch_reference.py
 
 lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check .

@@ -255,3 +255,25 @@ def test_idle_threads_sets_passive_unless_the_user_chose(given, expected):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, cwd=ROOT, check=True).stdout.split()
     assert out == [expected, "False"]  # and it loads no torch itself
+
+
+def requirement_lines(path: Path) -> list[str]:
+    """The requirements of a requirements file, `-r` included files first, comments left out."""
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            out += requirement_lines(path.parent / line[3:].strip())
+        elif line:
+            out.append(line)
+    return out
+
+
+def test_environment_yml_pins_what_the_requirements_files_pin():
+    """conda users get the same ranges, JupyterLab included, as make demo / make test."""
+    import re
+
+    pip = re.findall(r"^ {6}- (.+)$", (ROOT / "environment.yml").read_text(), re.MULTILINE)
+    wanted = list(dict.fromkeys(requirement_lines(ROOT / "requirements-test.txt")))
+    assert sorted(pip) == sorted(wanted + ["-e ."])
+    assert any(line.startswith("jupyterlab") for line in pip)

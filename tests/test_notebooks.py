@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import ROOT
+from conftest import ROOT, shared
 from chexnet.labels import NIH_FINDINGS
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
@@ -102,9 +104,27 @@ def test_plot(demo, tmp_path, monkeypatch):
     assert retrain.main(["--dataset", "demo", "--data", str(demo / "nih"), "--out", str(tmp_path),
                          "--name", "r", "--image-size", "32", "--weights", "none", "--workers",
                          "0", "--epochs", "2"]) == 0
-    nb = execute("plot.ipynb", monkeypatch, CHEXNET_RUNS=tmp_path / "r")
+    nb = execute("plot.ipynb", monkeypatch, CHEXNET_RUNS=tmp_path / "r",
+                 CHEXNET_PRETRAINED=tmp_path / "none")
     out = text_of(nb)
     assert "best_epoch" in out and "image/png" in out
+    # Without the reference log it says so, and how to get it (it was silently left out).
+    assert "no reference curve: " in out and "python fetch_reference.py" in out
+
+
+def test_plot_shows_the_published_curve(demo, tmp_path, monkeypatch):
+    import retrain
+
+    assert retrain.main(["--dataset", "demo", "--data", str(demo / "nih"), "--out", str(tmp_path),
+                         "--name", "r", "--image-size", "32", "--weights", "none", "--workers",
+                         "0", "--epochs", "1"]) == 0
+    monkeypatch.setenv("CHEXNET_RUNS", str(tmp_path / "r"))
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    shutil.copyfile(shared("reference", "reproduce_chexnet_pretrained_log_train.csv"),
+                    pretrained / "log_train")
+    out = text_of(execute("plot.ipynb", monkeypatch, CHEXNET_PRETRAINED=pretrained))
+    assert "reproduce-chexnet (published log) {'best_epoch': 6, 'best_val_loss': 0.1452" in out
 
 
 def test_explore_nih_on_the_demo(demo, tmp_path, monkeypatch):
@@ -200,8 +220,10 @@ def test_subgroups_and_calibration_on_the_demo(tmp_path, monkeypatch):
     none; the saved tables match sklearn on the notebook's own files; temperature scaling
     lowers the ECE and leaves every AUC as it was."""
     nb = execute("Subgroups_and_calibration.ipynb", monkeypatch, CHEXNET_DEMO_IMAGES=1500,
-                 CHEXNET_IMAGE_SIZE=16, CHEXNET_N_BOOT=300, CHEXNET_OUT=tmp_path)
+                 CHEXNET_IMAGE_SIZE=16, CHEXNET_N_BOOT=300, CHEXNET_OUT=tmp_path,
+                 CHEXNET_PRETRAINED=tmp_path / "no_reference")
     out = text_of(nb)
+    assert "no reference predictions: " in out and "python fetch_reference.py" in out
     assert re.search(r"with injection: gap F - M -0\.\d+ \[-0\.\d+, -0\.\d+\], interval "
                      r"excludes 0: True", out)
     assert "without injection: gap F - M" in out and "interval excludes 0: False" in out
@@ -226,3 +248,56 @@ def test_subgroups_and_calibration_on_the_demo(tmp_path, monkeypatch):
         np.testing.assert_allclose(calibrated[f"prob_{f}"], by_hand, rtol=1e-9)
     pooled = pd.read_csv(tmp_path / "run_clean" / "calibration.csv").iloc[-1]
     assert pooled["ece_calibrated"] < 0.5 * pooled["ece"]
+
+
+def test_subgroups_notebook_on_the_reference_predictions(tmp_path, monkeypatch):
+    """Its last section reads pretrained/preds.csv: the counts of the reference test fold by
+    sex (literals from Data_Entry v2020) and a mean AUC against sklearn."""
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    shutil.copyfile(shared("reference", "reproduce_chexnet_pretrained_preds.csv"),
+                    pretrained / "preds.csv")
+    out = text_of(execute("Subgroups_and_calibration.ipynb", monkeypatch,
+                          CHEXNET_DEMO_IMAGES=200, CHEXNET_IMAGE_SIZE=16, CHEXNET_N_BOOT=20,
+                          CHEXNET_OUT=tmp_path, CHEXNET_PRETRAINED=pretrained))
+    assert "reproduce-chexnet's test predictions (22433 images)" in out
+    assert re.search(r"sex +F +9802 +2822 ", out) and re.search(r"sex +M +12631 +3365 ", out)
+    preds = pd.read_csv(pretrained / "preds.csv")
+    labels = pd.read_csv(ROOT / "nih_labels.csv").set_index("Image Index").loc[
+        preds["Image Index"]]
+    women = (labels["Patient Gender"] == "F").to_numpy()
+    want = np.mean([roc_auc_score(labels[f][women], preds[f"prob_{f}"][women])
+                    for f in NIH_FINDINGS])
+    assert re.search(rf"sex +F +9802 +2822 +\d+ {want:.4f} \[", out)
+
+
+@pytest.mark.slow
+def test_jupyter_lab_serves_the_notebooks(tmp_path):
+    """`make notebooks` runs `jupyter lab notebooks/`: it starts from the setup's .venv and
+    lists every notebook (its contents API, as the browser's file panel asks it)."""
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    jupyter = Path(sys.executable).with_name("jupyter")
+    env = {**os.environ, "HOME": str(tmp_path), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_DATA_DIR": str(tmp_path / "d")}
+    server = subprocess.Popen(
+        [str(jupyter), "lab", "notebooks/", "--no-browser", "--port=0", "--allow-root",
+         "--IdentityProvider.token=test", "--ServerApp.port_retries=0"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in server.stderr:  # the log, until it says where it listens
+            found = re.search(r"(http://(?:127\.0\.0\.1|localhost):\d+)/lab", line)
+            if found:
+                url = found.group(1)
+                break
+        assert url, "jupyter lab did not start"
+        with urllib.request.urlopen(f"{url}/api/contents?token=test", timeout=60) as reply:
+            listed = {item["name"] for item in json.load(reply)["content"]}
+        assert {p.name for p in (ROOT / "notebooks").glob("*.ipynb")} <= listed
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
