@@ -3,8 +3,11 @@
     python eval_model.py --preds results/demo/preds.csv
     python eval_model.py --preds results/demo/preds.csv --ci --roc roc.png --thresholds
     python eval_model.py --preds results/nih/preds.csv --compare results/photo_on_nih/preds.csv
-    python eval_model.py --preds ../shared/data/reference/reproduce_chexnet_pretrained_preds.csv \\
-        --labels ../shared/data/nih/Data_Entry_2017_v2020.csv.gz --out aucs.csv
+    python eval_model.py --preds pretrained/preds.csv --labels nih_labels.csv --out aucs.csv
+    python eval_model.py --preds results/nih/preds.csv --compare pretrained/preds.csv
+
+pretrained/preds.csv is reproduce-chexnet's published test predictions (fetched once by
+`python fetch_reference.py`); nih_labels.csv holds the 2020 labels they were scored on.
 
 A predictions file has an id column (`Image Index` for NIH, `Path` for CheXphoto) and one
 `prob_<Finding>` column per finding, as reproduce-chexnet writes; this project's `preds.csv`
