@@ -47,6 +47,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def move_into_place(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Rename a finished, checked file `src` to `dest` in one step (same filesystem: atomic),
+    e.g. a download verified in a staging folder beside its destination."""
+    os.replace(src, dest)
+    return Path(dest)
+
+
 def probe_writable(folder: str | os.PathLike) -> None:
     """Create and delete a scratch file in `folder`. Raises the OSError a real write would
     (read-only mount, full disk), which os.access does not see for root. Lets a command refuse
@@ -135,8 +142,10 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None],
                     "destroy that input. Choose another output path.")
         if not overwrite and out.name in RUN_RECORD and is_run_folder(out.parent):
             raise OutputRefused(
-                f"{label} {out}: {out.parent} is a run folder, and {out.name} is part of the "
-                "run's record (only retrain.py writes it). Choose another output path"
+                f"{label} {out}: {out.parent} holds a run's files ("
+                + ", ".join(n for n in RUN_MARKERS if (out.parent / n).exists())
+                + f"), so it is treated as a run folder, and {out.name} is part of a run's "
+                "record (only retrain.py writes it). Choose another output path"
                 + (", or pass --overwrite." if overwrite is not None else "."))
 
 

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from chexnet.cli import CommandError, command, integer
 from chexnet.data import REPO_DIR
-from chexnet.files import check_outputs, sha256_file
+from chexnet.files import check_outputs, move_into_place, sha256_file
 
 SOURCE_REPO = "jrzech/reproduce-chexnet"
 SOURCE_COMMIT = "eb2c322fb2e7ca402f9def5d6fb867df099c9d72"
@@ -149,7 +149,7 @@ def fetch(folder: str | os.PathLike = PRETRAINED_DIR, base_url: str = BASE_URL,
             raise ReferenceMismatch(f"{url}: the download is not reproduce-chexnet's published "
                                     f"{ref.name} (wrong sha256), removed. Is --base-url a "
                                     "mirror of that commit?") from None
-        os.replace(got, dest)
+        move_into_place(got, dest)
         print(f"{dest}: {ref.what}, {ref.size:,} bytes (sha256 checked)", file=sys.stderr)
         paths.append(dest)
     shutil.rmtree(staging, ignore_errors=True)

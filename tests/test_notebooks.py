@@ -274,9 +274,14 @@ def test_subgroups_notebook_on_the_reference_predictions(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_jupyter_lab_serves_the_notebooks(tmp_path):
     """`make notebooks` runs `jupyter lab notebooks/`: it starts from the setup's .venv and
-    lists every notebook (its contents API, as the browser's file panel asks it)."""
+    lists every notebook (its contents API, as the browser's file panel asks it).
+
+    The server is bound to 127.0.0.1 and asked there: "localhost" may resolve to an address
+    (::1) the server does not listen on. Its log is read to the end in a thread, so a full
+    pipe never stalls it, and it is shown when the check fails."""
     import subprocess
     import sys
+    import threading
     import urllib.request
     from pathlib import Path
 
@@ -284,20 +289,43 @@ def test_jupyter_lab_serves_the_notebooks(tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg"), "JUPYTER_DATA_DIR": str(tmp_path / "d")}
     server = subprocess.Popen(
-        [str(jupyter), "lab", "notebooks/", "--no-browser", "--port=0", "--allow-root",
-         "--IdentityProvider.token=test", "--ServerApp.port_retries=0"],
+        [str(jupyter), "lab", "notebooks/", "--no-browser", "--ip=127.0.0.1", "--port=0",
+         "--allow-root", "--IdentityProvider.token=test", "--ServerApp.port_retries=0"],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    log, listening = [], threading.Event()
+
+    def read_log():
+        for line in server.stderr:
+            log.append(line)
+            if re.search(r"http://127\.0\.0\.1:\d+/lab", line):
+                listening.set()
+        listening.set()  # the server exited: stop waiting
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
     try:
-        url = None
-        for line in server.stderr:  # the log, until it says where it listens
-            found = re.search(r"(http://(?:127\.0\.0\.1|localhost):\d+)/lab", line)
-            if found:
-                url = found.group(1)
+        listening.wait(timeout=240)
+        found = re.search(r"(http://127\.0\.0\.1:\d+)/lab", "".join(log))
+        assert found and server.poll() is None, f"jupyter lab did not start:\n{''.join(log)}"
+        # Jupyter prints its URL before its event loop binds the port (jupyter_server's
+        # init_httpserver defers the listen to a callback): a refused connection only means
+        # "not yet" while the process lives, so ask again, waiting on the process in between.
+        for attempt in range(600):
+            try:
+                with urllib.request.urlopen(f"{found.group(1)}/api/contents?token=test",
+                                            timeout=60) as reply:
+                    listed = {item["name"] for item in json.load(reply)["content"]}
                 break
-        assert url, "jupyter lab did not start"
-        with urllib.request.urlopen(f"{url}/api/contents?token=test", timeout=60) as reply:
-            listed = {item["name"] for item in json.load(reply)["content"]}
+            except OSError as err:
+                if "refused" not in str(err) or attempt == 599:
+                    raise AssertionError(f"{err}; the server's log:\n{''.join(log)}") from None
+                try:
+                    server.wait(timeout=0.1)
+                    raise AssertionError(f"jupyter lab exited:\n{''.join(log)}")
+                except subprocess.TimeoutExpired:
+                    pass  # still running: not listening yet
         assert {p.name for p in (ROOT / "notebooks").glob("*.ipynb")} <= listed
     finally:
         server.terminate()
         server.wait(timeout=60)
+        reader.join(timeout=60)
