@@ -221,7 +221,7 @@ def test_check_outputs_refuses_an_input_and_a_run_record(tmp_path):
     (tmp_path / "preds.csv").write_text("x")
     with pytest.raises(cli.CommandError, match=r"--out .* is also this command's input \(--preds"):
         check_outputs({"--out": tmp_path / "preds.csv"}, {"--preds": tmp_path / "preds.csv"})
-    with pytest.raises(cli.CommandError, match=r"is a run folder, and checkpoint.pt is part"):
+    with pytest.raises(cli.CommandError, match=r"as a run folder, and checkpoint.pt is part"):
         check_outputs({"--out": tmp_path / "checkpoint.pt"}, {})
     check_outputs({"--out": tmp_path / "report.html"}, {})           # a run's derived output
     check_outputs({"--out": tmp_path / "checkpoint.pt"}, {}, overwrite=True)
@@ -257,7 +257,7 @@ def test_predict_does_not_replace_a_runs_predictions(run, tmp_path, capsys):
     before = hashes(run, images)
     code = predict.main([str(images), "--checkpoint", str(run / "checkpoint.pt"), "--out",
                          str(run / "preds.csv")])
-    refused(capsys, code, "is a run folder, and preds.csv is part of the run's record",
+    refused(capsys, code, "treated as a run folder, and preds.csv is part of a run's record",
             "--overwrite")
     assert hashes(run, images) == before
 

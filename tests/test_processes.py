@@ -107,7 +107,8 @@ def test_predict_does_not_replace_a_runs_predictions(warm, run, images):
     before = hashes(run, images)
     done = warm.run(["predict.py", images, "--checkpoint", run / "checkpoint.pt", "--out",
                      run / "preds.csv"])
-    refused(done, "is a run folder, and preds.csv is part of the run's record", "--overwrite")
+    refused(done, "so it is treated as a run folder, and preds.csv is part of a run's record",
+            "--overwrite")
     assert hashes(run, images) == before
 
 
