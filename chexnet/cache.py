@@ -83,6 +83,8 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     hands to ToTensor. An exact resize costs ~1.8 ms on a 1024 px image against ~10-13 ms to
     decode it, so a faster approximate resize (reducing_gap, reduce) is not worth the mismatch.
     """
+    if img.size == (size, size):  # a pre-resized copy: torchvision's Resize would return
+        return np.array(img, dtype=np.uint8)  # these very bytes (tests/test_prepare)
     out = T.CenterCrop(size)(T.Resize(size, antialias=True)(img))
     return np.array(out, dtype=np.uint8)  # a writable copy (50 KB at 224 px)
 
@@ -459,12 +461,13 @@ class Cache:
 
 def open_cache(data_dir: str | os.PathLike, size: int,
                labels_path: str | os.PathLike | Sequence[str | os.PathLike],
-               base: str | os.PathLike | None = None) -> Cache | None:
+               base: str | os.PathLike | None = None, quiet: bool = False) -> Cache | None:
     """The cache of `data_dir` at `size` (in `cache_dir(data_dir, size, base)`), if present,
     complete and built from `labels_path`.
 
-    Returns None when there is no cache; also None, with the reason printed, when one is
-    present but incomplete or stale (other labels file, other size, damaged files).
+    Returns None when there is no cache; also None, with the reason printed (unless
+    `quiet`), when one is present but incomplete or stale (other labels file, other size,
+    damaged files).
     """
     folder = cache_dir(data_dir, size, base)
     manifest = _read_manifest(folder) if folder.is_dir() else None
@@ -472,6 +475,8 @@ def open_cache(data_dir: str | os.PathLike, size: int,
         return None
 
     def stale(why: str) -> None:
+        if quiet:
+            return None
         print(f"{folder}: not using the image cache: {why}. Rerun prepare_data.py to "
               "(re)build it.")
         return None

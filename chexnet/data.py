@@ -767,7 +767,8 @@ def resolve_nih_labels(data: str | os.PathLike, labels: str | os.PathLike | None
 
 def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
               missing: str = "error", seed: int = 0, split: str | None = None,
-              dataset: str = "nih") -> tuple[pd.DataFrame, list[str]]:
+              dataset: str = "nih", cached: dict[str, Path] | None = None
+              ) -> tuple[pd.DataFrame, list[str]]:
     """NIH (or demo) label table, its folds set by `split`, joined with the image files found
     under `data`.
 
@@ -776,6 +777,10 @@ def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
     means the labels file's own folds when it has a `fold` column, else `reference` (NIH) or
     `random` (the demo, whose images are not NIH's). `table.attrs['split']` says which split
     the folds are: a file whose folds equal the reference split's is recorded as `reference`.
+
+    `cached` (image id -> the cache file holding its pixels; `train.load_tables` passes a
+    valid cache's usable rows when retrain.py reads the cache) stands in for images that are
+    not on disk, e.g. on a Colab VM after a reset, where only the cache was copied back.
     """
     data = Path(data)
     if not data.is_dir():
@@ -792,6 +797,8 @@ def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
     if split == "file" and dataset == "nih" and _is_reference(table):
         table.attrs["split"] = "reference"
     paths = index_images(data)
+    if cached:
+        paths = {**cached, **paths}  # an image on disk is itself; the others, their cache row
     if not paths:
         raise DataError(f"{data}: no PNG/JPEG images found (looked in images/, images_*/images/, "
                         "the folder itself and three levels below).")

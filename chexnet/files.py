@@ -1,16 +1,18 @@
-"""Files written whole or not at all, and file fingerprints: the one place for both.
+"""Files written whole or not at all, resumable copies, and file fingerprints: the one place.
 
 Every result, checkpoint, cache index, labels file and download the project writes goes through
 `atomic_write`: the bytes go to a temporary file beside the target, which is renamed over the
 target only once complete (a rename within one folder is atomic on POSIX and Windows). A crash,
 a kill or a full disk at any instant leaves either the previous file or the new one, never half
-of one.
+of one. `copy_resumable` (a cache copied to and from Google Drive, chexnet/colab.py) writes
+through `<name>.part`, which a later copy continues, and hashes the bytes as they go.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -77,6 +79,54 @@ def sha256_file(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
             for block in iter(lambda: fh.read(CHUNK), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Copied:
+    """What `copy_resumable` did: bytes copied this time (a resumed copy: only the rest) and
+    the sha256 of the whole file as written."""
+    bytes: int
+    sha256: str
+
+
+def copy_resumable(src: str | os.PathLike, dst: str | os.PathLike,
+                   progress: Callable[[int], object] | None = None) -> Copied:
+    """Copy `src` to `dst` through `<dst>.part`, continuing a `.part` that an interrupted copy
+    left (its bytes are kept and hashed, the rest read from `src`), then rename it over `dst`.
+    `dst` is never a half file. `progress(n)` is called with each block's byte count.
+
+    The returned sha256 is that of the bytes in `dst`; compare it with a recorded one, since
+    a `.part` left from an older `src` is only caught that way.
+
+    Raises:
+        OSError: reading, writing (a full disk) or `src` changing size while copied.
+    """
+    src, dst = Path(src), Path(dst)
+    part = dst.with_name(dst.name + ".part")
+    total = src.stat().st_size
+    have = part.stat().st_size if part.is_file() else 0
+    if have > total:  # not a prefix of this file
+        part.unlink()
+        have = 0
+    digest = hashlib.sha256()
+    if have:
+        with open(part, "rb") as fh:
+            for block in iter(lambda: fh.read(CHUNK), b""):
+                digest.update(block)
+    with open(src, "rb") as fin, open(part, "ab") as fout:
+        fin.seek(have)
+        for block in iter(lambda: fin.read(8 * CHUNK), b""):
+            fout.write(block)
+            digest.update(block)
+            if progress is not None:
+                progress(len(block))
+        fout.flush()
+        os.fsync(fout.fileno())
+    if part.stat().st_size != total:
+        raise OSError(f"{src}: its size changed while it was copied ({total:,} bytes before, "
+                      f"{part.stat().st_size:,} copied); copy it again.")
+    os.replace(part, dst)
+    return Copied(total - have, digest.hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------

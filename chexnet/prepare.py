@@ -42,6 +42,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from chexnet.cli import OldName, at_least, command, integer
 from chexnet.files import atomic_write, check_outputs, sha256_file
@@ -203,9 +204,43 @@ def _cache_nih(root: Path, size: int, labels_file: Path, split: str | None,
     print(f"{labels_file}: {len(ids)} images listed, {len(present)} found under {root}")
     meta = {"dataset": "nih", "source_root": str(root.resolve()),
             "labels_files": [labels_file.name], "split": split,
-            "layout": _layout(root, paths)}
+            "layout": _layout(root, paths), "source_image_size": _source_size(paths, size)}
     return _build(folder, present, paths, size, sha256_file(labels_file),
                   absent=absent, skip_bad=skip_bad, workers=workers, meta=meta, **build_kw)
+
+
+NIH_ORIGINAL = (1024, 1024)
+
+
+def _source_size(paths: Sequence[str], size: int, sample: int = 8) -> str | None:
+    """The pixel size of the images (from the headers of a few, evenly spaced), with a note
+    when they are not NIH's 1024x1024 originals: a pre-resized copy (e.g. the 224 px one) is
+    cached as it is, which is fast, but not bit-exact with the reference's resize of the
+    originals. Returns "WxH", "mixed", or None when none could be read (the build names it)."""
+    picks = [paths[i] for i in sorted({int(k * (len(paths) - 1) / max(sample - 1, 1))
+                                       for k in range(sample)})] if paths else []
+    sizes = set()
+    for path in picks:
+        try:
+            with Image.open(path) as img:
+                sizes.add(img.size)
+        except (OSError, ValueError):
+            continue  # the build reports undecodable images by name
+    if not sizes:
+        return None
+    if sizes == {NIH_ORIGINAL}:
+        return "1024x1024"
+    shown = "mixed" if len(sizes) > 1 else "{}x{}".format(*next(iter(sizes)))
+    if sizes == {(size, size)}:
+        print(f"the images are {shown} px, the cache's size: a pre-resized copy (NIH's "
+              "originals are 1024x1024). They are cached as they are, without resizing: fast, "
+              "but not bit-exact with reproduce-chexnet, which resizes the 1024 px originals "
+              "(README, 'A pre-resized NIH copy').")
+    else:
+        print(f"the images are {shown} px, not NIH's 1024x1024 originals: they are resized "
+              f"to {size} px as usual, but the result is not bit-exact with reproduce-chexnet's "
+              "resize of the originals (README, 'A pre-resized NIH copy').")
+    return shown
 
 
 def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,

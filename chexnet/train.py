@@ -37,7 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from chexnet.cli import CommandError
-from chexnet.cache import cache_loaders
+from chexnet.cache import IMAGES_FILE, cache_loaders, cache_root_and_labels, open_cache
 from chexnet.files import RUN_MARKERS, atomic_write, is_run_folder, sha256_bytes, sha256_file
 from chexnet.data import (
     CXRDataset, DataError, chexphoto_table, drops_last_batch, flip_batch,
@@ -176,8 +176,13 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
                            weight_decay=cfg.weight_decay)
 
 
-def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """The run's label table (with `fold` and `path`), its findings and skipped image ids."""
+def load_tables(cfg: TrainConfig, from_cache: bool = False
+                ) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """The run's label table (with `fold` and `path`), its findings and skipped image ids.
+
+    With `from_cache` (retrain.py, NIH and demo, --cache auto/on), the images of a valid
+    cache need not be on disk: their `path` is the cache's images.u8, and the loaders read them
+    from the cache (a Colab VM after a reset holds only the cache; chexnet/colab.py)."""
     if cfg.dataset == "chexphoto":
         if cfg.split not in (None, "random"):
             raise DataError(f"--split {cfg.split}: CheXphoto has its own split (train.csv by "
@@ -196,10 +201,28 @@ def load_tables(cfg: TrainConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
         kept = table.loc[present].reset_index(drop=True)
         kept.attrs["sources"] = table.attrs["sources"]
         return kept, findings, skipped
+    cached = cached_images(cfg) if from_cache and cfg.cache != "off" else None
     table, skipped = nih_table(cfg.data, cfg.labels, cfg.missing, cfg.seed, cfg.split,
-                               cfg.dataset)
+                               cfg.dataset, cached)
+    if cached:
+        where = next(iter(cached.values()))
+        elsewhere = int((table["path"] == str(where)).sum())
+        if elsewhere:
+            print(f"{elsewhere:,} of the {len(table):,} images are not on disk under "
+                  f"{cfg.data}: they are read from the cache {where.parent}, decoded when it "
+                  "was built")
     cfg.split = table.attrs["split"]  # recorded in config.json as the split actually used
     return table, list(findings_for("nih")), skipped
+
+
+def cached_images(cfg: TrainConfig) -> dict[str, Path] | None:
+    """Image id -> images.u8 for every usable row of the run's valid cache (None: none)."""
+    root, label_files = cache_root_and_labels(cfg)
+    cache = open_cache(root, cfg.image_size, label_files, cfg.cache_dir, quiet=True)
+    if cache is None:
+        return None
+    where = cache.dir / IMAGES_FILE
+    return {image_id: where for image_id in cache.row_of()}
 
 
 class EpochSampler(DistributedSampler):
@@ -754,7 +777,7 @@ def start_run(cfg: TrainConfig) -> Run:
     config.json and run_record.json are written (rank 0)."""
     ctx = init_distributed(cfg.device)
     device = pick_device(cfg.device, ctx)
-    table, findings, skipped = load_tables(cfg)
+    table, findings, skipped = load_tables(cfg, from_cache=True)
     cfg.findings = list(findings)
     check_run_folder(cfg, ctx)
     data = data_record(cfg, table)
