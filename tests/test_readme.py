@@ -100,6 +100,12 @@ RECIPE: dict[str, tuple[str, object]] = {
     "--plot robustness.png": ("run", []),
     "python benchmarks/subgroups_reference.py": ("needs reference", ["--n-boot", "20"]),
     "python benchmarks/data_pipeline.py": ("run", []),  # says it needs ../shared; exits 0
+    "python benchmarks/colab_reset.py": ("run", ["--small-files", "20", "--big-mb", "4"]),
+    "python benchmarks/train_memory.py": ("run", ["--batches", "2", "--image-size", "32",
+                                                  "--steps", "1"]),
+    "python retrain.py --dataset nih --data /data/nih --name nih_run --memory-efficient":
+        ("skip", "the same training as the nih_run line above, with one more flag (its "
+         "folder would already hold a run); --memory-efficient is tested in test_precision"),
     "python benchmarks/localization_demo.py": ("skip", "trains a DenseNet on 1,000 demo "
                                                "images (minutes); tests/test_localization_demo "
                                                "runs its --quick form"),
