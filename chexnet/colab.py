@@ -62,10 +62,11 @@ def _bar(total: int, what: str) -> tqdm:
                 mininterval=1.0)
 
 
-def _copy_checked(src: Path, dst: Path, want: str | None) -> int:
+def _copy_checked(src: Path, dst: Path, want: str | None) -> tuple[int, str]:
     """Copy src to dst (resuming a `.part`); with `want`, check the sha256 and, when a
     resumed copy does not match (a .part from older bytes), copy once more from the start.
-    Returns the bytes copied. Raises ValueError when the bytes do not hash to `want`."""
+    Returns the bytes copied and the sha256 of dst. Raises ValueError when the bytes do not
+    hash to `want`."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     copied = 0
     for attempt in (1, 2):
@@ -75,7 +76,7 @@ def _copy_checked(src: Path, dst: Path, want: str | None) -> int:
             done = copy_resumable(src, dst, bar.update)
         copied += done.bytes
         if want is None or done.sha256 == want:
-            return copied
+            return copied, done.sha256
         resumed = done.bytes < src.stat().st_size
         dst.unlink()
         if not resumed or attempt == 2:
@@ -106,13 +107,18 @@ def save_cache(data: str | os.PathLike, size: int, drive: str | os.PathLike) -> 
     (drive / COPIES_FILE).unlink(missing_ok=True)  # until all is copied, the folder is unusable
     record, copied = {}, 0
     for name, path in local.items():
-        sha = sha256_file(path)
-        record[name] = {"size": path.stat().st_size, "sha256": sha}
-        there = drive / name
-        if (old or {}).get(name) == record[name] and there.is_file() and \
-                there.stat().st_size == record[name]["size"]:
+        size, there = path.stat().st_size, drive / name
+        before = (old or {}).get(name)
+        if before and before["size"] == size and there.is_file() and \
+                there.stat().st_size == size and sha256_file(path) == before["sha256"]:
+            record[name] = before  # on Drive already, unchanged
             continue
-        copied += _copy_checked(path, there, sha)
+        # Each byte is read once: the copy hashes what it writes. Only a .part left on Drive
+        # (older bytes, perhaps) needs the source's own hash to check the resumed copy.
+        resumes = there.with_name(there.name + ".part").is_file()
+        got, sha = _copy_checked(path, there, sha256_file(path) if resumes else None)
+        record[name] = {"size": size, "sha256": sha}
+        copied += got
     atomic_write_text(drive / COPIES_FILE, json.dumps({
         "files": record, "image_size": int(size), "labels": LABELS_FILE,
         "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=1) + "\n")
@@ -167,7 +173,7 @@ def restore_cache(drive: str | os.PathLike, data: str | os.PathLike, size: int) 
             done.present.append(name)
             continue
         try:
-            done.bytes_copied += _copy_checked(drive / name, path, want["sha256"])
+            done.bytes_copied += _copy_checked(drive / name, path, want["sha256"])[0]
         except ValueError as err:
             return Restored(False, str(err), done.bytes_copied, done.copied, done.present)
         done.copied.append(name)

@@ -217,8 +217,8 @@ def _source_size(paths: Sequence[str], size: int, sample: int = 8) -> str | None
     when they are not NIH's 1024x1024 originals: a pre-resized copy (e.g. the 224 px one) is
     cached as it is, which is fast, but not bit-exact with the reference's resize of the
     originals. Returns "WxH", "mixed", or None when none could be read (the build names it)."""
-    picks = [paths[i] for i in sorted({int(k * (len(paths) - 1) / max(sample - 1, 1))
-                                       for k in range(sample)})] if paths else []
+    picks = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, sample).astype(int))
+             ] if paths else []
     sizes = set()
     for path in picks:
         try:

@@ -88,6 +88,18 @@ def test_save_records_every_file_and_restore_copies_them_back_checked(prepared, 
     assert again.ok and again.bytes_copied == 0 and sorted(again.present) == sorted(SAVED)
 
 
+def test_a_save_continuing_a_part_of_other_bytes_on_drive_records_the_true_hash(prepared,
+                                                                               tmp_path):
+    folder = tmp_path / "drive"
+    folder.mkdir()
+    (folder / "images.u8.part").write_bytes(b"\x07" * 1000)  # an older cache's interrupted save
+    colab.save_cache(prepared, SIZE, folder)
+    want = local_bytes(prepared)
+    record = json.loads((folder / "copies.json").read_text())["files"]
+    assert record["images.u8"]["sha256"] == sha(want["images.u8"])
+    assert (folder / "images.u8").read_bytes() == want["images.u8"]
+
+
 def test_saving_again_copies_nothing(prepared, drive, capsys):
     assert colab.save_cache(prepared, SIZE, drive) == 0
 
