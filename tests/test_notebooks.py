@@ -25,12 +25,17 @@ TINY = {"CHEXNET_IMAGE_SIZE": "32", "CHEXNET_EPOCHS": "1", "CHEXNET_WEIGHTS": "n
         "CHEXNET_DEMO_IMAGES": "60"}
 
 
+def run_cells(nb):
+    """Execute `nb` in place in a python3 kernel started in notebooks/, as Jupyter does."""
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+
+
 def execute(name, monkeypatch, **env):
     for key, value in {**TINY, **env}.items():
         monkeypatch.setenv(key, str(value))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    run_cells(nb)
     return nb
 
 
@@ -135,8 +140,7 @@ def run_colab(monkeypatch, **env):
         monkeypatch.setenv(key, str(value))
     nb = nbformat.read(NOTEBOOKS / "Retrain_colab.ipynb", as_version=4)
     try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        run_cells(nb)
         return text_of(nb), None
     except nbclient.exceptions.CellExecutionError as err:
         return text_of(nb), err
@@ -216,15 +220,13 @@ def test_colab_precision_is_one_setting_passed_to_retrain(colab_vm, monkeypatch)
     last = next(i for i, c in enumerate(nb.cells) if "PRECISION_FLAGS =" in c.source)
     nb.cells = nb.cells[:last + 1] + [nbformat.v4.new_code_cell("print(PRECISION_FLAGS)")]
     monkeypatch.setenv("CHEXNET_PRECISION", "amp")
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    run_cells(nb)
     out = text_of(nb)
     assert "precision amp (--amp auto --channels-last)" in out
     assert "['--amp', 'auto', '--channels-last']" in out
     monkeypatch.setenv("CHEXNET_PRECISION", "fp16")
     with pytest.raises(nbclient.exceptions.CellExecutionError, match='use "fp32"'):
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        run_cells(nb)
 
 
 def test_retrain_chexphoto(demo, tmp_path, monkeypatch):
