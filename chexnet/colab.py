@@ -128,10 +128,16 @@ def save_cache(data: str | os.PathLike, size: int, drive: str | os.PathLike) -> 
 
 
 def _read_copies(drive: Path) -> dict | None:
+    """copies.json's files (name -> size, sha256); None when it is absent or not one that
+    save_cache wrote (unreadable, truncated, edited into another shape)."""
     try:
-        return json.loads((drive / COPIES_FILE).read_text())["files"]
-    except (FileNotFoundError, NotADirectoryError, KeyError, TypeError, ValueError):
-        return None
+        files = json.loads((drive / COPIES_FILE).read_text())["files"]
+        if all(isinstance(r["size"], int) and isinstance(r["sha256"], str)
+               for r in files.values()):
+            return files
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        pass
+    return None
 
 
 def restore_cache(drive: str | os.PathLike, data: str | os.PathLike, size: int) -> Restored:

@@ -172,6 +172,15 @@ def test_a_saved_cache_is_never_described_by_the_copies_json_of_an_older_one(pre
     assert not (drive / "copies.json").exists()
 
 
+@pytest.mark.parametrize("text", ['{"files": {"images.u8": {"size": 3}}}', '{"files": [1]}',
+                                  '{"files": {"images.u8": {"size": "3", "sha256": "x"}}}',
+                                  '{"fil', '[]'])
+def test_a_copies_json_of_another_shape_is_a_reason_not_a_traceback(drive, tmp_path, text):
+    (drive / "copies.json").write_text(text)
+    done = colab.restore_cache(drive, tmp_path / "nih", SIZE)
+    assert not done.ok and "has no readable copies.json" in done.reason
+
+
 def test_a_local_labels_file_that_is_another_one_is_kept(drive, tmp_path):
     fresh = tmp_path / "nih"
     fresh.mkdir()
