@@ -48,10 +48,10 @@ import pandas as pd
 
 from chexnet.files import check_outputs
 from chexnet.cli import FRACTION, at_least, command, integer, number
-from chexnet import metrics, subgroups
+from chexnet.analysis import metrics, subgroups
 from chexnet.data import DataError
 from chexnet.scoring import (
-    PROB_PREFIX, format_table, patients_of, read_preds, score, truth_and_scores,
+    PROB_PREFIX, format_auc_table, patients_of, read_preds, score, truth_and_scores,
 )
 
 
@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     groups = patients_of(ids)
     table, n = score(preds_path, args.labels, published=not args.no_published)
     print(f"AUC on {n} images ({args.preds}):")
-    print(format_table(table))
+    print(format_auc_table(table))
     if "CheXNet paper" in table.columns:
         print("Published columns are on their own test splits; differences of 0.01 are within "
               "split-to-split variation.")
@@ -301,7 +301,7 @@ def _calibration_outputs(args: argparse.Namespace, y_true: np.ndarray, y_score: 
                                                             else (None, None)))
     print(f"\nCalibration of the test predictions (ECE: {subgroups.N_BINS} equal-mass bins); "
           + cal.note)
-    print(format_table(cal.table))
+    print(format_auc_table(cal.table))
     cal.table.to_csv(folder / "calibration.csv", index=False)
     subgroups.plot_reliability(y_true, y_score, findings, cal.calibrated,
                                out_png=folder / "reliability.png")

@@ -33,9 +33,8 @@ from chexnet.cli import (
 )
 from chexnet.data import SPLITS
 from chexnet.runtime import AMP_CHOICES, shutdown_distributed
-from chexnet.train import (
-    DATASETS, OPTIMIZERS, RECIPES, TrainConfig, fit,
-)
+from chexnet.config import DATASETS, OPTIMIZERS, TrainConfig
+from chexnet.train import RECIPES, fit
 
 MIN_IMAGE_SIZE = 32  # DenseNet-121 downsamples by 32: a smaller input has no feature map left
 

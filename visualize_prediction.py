@@ -42,8 +42,10 @@ import torch
 from chexnet.files import check_outputs, run_files
 from chexnet.cli import at_least, command
 from chexnet.data import DataError, build_transform
-from chexnet.cam import METHODS, heatmap, load_checkpoint, model_view, reference_log_odds_maps
-from chexnet.heatmaps import (
+from chexnet.analysis.cam import (
+    METHODS, heatmap, load_trained_model, model_view, reference_log_odds_maps,
+)
+from chexnet.analysis.heatmaps import (
     STYLES, _check_method_style, _pyplot, checkpoint_prevalence, gallery, parse_prevalence,
     reference_figure, render,
 )
@@ -101,7 +103,7 @@ def _gallery_main(args: argparse.Namespace) -> int:
 
 
 def _one_image_main(args: argparse.Namespace) -> int:
-    model, findings, size, config = load_checkpoint(args.checkpoint)
+    model, findings, size, config = load_trained_model(args.checkpoint)
     if args.label and args.label not in findings:
         raise DataError(f"--label {args.label!r} is not a finding of this model: "
                         f"{', '.join(findings)}")

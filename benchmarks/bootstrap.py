@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from chexnet import metrics
+from chexnet.analysis import metrics
 from chexnet.reference import PRETRAINED_DIR
 from chexnet.scoring import PROB_PREFIX, read_preds, read_truth
 

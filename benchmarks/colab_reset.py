@@ -55,7 +55,7 @@ def _write_sources(folder: Path, small: int, big_mb: int) -> tuple[Path, Path]:
 
 
 def _decode_rate(images: Path, work: Path) -> float | None:
-    from chexnet.cache import build_cache
+    from chexnet.datatools.cache_build import build_cache
 
     paths = sorted(images.glob("*.png"))
     if not paths:
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "cache build rate, 2-vCPU machine, 2026-11-26)")
     args = p.parse_args(argv)
     from chexnet.files import copy_resumable
-    from chexnet.notebook_tools import copy_missing
+    from chexnet.analysis.notebook_tools import copy_missing
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -10,9 +10,12 @@ Side by side, in one run, on the same images (median of --repeats after a warm-u
   floor: a plain full decode of each PNG (Pillow; OpenCV too when importable, the faster counts).
   (b) cache build (`cache.build_cache`, every core): cost per image per core =
       wall time x workers / images, compared with the decode floor.
-  (c) one epoch read from the cache: CacheLoader (shuffled, batch 64) + flip_batch + model_input
-      (train: flips, normalisation) on the CPU, over the cached images repeated to
-      --read-images per epoch.
+  (c) one epoch read from the cache: `cache.CachedImages` in torch's DataLoader (shuffled,
+      batch 64, what retrain.py reads on a CPU) + flip_batch + model_input (train: flips,
+      normalisation), over the cached images repeated to --read-images per epoch; beside it,
+      (c0) the same epoch through the batch loop of the CacheLoader class that 0.3.0 had
+      (replaced by CachedImages + DataLoader; kept here, in `removed_cache_loader`, only to
+      show that the change costs no read rate).
 torch runs on one thread throughout, so (a) and (c) each use one core. Prints a markdown table;
 the last line is `read/reference ratio: N.Nx`.
 """
@@ -37,11 +40,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as v1
 
-from chexnet.files import sha256_file
-from chexnet.cache import (
-    CacheLoader, build_cache, cache_dir, default_workers, open_cache, peak_rss_mb,
-)
+from torch.utils.data import DataLoader
+
+from chexnet.cache import CachedImages, cache_dir, collate_batch, open_cache
 from chexnet.data import flip_batch, model_input
+from chexnet.datatools.cache_build import build_cache, default_workers, peak_rss_mb
+from chexnet.files import sha256_file
 from chexnet.labels import IMAGENET_MEAN, IMAGENET_STD
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
@@ -74,6 +78,17 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int) -> tuple[fl
     return statistics.median(walls), statistics.median(cpus)
 
 
+def alternated(a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int
+               ) -> tuple[float, float]:
+    """Median wall seconds of `a()` and of `b()`, timed in turn (b, a, b, a, ...) so that a
+    change in the machine's load hits both alike."""
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for _ in range(repeats):
+        times["b"].append(median_time(b, 1, warmup)[0])
+        times["a"].append(median_time(a, 1, warmup)[0])
+    return statistics.median(times["a"]), statistics.median(times["b"])
+
+
 def reference_pipeline(paths: Sequence[Path], size: int) -> Callable[[], None]:
     """reproduce-chexnet's per-image preprocessing (torchvision v1 transforms on RGB)."""
     transform = v1.Compose([v1.Resize(size), v1.CenterCrop(size), v1.ToTensor(),
@@ -103,6 +118,24 @@ def decode_floors(paths: Sequence[Path]) -> dict[str, Callable[[], None]]:
             cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
     floors["OpenCV"] = opencv
     return floors
+
+
+def removed_cache_loader(dataset: CachedImages, batch_size: int, generator: torch.Generator):
+    """The batches of 0.3.0's CacheLoader (shuffle, no prefetch thread: its CPU setting), as
+    it read them: one permutation from `generator`, then per batch one sorted fancy-index of
+    the memory map, put back in drawn order. For the (c0) row only."""
+    images = dataset.cache.images()
+    order = torch.randperm(len(dataset), generator=generator).numpy()
+    for i in range(0, len(order), batch_size):
+        positions = order[i:i + batch_size]
+        rows = dataset.rows[positions]
+        sort = np.argsort(rows, kind="stable")
+        pixels = images[rows[sort]]
+        if not np.array_equal(sort, np.arange(len(sort))):
+            pixels = pixels[np.argsort(sort)]
+        yield (torch.from_numpy(pixels).unsqueeze(1),
+               torch.from_numpy(dataset.targets[positions]),
+               [dataset.image_ids[p] for p in positions])
 
 
 def make_images(folder: Path, n: int, side: int) -> None:
@@ -202,18 +235,26 @@ def measure(args: argparse.Namespace, work: Path, warmup: int) -> SimpleNamespac
         return 1
     reps = -(-args.read_images // n)
     rows = np.tile(np.arange(n), reps)
-    loader = CacheLoader(cache, rows, np.zeros((len(rows), 14), np.float32),
-                         [ids[r] for r in rows], args.batch_size, shuffle=True,
-                         generator=torch.Generator().manual_seed(0))
+    dataset = CachedImages(cache, rows, np.zeros((len(rows), 14), np.float32),
+                           [ids[r] for r in rows], [f"f{k}" for k in range(14)])
+    loader = DataLoader(dataset, args.batch_size, shuffle=True, collate_fn=collate_batch,
+                        generator=torch.Generator().manual_seed(0))
 
     def read_epoch() -> None:
         for seed, (x, _, _) in enumerate(loader):
             model_input(flip_batch(x, seed), "cpu")
-    read_s = median_time(read_epoch, args.repeats, max(warmup, 1))[0] / len(rows)
+
+    def read_epoch_removed() -> None:
+        batches = removed_cache_loader(dataset, args.batch_size, torch.Generator().manual_seed(0))
+        for seed, (x, _, _) in enumerate(batches):
+            model_input(flip_batch(x, seed), "cpu")
+    read_s, removed_s = (t / len(rows) for t in alternated(
+        read_epoch, read_epoch_removed, args.repeats, max(warmup, 1)))
     rss = peak_rss_mb()
     return SimpleNamespace(n=n, images_dir=images_dir, build_s=build_s, build_cpu_s=build_cpu_s,
                            build1_s=build1_s, floors=floors, floor_name=floor_name,
                            floor_s=floor_s, floor_cpu_s=floor_cpu_s, ref_s=ref_s, read_s=read_s,
+                           removed_s=removed_s,
                            rows=len(rows), rss_start=rss_start, rss_build=rss_build, rss=rss)
 
 
@@ -242,8 +283,11 @@ def print_table(args: argparse.Namespace, m: SimpleNamespace, warmup: int) -> No
     if args.workers > 1:
         print(f"| (b) cache build, 1 worker | {n / m.build1_s:.1f} | "
               f"{1000 * m.build1_s / n:.2f} | | in this process, no pool |")
+    print(f"| (c0) cache read, 0.3.0 CacheLoader (removed) | {1 / m.removed_s:.0f} | "
+          f"{1000 * m.removed_s:.4f} | | the same epoch, the old batch loop |")
     print(f"| (c) cache read + flip + normalise | {read_ips:.0f} | {1000 * m.read_s:.4f} | | "
-          f"{m.rows} images/epoch, shuffled, flips + normalise, CPU |")
+          f"{m.rows} images/epoch, shuffled, flips + normalise, CPU; CachedImages + "
+          "DataLoader |")
     print()
     print(f"build/reference ratio (per core, wall): {m.ref_s / build_per_core_s:.2f}x")
     one_worker = (f"{m.build1_s / n / m.floor_s:.2f}x wall (1 worker), "
@@ -255,6 +299,8 @@ def print_table(args: argparse.Namespace, m: SimpleNamespace, warmup: int) -> No
                    if args.workers > 1 else "")
     print(f"peak RSS: {m.rss_start:.0f} MiB after imports; {m.rss_build['self']:.0f} MiB main "
           f"after build{workers_rss}; {m.rss['self']:.0f} MiB at the end")
+    print(f"cache read, DataLoader / removed CacheLoader: {m.removed_s / m.read_s:.2f}x "
+          "(1.00x = the same rate)")
     print(f"read/reference ratio: {read_ips / ref_ips:.1f}x")
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-BEFORE = "import sys; from chexnet.predict import main; sys.exit(main(sys.argv[1:]))"
+BEFORE = "import sys; from chexnet.analysis.predict import main; sys.exit(main(sys.argv[1:]))"
 BUSY = "while True: pass"
 
 
@@ -40,7 +40,7 @@ def make_inputs(folder: Path, n_images: int, size: int) -> tuple[Path, Path]:
     """(folder of n demo PNGs, a checkpoint at `size` px)."""
     import torch
 
-    from chexnet.demo import make_nih_demo
+    from chexnet.datatools.demo import make_nih_demo
     from chexnet.labels import NIH_FINDINGS
     from chexnet.model import build_model
 

@@ -31,10 +31,11 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from chexnet import demo
-from chexnet import localization
+from chexnet.datatools import demo
+from chexnet.analysis import localization
 from chexnet.data import DataError
-from chexnet.train import TrainConfig, fit
+from chexnet.config import TrainConfig
+from chexnet.train import fit
 
 # The project is installed (make / pip install -e .); ROOT is only for default paths.
 ROOT = Path(__file__).resolve().parents[1]

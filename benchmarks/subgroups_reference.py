@@ -37,8 +37,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from chexnet import metrics
-from chexnet import subgroups
+from chexnet.analysis import metrics
+from chexnet.analysis import subgroups
 from chexnet.data import DataError, read_nih_labels
 from chexnet.labels import FOLDS, NIH_FINDINGS, NIH_IMAGE_COL
 from chexnet.reference import PRETRAINED_DIR, hint

@@ -21,8 +21,9 @@ read; peak memory is torch.cuda.max_memory_allocated since the config started (m
 state, activations and the synthetic input batches).
 
 Then one end-to-end training epoch with config (c) from a real uint8 cache (written straight in
-chexnet/cache.py's format and validated by `open_cache`) through `cache.cache_loaders`, exactly
-what retrain.py uses: CacheLoader (pinned, prefetched), normalised on the device. Its
+chexnet/cache.py's format and validated by `open_cache`) through `loaders.make_loaders`, exactly
+what retrain.py uses: `cache.CachedImages` in torch's DataLoader (pinned, one worker on a GPU),
+normalised on the device. Its
 img/s gives the extrapolated NIH training-pass time (78,468 images).
 
 --check-amp: the issue's acceptance check "bf16/fp16 training on GPU gives validation loss within
@@ -62,16 +63,17 @@ from torch import nn
 
 from chexnet.files import sha256_file
 from chexnet.cache import (
-    CACHE_VERSION, DONE, DONE_FILE, IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, cache_dir,
-    cache_loaders,
+    CACHE_VERSION, DONE, DONE_FILE, IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, CachedImages,
+    cache_dir,
 )
 from chexnet.data import DEFAULT_NIH_LABELS
 from chexnet.labels import findings_for
 from chexnet.model import build_model
-from chexnet.train import (
-    EpochProgress, EpochSampler, NonFiniteLoss, Precision, TrainConfig, evaluate, load_tables,
-    make_loaders, seed_everything, train_one_epoch,
-)
+from chexnet.config import TrainConfig
+from chexnet.loaders import EpochSampler, load_tables, make_loaders
+from chexnet.runs import EpochProgress, seed_everything
+from chexnet.runtime import Precision
+from chexnet.train import NonFiniteLoss, evaluate, train_one_epoch
 from chexnet.runtime import (
     AMP_CHOICES, REFERENCE_BATCH, grad_scaler, maybe_compile, probe_batch_size, resolve_amp,
     scaled_lr,
@@ -402,7 +404,7 @@ def cache_table(sizes: Sizes, seed: int = 0) -> pd.DataFrame:
 def cache_epoch(trainer: Trainer, batch: int, sizes: Sizes, device: torch.device, workdir: Path,
                 say: Callable[[str], None]) -> dict:
     """One training epoch and one validation pass of `trainer` from a uint8 cache, through
-    retrain's own loader factory (cache_loaders, as fit calls it)."""
+    retrain's own loader factory (make_loaders, as fit calls it)."""
     root = workdir / "cache_root"
     root.mkdir(parents=True, exist_ok=True)
     table = cache_table(sizes)
@@ -415,10 +417,8 @@ def cache_epoch(trainer: Trainer, batch: int, sizes: Sizes, device: torch.device
     cfg = TrainConfig(dataset="nih", data=str(root), labels=str(labels_path),
                       image_size=sizes.image_size, batch_size=batch, eval_batch_size=batch,
                       seed=0)
-    loaders = cache_loaders(cfg, table, FINDINGS,
-                            train_sampler=lambda n: EpochSampler(n, cfg.seed),
-                            pin_memory=device.type == "cuda")
-    if loaders is None:
+    loaders = make_loaders(cfg, table, FINDINGS, device)
+    if not isinstance(loaders["train"].dataset, CachedImages):
         raise RuntimeError(f"open_cache rejected the benchmark's cache under {root}: "
                            "chexnet/cache.py's format changed; update write_cache")
     if sizes.cache_train % batch:
@@ -457,7 +457,7 @@ def check_amp(sizes: Sizes, device: torch.device, amp_choice: str, workdir: Path
               say: Callable[[str], None]) -> dict:
     """Train the same seeded model for the same steps in fp32 and in AMP on a generated demo
     set, with retrain's loaders, training step and evaluation; compare validation losses."""
-    from chexnet.demo import make_nih_demo
+    from chexnet.datatools.demo import make_nih_demo
 
     # On a CPU, `auto` means fp32 (resolve_amp): bf16 autocast is forced to exercise the path.
     amp = resolve_amp("bf16" if device.type == "cpu" else amp_choice, device)
@@ -658,7 +658,8 @@ def run(args: argparse.Namespace) -> int:
         say("")
         say(markdown_table(results))
         e2e = report["end_to_end"]
-        loader = "CacheLoader (pinned)" if device.type == "cuda" else "CacheLoader"
+        loader = ("CachedImages + DataLoader (pinned, 1 worker)" if device.type == "cuda"
+                  else "CachedImages + DataLoader")
         say(f"end-to-end (uint8 cache -> {loader} -> model_input on {device.type}, config "
             f"(c), batch {e2e['batch']}): {e2e['train_img_s']:.1f} img/s training, "
             f"{e2e['val_img_s']:.1f} img/s validation")

@@ -4,7 +4,8 @@ Every result, checkpoint, cache index, labels file and download the project writ
 `atomic_write`: the bytes go to a temporary file beside the target, which is renamed over the
 target only once complete (a rename within one folder is atomic on POSIX and Windows). A crash,
 a kill or a full disk at any instant leaves either the previous file or the new one, never half
-of one. `copy_resumable` (a cache copied to and from Google Drive, chexnet/colab.py) writes
+of one. `copy_resumable` (a cache copied to and from Google Drive, chexnet/datatools/colab.py)
+writes
 through `<name>.part`, which a later copy continues, and hashes the bytes as they go.
 """
 from __future__ import annotations

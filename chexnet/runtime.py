@@ -221,3 +221,15 @@ def scaled_lr(lr: float, batch: int, reference_batch: int = REFERENCE_BATCH) -> 
     """Linear scaling rule (Goyal et al. 2017): lr grows with the batch, so that one epoch
     moves the weights about as far as the reference recipe's batch-16 epoch does."""
     return lr * batch / reference_batch
+
+
+@dataclass
+class Precision:
+    """How tensors are laid out and computed: autocast dtype (None = fp32), channels_last."""
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images

@@ -4,7 +4,7 @@ A predictions file has an id column (`Image Index` for NIH, `Path` for CheXphoto
 `prob_<Finding>` column per finding, as reproduce-chexnet writes; this project's `preds.csv`
 also carries the ground truth (a `<Finding>` column each). `read_preds` checks it (values in
 [0, 1], no repeated image, every finding present) and names the file, column and row of any
-problem. Bootstrap CIs, ROC curves, thresholds and DeLong's test are in chexnet/metrics.py.
+problem. Bootstrap CIs, ROC curves, thresholds and DeLong's test are in chexnet/analysis/metrics.py.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def auc_table(aucs: dict[str, float], with_published: bool) -> pd.DataFrame:
     return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
 
 
-def format_table(table: pd.DataFrame) -> str:
+def format_auc_table(table: pd.DataFrame) -> str:
     """Readable fixed-width rendering of an AUC table (4 decimals, NaN shown as 'n/a')."""
     return table.to_string(index=False, na_rep="n/a",
                            float_format=lambda v: f"{v:.4f}")

@@ -77,7 +77,7 @@ def load_benchmark(name: str):
 
 def nih_demo(tmp_path_factory, n_images: int, size: int, seed: int) -> Path:
     """A small NIH-format demo dataset (demo_data.make_nih_demo) in a fresh temp folder."""
-    from chexnet.demo import make_nih_demo
+    from chexnet.datatools.demo import make_nih_demo
 
     root = tmp_path_factory.mktemp("demo")
     make_nih_demo(root, n_images=n_images, size=size, seed=seed)
@@ -158,15 +158,18 @@ def tiny_run(tmp_path_factory, n_images: int = 40, size: int = 48, image_size: i
     if key in _RUNS:
         return _RUNS[key]
     from chexnet import train as training
-    from chexnet.demo import make_nih_demo
+    from chexnet.config import TrainConfig
+    from chexnet.loaders import load_tables, make_loaders
+    from chexnet.runs import write_predictions
+    from chexnet.datatools.demo import make_nih_demo
     from chexnet.model import build_model
 
     root = tmp_path_factory.mktemp("tiny_demo")
     make_nih_demo(root / "nih", n_images=n_images, size=size, seed=0)
-    cfg = training.TrainConfig(dataset="demo", data=str(root / "nih"), out=str(root / "results"),
-                               name="tiny", image_size=image_size, weights="none", workers=0)
-    table, findings, _ = training.load_tables(cfg)
-    cfg.findings = list(findings)
+    cfg = TrainConfig(dataset="demo", data=str(root / "nih"), out=str(root / "results"),
+                      name="tiny", image_size=image_size, weights="none", workers=0)
+    table, findings, _ = load_tables(cfg)
+    cfg = dataclasses.replace(cfg, split=table.attrs["split"], findings=list(findings))
     torch.manual_seed(0)
     model = build_model(len(findings), "none").eval()
     run_dir = cfg.run_dir
@@ -175,8 +178,8 @@ def tiny_run(tmp_path_factory, n_images: int = 40, size: int = 48, image_size: i
     torch.save({"model": model.state_dict(), "epoch": 0, "val_loss": 0.0,
                 "config": dataclasses.asdict(cfg), "findings": list(findings)},
                run_dir / "checkpoint.pt")
-    test_loader = training.make_loaders(cfg, table, findings, torch.device("cpu"))["test"]
+    test_loader = make_loaders(cfg, table, findings, torch.device("cpu"))["test"]
     _, probs, targets, ids = training.evaluate(model, test_loader, torch.device("cpu"))
-    training.write_predictions(run_dir, cfg, findings, ids, probs, targets)
+    write_predictions(run_dir, cfg, findings, ids, probs, targets)
     _RUNS[key] = run_dir
     return run_dir

@@ -60,8 +60,9 @@ class Batch(Dataset):
 
 def main(out: Path) -> int:
     from chexnet.runtime import init_distributed, shutdown_distributed
-    from chexnet.train import (EpochProgress, TrainConfig, evaluate, make_optimizer,
-                               train_one_epoch)
+    from chexnet.config import TrainConfig
+    from chexnet.runs import EpochProgress
+    from chexnet.train import evaluate, make_optimizer, train_one_epoch
 
     torch.set_num_threads(1)  # the test's single-process replay uses one thread too
     ctx = init_distributed("cpu")

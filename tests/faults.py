@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from chexnet import runs
 from chexnet import train as training
+from chexnet.runs import EpochProgress
 import retrain
 
 
@@ -43,7 +45,7 @@ def _signal_at_step() -> None:
                         *args, **kwargs):
         per_epoch = progress.batches + len(loader)  # the whole epoch, resumed mid-way or not
 
-        def hooked(p: training.EpochProgress) -> None:
+        def hooked(p: EpochProgress) -> None:
             if (p.epoch - 1) * per_epoch + p.batches == at:
                 if group:
                     os.killpg(os.getpgid(0), signum)
@@ -61,7 +63,7 @@ def _kill_in_save() -> None:
     nth = int(os.environ.get("CHEXNET_TEST_KILL_IN_SAVE", "0"))
     if not nth:
         return
-    real = training.atomic_torch_save
+    real = runs.atomic_torch_save
     saves = 0
 
     def atomic_torch_save(obj: object, path: Path) -> None:
@@ -76,7 +78,8 @@ def _kill_in_save() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         real(obj, path)
 
-    training.atomic_torch_save = atomic_torch_save
+    # last.pt is written by runs.save_epoch (end of epoch) and train.train_epochs (mid-epoch)
+    runs.atomic_torch_save = training.atomic_torch_save = atomic_torch_save
 
 
 def _state_at_eval() -> None:

@@ -16,7 +16,9 @@ import torch
 from pathlib import Path
 from PIL import Image
 
-from chexnet import train as training
+from chexnet.labels import findings_for
+from chexnet.loaders import load_tables
+from chexnet.runs import SaveError, save_text
 import retrain
 from conftest import nih_demo
 from chexnet.data import ImageReadError, load_xray
@@ -43,7 +45,7 @@ def train(root, out, *extra):
 
 
 def train_ids(root):
-    table, _, _ = training.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+    table, _, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(root)]))
     return table.query("fold == 'train'")["image_id"].tolist()
 
@@ -83,7 +85,7 @@ def test_empty_fold(data, tmp_path, capsys):
     labels = pd.read_csv(data / "Data_Entry_2017.csv")
     table = pd.DataFrame({"Image Index": labels["Image Index"],
                           "Patient ID": labels["Patient ID"], "fold": "train"})
-    for f in training.findings_for("nih"):
+    for f in findings_for("nih"):
         table[f] = labels["Finding Labels"].str.contains(f).astype(int)
     table.loc[: len(table) // 2, "fold"] = "test"
     table.to_csv(tmp_path / "labels.csv", index=False)
@@ -158,8 +160,8 @@ def test_no_swallowed_exceptions_in_the_code():
 
 
 def test_unwritable_folder_message_does_not_blame_the_disk(tmp_path):
-    with pytest.raises(training.SaveError) as err:
-        training.save_text("x", tmp_path / "absent" / "f.txt")
+    with pytest.raises(SaveError) as err:
+        save_text("x", tmp_path / "absent" / "f.txt")
     assert "exists and is writable" in str(err.value) and "Free some space" not in str(err.value)
 
 
@@ -183,7 +185,7 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value, 
 @pytest.mark.parametrize("value,shown", [(2, "holds 2;"), (0.5, "holds 0.5;")])
 def test_a_bad_label_value_is_shown_as_a_plain_number(tmp_path, capsys, value, shown):
     """numpy 2 scalars repr as np.int64(2): a message shows the number as the file has it."""
-    from chexnet import prepare
+    from chexnet.datatools import prepare
     from conftest import make_nih
 
     make_nih(tmp_path, n=4, shapes=[("L", 40, 40)], folds=True)

@@ -1,9 +1,11 @@
 """chexnet/cache.py: cached batches through model_input against the reference preprocessing,
-the batch loader, the loaders retrain.py gets, the real NIH sample, the benchmark's smoke run."""
+the cache as a Dataset for torch's DataLoader, the loaders retrain.py gets (cache = files),
+the real NIH sample, the benchmark's smoke run."""
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import re
-import threading
 
 import numpy as np
 import pandas as pd
@@ -11,13 +13,22 @@ import pytest
 import torch
 from PIL import Image
 
+from torch.utils.data import DataLoader, default_collate
+
 from chexnet import cache as cxr_cache
-from chexnet import prepare as prepare_data
-from conftest import ROOT, load_benchmark, make_nih, shared, xray_like
+from chexnet import train as training
+from chexnet.cache import CachedImages, cache_dir, collate_batch, open_cache
+from chexnet.config import TrainConfig
+from chexnet.data import CXRDataset, build_transform, load_xray, model_input
+from chexnet.datatools import cache_build
+from chexnet.datatools import prepare as prepare_data
+from chexnet.datatools.cache_build import resize_center_crop
 from chexnet.files import sha256_file
-from chexnet.cache import CacheLoader, cache_dir, open_cache, resize_center_crop
-from chexnet.data import build_transform, load_xray, model_input
 from chexnet.labels import NIH_FINDINGS
+from chexnet.loaders import load_tables, make_datasets, make_loaders
+from chexnet.runs import EpochProgress
+from chexnet.runtime import Dist
+from conftest import ROOT, load_benchmark, make_nih, shared, xray_like
 
 
 def reference_batch(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -42,7 +53,7 @@ def generated_cache(tmp_path):
         Image.fromarray(np.full((30, 30), 10 * i + 5, np.uint8)).save(folder / name)
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(ids))
-    cxr_cache.build_cache(cache_dir(tmp_path, 24), ids, [folder / i for i in ids], 24,
+    cache_build.build_cache(cache_dir(tmp_path, 24), ids, [folder / i for i in ids], 24,
                           sha256_file(labels), workers=1, progress=False)
     cache = open_cache(tmp_path, 24, labels)
     assert cache is not None
@@ -92,12 +103,13 @@ def test_model_input_refuses_a_batch_that_is_already_float():
 
 
 # --------------------------------------------------------------------------------------------
-# CacheLoader
+# CachedImages: a Dataset over the cache, fed to torch's DataLoader
 # --------------------------------------------------------------------------------------------
-def loader_for(cache, rows, **kw) -> CacheLoader:
+def loader_for(cache, rows, **kw) -> DataLoader:
     rows = np.asarray(rows)
     targets = np.stack([rows, -rows], axis=1).astype(np.float32)  # (N, 2): row, -row
-    return CacheLoader(cache, rows, targets, [cache.ids[r] for r in rows], **kw)
+    ds = CachedImages(cache, rows, targets, [cache.ids[r] for r in rows], ("row", "minus"))
+    return DataLoader(ds, collate_fn=collate_batch, **kw)
 
 
 def check_batch(cache, images, targets, ids) -> list[int]:
@@ -120,81 +132,80 @@ def test_loader_covers_every_image_once_per_epoch(generated_cache):
     assert len(dropped) == 2 and sum(len(b[2]) for b in dropped) == 8
 
 
-def test_loader_shuffle_is_set_by_the_generator(generated_cache):
+def test_batches_follow_the_sampler_order(generated_cache):
+    """A batch is the sampler's next batch_size positions, in that order (the rows are read
+    sorted and put back), and the same generator seed gives the same epoch."""
+    loader = loader_for(generated_cache, range(10), batch_size=3,
+                        sampler=[4, 6, 9, 1, 0, 7, 8, 2, 3, 5])
+    got = [check_batch(generated_cache, *b) for b in loader]
+    assert got == [[4, 6, 9], [1, 0, 7], [8, 2, 3], [5]]
+
     def epoch(seed):
-        loader = loader_for(generated_cache, range(10), batch_size=3, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))
-        return [tuple(ids) for _, _, ids in loader]
-
-    assert epoch(1) == epoch(1)
-    assert epoch(1) != epoch(2)
-    loader = loader_for(generated_cache, range(10), batch_size=3, shuffle=True,
-                        generator=torch.Generator())
-    loader.generator.manual_seed(1)   # what retrain does before each epoch
-    first = [tuple(ids) for _, _, ids in loader]
-    loader.generator.manual_seed(1)
-    assert [tuple(ids) for _, _, ids in loader] == first == epoch(1)
-    # Batch membership is the drawn permutation, split in batch_size pieces.
-    order = torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
-    assert [set(b) for b in first] == [{f"img{r}.png" for r in order[i:i + 3]}
-                                       for i in range(0, 10, 3)]
-
-
-def test_unshuffled_loader_keeps_the_given_order(generated_cache):
+        return [check_batch(generated_cache, *b) for b in loader_for(
+            generated_cache, range(10), batch_size=3, shuffle=True,
+            generator=torch.Generator().manual_seed(seed))]
+    assert epoch(1) == epoch(1) != epoch(2)
     rows = [7, 2, 9, 0, 5, 5]
     loader = loader_for(generated_cache, rows, batch_size=4, shuffle=False)
-    got = [r for batch in loader for r in check_batch(generated_cache, *batch)]
-    assert got == rows
+    assert [r for batch in loader for r in check_batch(generated_cache, *batch)] == rows
 
 
-def test_prefetching_gives_the_same_batches_and_stops_cleanly(generated_cache):
-    def batches(prefetch):
+def test_a_batch_read_at_once_equals_the_items_collated(generated_cache):
+    """__getitems__ (one read per batch) and __getitem__ + torch's default collate agree."""
+    ds = loader_for(generated_cache, [7, 2, 9, 0, 5], batch_size=5).dataset
+    images, targets, ids = ds.__getitems__([4, 0, 2, 2])
+    one_by_one = default_collate([ds[i] for i in (4, 0, 2, 2)])
+    assert torch.equal(images, one_by_one[0]) and torch.equal(targets, one_by_one[1])
+    assert ids == list(one_by_one[2]) == ["img5.png", "img7.png", "img9.png", "img9.png"]
+
+
+def test_worker_processes_read_the_same_batches(generated_cache):
+    """The dataset pickles without its memory map (each worker opens its own)."""
+    def batches(workers):
         loader = loader_for(generated_cache, range(10), batch_size=3, shuffle=True,
-                            prefetch=prefetch, generator=torch.Generator().manual_seed(3))
+                            num_workers=workers, generator=torch.Generator().manual_seed(3))
         return [(x.clone(), ids) for x, _, ids in loader]
 
-    plain, ahead = batches(0), batches(2)
-    assert [ids for _, ids in plain] == [ids for _, ids in ahead]
-    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, ahead))
-    loader = loader_for(generated_cache, range(10), batch_size=1, shuffle=False, prefetch=1)
-    for k, _ in enumerate(loader):
-        if k == 1:
-            break  # the prefetch thread must end with the consumer (the generator is closed)
-    assert not any(t.name == "cache-prefetch" and t.is_alive()
-                   for t in threading.enumerate())
+    plain, workers = batches(0), batches(1)
+    assert [ids for _, ids in plain] == [ids for _, ids in workers]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(plain, workers))
+    ds = loader_for(generated_cache, range(10), batch_size=3).dataset
+    ds.pixels()
+    assert pickle.loads(pickle.dumps(ds))._pixels is None
+    assert len(pickle.dumps(ds)) < 10 * 24 * 24  # not the pixels
 
 
-def test_loader_rejects_rows_outside_the_cache(generated_cache):
+def test_dataset_rejects_rows_outside_the_cache(generated_cache):
     with pytest.raises(ValueError, match="rows"):
-        CacheLoader(generated_cache, np.array([0, 10]), np.zeros((2, 1), np.float32),
-                    ["a", "b"], batch_size=2, shuffle=False)
+        CachedImages(generated_cache, np.array([0, 10]), np.zeros((2, 1), np.float32),
+                     ["a", "b"], ("x",))
 
 
 # --------------------------------------------------------------------------------------------
-# cache_loaders: what retrain.py calls
+# make_loaders: what retrain.py calls, from the cache or from the files
 # --------------------------------------------------------------------------------------------
-def test_cache_loaders_serve_what_the_reference_loaders_serve(tmp_path, capsys):
-    """With retrain's EpochSampler and its own flips, every batch equals make_loaders' batch,
-    mid-epoch starts included, and retrain's training and evaluation loops accept them."""
-    from chexnet import train as training
+def test_cache_loaders_serve_what_the_file_loaders_serve(tmp_path, capsys):
+    """With retrain's EpochSampler, every batch from the cache equals the batch from the image
+    files, mid-epoch starts included, and retrain's training and evaluation loops accept them."""
     from torch import nn
 
     make_nih(tmp_path, n=12, shapes=[("L", 40, 40), ("RGBA", 50, 40)], folds=True)
-    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path),
-                              labels=str(tmp_path / "labels.csv"), image_size=32, batch_size=2,
-                              eval_batch_size=5, workers=0, seed=3)
-    table, findings, _ = training.load_tables(cfg)
+    cfg = TrainConfig(dataset="nih", data=str(tmp_path), labels=str(tmp_path / "labels.csv"),
+                      image_size=32, batch_size=2, eval_batch_size=5, workers=0, seed=3)
+    table, findings, _ = load_tables(cfg)
     device = torch.device("cpu")
-    sampler = lambda n: training.EpochSampler(n, cfg.seed)  # noqa: E731
-    assert cxr_cache.cache_loaders(cfg, table, findings, sampler) is None
+    assert make_datasets(cfg, table, findings)[1] is False   # no cache yet: the files
 
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
-    cfg.labels = None  # the same labels now sit in DATA/nih_labels.csv, which is the default
-    table, findings, _ = training.load_tables(cfg)
-    ours = cxr_cache.cache_loaders(cfg, table, findings, sampler)
+    # The same labels now sit in DATA/nih_labels.csv, which is the default.
+    cfg = dataclasses.replace(cfg, labels=None)
+    table, findings, _ = load_tables(cfg)
+    ours = make_loaders(cfg, table, findings, device)
     assert "uint8 cache" in capsys.readouterr().out
-    theirs = training.make_loaders(cfg, table, findings, device)
+    assert isinstance(ours["train"].dataset, CachedImages)
+    theirs = make_loaders(dataclasses.replace(cfg, cache="off"), table, findings, device)
+    assert isinstance(theirs["train"].dataset, CXRDataset)
     for epoch, start in [(1, 0), (2, 4)]:
         for loaders in (ours, theirs):
             loaders["train"].sampler.set_epoch(epoch, start)
@@ -211,72 +222,47 @@ def test_cache_loaders_serve_what_the_reference_loaders_serve(tmp_path, capsys):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ours["train"].sampler.set_epoch(1)
     loss = training.train_one_epoch(model, ours["train"], optimizer, device,
-                                   training.EpochProgress(1), cfg.seed)
+                                    EpochProgress(1), cfg.seed)
     assert np.isfinite(loss)
     _, probs, targets, ids = training.evaluate(model, ours["test"], device)
     assert ids == table.loc[table["fold"] == "test", "image_id"].tolist()
     assert probs.shape == targets.shape == (3, len(NIH_FINDINGS))
 
 
-def test_cache_loaders_own_shuffle_follows_the_generator(tmp_path):
-    from chexnet import train as training
-
-    make_nih(tmp_path, n=12, shapes=[("L", 40, 40)], folds=True)
-    prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
-                             progress=False)
-    # Batches of 3: 6 training images make 2 full batches (a final batch of 2 images at 32 px
-    # would be dropped as too small for BatchNorm, see data.drops_last_batch).
-    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=3)
-    table, findings, _ = training.load_tables(cfg)
-    train = cxr_cache.cache_loaders(cfg, table, findings)["train"]
-    assert train.sampler is None and len(train) == 2 and len(train.dataset) == 6
-
-    def epoch(seed):
-        train.generator.manual_seed(seed)  # retrain's old per-epoch reseeding
-        return [(x, ids) for x, _, ids in train]
-
-    first, again, other = epoch(5), epoch(5), epoch(6)
-    assert all(torch.equal(a, b) and i == j for (a, i), (b, j) in zip(first, again))
-    assert [i for _, i in first] != [i for _, i in other]
-
-
 def test_cache_loaders_split_evaluation_over_processes(tmp_path):
-    from chexnet import train as training
-
     make_nih(tmp_path, n=16, shapes=[("L", 40, 40)], folds=True)
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
-    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4,
-                              eval_batch_size=2)
-    table, findings, _ = training.load_tables(cfg)
-    full = cxr_cache.cache_loaders(cfg, table, findings)
-    parts = [cxr_cache.cache_loaders(cfg, table, findings, rank=r, world=2)
-             for r in (0, 1)]
+    cfg = TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4,
+                      eval_batch_size=2, workers=0)
+    table, findings, _ = load_tables(cfg)
+    cpu = torch.device("cpu")
+    full = make_loaders(cfg, table, findings, cpu)
+    parts = [make_loaders(cfg, table, findings, cpu, Dist(rank=r, world=2)) for r in (0, 1)]
     for fold in ("val", "test"):
         whole = [i for *_, ids in full[fold] for i in ids]
         assert [i for p in parts for *_, ids in p[fold] for i in ids] == whole
     assert all(p["train"].batch_size == 2 for p in parts)
-    assert parts[0]["val"].dataset.findings == tuple(NIH_FINDINGS)
+    assert parts[0]["val"].dataset.dataset.findings == tuple(NIH_FINDINGS)
 
 
 def test_stale_cache_is_not_used(tmp_path, capsys):
-    from chexnet import train as training
-
     make_nih(tmp_path, n=8, shapes=[("L", 40, 40)], folds=True)
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
-    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=32)
-    table, findings, _ = training.load_tables(cfg)
-    assert cxr_cache.cache_loaders(cfg, table, findings) is not None
+    cfg = TrainConfig(dataset="nih", data=str(tmp_path), image_size=32)
+    table, findings, _ = load_tables(cfg)
+    assert cxr_cache.cache_datasets(cfg, table, findings) is not None
     labels = pd.read_csv(tmp_path / "nih_labels.csv")
     labels.loc[0, "Hernia"] = 1 - labels.loc[0, "Hernia"]
     labels.to_csv(tmp_path / "nih_labels.csv", index=False)
-    table, findings, _ = training.load_tables(cfg)
+    table, findings, _ = load_tables(cfg)
     capsys.readouterr()
-    assert cxr_cache.cache_loaders(cfg, table, findings) is None
+    assert cxr_cache.cache_datasets(cfg, table, findings) is None
     assert "another labels file" in capsys.readouterr().out
-    cfg.image_size = 24
-    assert cxr_cache.cache_loaders(cfg, table, findings) is None
+    assert make_datasets(cfg, table, findings)[1] is False
+    assert cxr_cache.cache_datasets(dataclasses.replace(cfg, image_size=24), table,
+                                    findings) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,8 +279,9 @@ def test_real_nih_sample_builds_and_reads_back_as_the_reference(tmp_path):
                                       progress=False)
     assert result.count == len(names) == 120 and result.complete and not result.skipped
     cache = open_cache(tmp_path, 224, tmp_path / "nih_labels.csv")
-    loader = CacheLoader(cache, np.arange(len(cache)), np.zeros((len(cache), 14), np.float32),
-                         cache.ids, batch_size=32, shuffle=False)
+    ds = CachedImages(cache, np.arange(len(cache)), np.zeros((len(cache), 14), np.float32),
+                      cache.ids, NIH_FINDINGS)
+    loader = DataLoader(ds, batch_size=32, collate_fn=collate_batch)
     transform = build_transform(224)
     for x, _, ids in loader:
         out = model_input(x, "cpu")

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow  # one process per case
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The bad inputs, and a small good dataset to point them at."""
-    from chexnet.demo import make_nih_demo
+    from chexnet.datatools.demo import make_nih_demo
 
     root = tmp_path_factory.mktemp("bad")
     make_nih_demo(root / "demo", n_images=12, size=16, seed=0)

@@ -1,4 +1,5 @@
-"""A Colab reset that costs minutes: the cache saved to Drive and copied back (chexnet/colab.py),
+"""A Colab reset that costs minutes: the cache saved to Drive and copied back
+(chexnet/datatools/colab.py),
 resumable copies (files.copy_resumable), training from the cache alone, and a pre-resized
 NIH copy cached as it is. The notebook itself runs as a Colab session in test_notebooks."""
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch
 from PIL import Image
 
 import retrain
-from chexnet import colab, files
+from chexnet.datatools import colab
+from chexnet import files
 from chexnet.cache import open_cache
-from chexnet.demo import make_nih_demo
-from chexnet.prepare import _source_size, prepare_nih
+from chexnet.datatools.demo import make_nih_demo
+from chexnet.datatools.prepare import _source_size, prepare_nih
 
 SIZE = 32
 SAVED = ("images.u8", "index.csv", "done.npy", "manifest.json", "skip.txt", "nih_labels.csv")

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from chexnet import convert_checkpoint as cc
-from chexnet import cam
+from chexnet.datatools import convert_checkpoint as cc
+from chexnet.analysis import cam
 from conftest import reference_densenet
 from chexnet.labels import NIH_FINDINGS
 from chexnet.model import build_model
@@ -109,7 +109,7 @@ def test_arnoweng_state_dict_with_old_names_matches(tmp_path, ref, x, zip_format
     with torch.inference_mode():
         torch.testing.assert_close(torch.sigmoid(converted_model(out)(x)), ref(x))
     # Converted files load as retrain.py checkpoints everywhere in the project.
-    model, findings, size = cam.load_trained(out)
+    model, findings, size, _ = cam.load_trained_model(out)
     assert findings == list(NIH_FINDINGS) and size == 256
     assert not list(out.parent.glob("*.tmp")), "temp file left behind"
 

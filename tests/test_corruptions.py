@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from chexnet import corruptions as pc
-from chexnet import robustness
+from chexnet.datatools import corruptions as pc
+from chexnet.analysis import robustness
 from conftest import tiny_run
 from chexnet.labels import NIH_FINDINGS
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def xray() -> Image.Image:
     """A 64 px demo phantom (body, lungs, heart, ribs: edges and smooth regions alike)."""
-    from chexnet.demo import render_phantom, sample_anatomy
+    from chexnet.datatools.demo import render_phantom, sample_anatomy
 
     rng = np.random.default_rng(0)
     img, _ = render_phantom(rng, ("Cardiomegaly",), sample_anatomy(rng), 64)

@@ -60,10 +60,10 @@ def reference(demo_root, tmp_path_factory):
 
 
 def test_sigkill_at_random_points_then_resume_is_bitwise_identical(demo_root, reference, tmp_path):
-    from chexnet import train as training
+    from chexnet.loaders import load_tables
     import retrain
 
-    table, _, _ = training.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+    table, _, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(demo_root)]))
     assert (table["fold"] == "train").sum() == 34  # what STEPS_PER_EPOCH was worked out from
     rng = np.random.default_rng(2026)

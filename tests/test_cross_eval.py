@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from chexnet import cross_eval as ce
+from chexnet.analysis import cross_eval as ce
 from chexnet.data import build_transform, load_xray
 from chexnet.labels import CHEXPHOTO_FINDINGS, NIH_FINDINGS, NIH_TO_CHEXPERT
 from chexnet.model import build_model
@@ -34,7 +34,7 @@ class RowMeans(nn.Module):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from chexnet.demo import make_chexphoto_demo, make_nih_demo
+    from chexnet.datatools.demo import make_chexphoto_demo, make_nih_demo
 
     root = tmp_path_factory.mktemp("cross")
     make_nih_demo(root / "nih", n_images=30, size=SIZE, seed=4)

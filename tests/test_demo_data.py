@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from chexnet import corruptions
-from chexnet import demo as dd
+from chexnet.datatools import corruptions
+from chexnet.datatools import demo as dd
 from chexnet.labels import (
     CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, NIH_BBOX_ALIASES, NIH_FINDINGS, NIH_NO_FINDING,
 )
@@ -238,7 +238,8 @@ def test_chexphoto_valid_renditions_share_patient_and_labels(chexphoto):
     assert np.abs(ims[0] - ims[1]).mean() > 5 and np.abs(ims[1] - ims[2]).mean() > 3
 
 
-# Which photo primitives of chexnet/corruptions.py each rendition chains (named in its docstring).
+# Which photo primitives of chexnet/datatools/corruptions.py each rendition chains (named in its
+# docstring).
 RENDITION_PRIMITIVES = {
     "natural": {"brightness_contrast", "perspective", "glare", "blur", "noise", "colour_cast"},
     "synthetic/digital": {"moire", "pixel_grid", "noise", "colour_cast"},
@@ -247,7 +248,8 @@ RENDITION_PRIMITIVES = {
 
 
 def _record_primitive_calls(monkeypatch) -> list[str]:
-    """Wrap every photo primitive of chexnet.corruptions so that calls are recorded by name."""
+    """Wrap every photo primitive of chexnet.datatools.corruptions so that calls are recorded
+    by name."""
     calls: list[str] = []
     names = set().union(*RENDITION_PRIMITIVES.values())
     for name in names:
@@ -262,8 +264,8 @@ def _record_primitive_calls(monkeypatch) -> list[str]:
 
 
 def test_renditions_are_drawn_with_the_shared_corruption_primitives(monkeypatch, tmp_path):
-    # The photo effects are written once, in chexnet/corruptions.py: a rendition drawn with a
-    # private copy of one would not call it.
+    # The photo effects are written once, in chexnet/datatools/corruptions.py: a rendition drawn
+    # with a private copy of one would not call it.
     calls = _record_primitive_calls(monkeypatch)
     xray, _ = dd.render_phantom(np.random.default_rng(0), ["Mass"], size=SIZE)
     for rendition, expected in RENDITION_PRIMITIVES.items():

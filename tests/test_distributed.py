@@ -91,7 +91,8 @@ def test_one_step_on_two_processes_is_the_mean_of_their_two_half_batch_steps(tmp
     import ddp_step
     from chexnet.data import model_input
     from chexnet.model import masked_bce_with_logits
-    from chexnet.train import TrainConfig, make_optimizer
+    from chexnet.config import TrainConfig
+    from chexnet.train import make_optimizer
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29536", str(ROOT / "tests" / "ddp_step.py"), str(tmp_path)]

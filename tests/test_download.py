@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import pytest
 
-from chexnet import download as nbd
+from chexnet.datatools import download as nbd
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--retries", "0", "--backoff", "0", "--timeout", "2", "--no-progress"]

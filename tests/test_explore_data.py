@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from chexnet import explore as ed
+from chexnet.analysis import explore as ed
 from conftest import shared
 from chexnet.data import DataError
 from chexnet.labels import CHEXPERT_META_COLS, CHEXPERT_OBSERVATIONS, NIH_FINDINGS
@@ -160,7 +160,7 @@ def test_rendition_counts_per_group():
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    from chexnet.demo import make_chexphoto_demo, make_nih_demo
+    from chexnet.datatools.demo import make_chexphoto_demo, make_nih_demo
 
     root = tmp_path_factory.mktemp("explore_demo")
     make_nih_demo(root / "nih", n_images=40, size=32, seed=0)

@@ -83,7 +83,8 @@ def test_the_boundary_turns_each_expected_failure_into_one_message(exc, code, ne
 
 
 def test_the_boundary_keeps_the_exit_code_of_an_error_class():
-    from chexnet.train import Interrupted, NonFiniteLoss
+    from chexnet.runs import Interrupted
+    from chexnet.train import NonFiniteLoss
 
     assert cli.run(failing(NonFiniteLoss("val: the loss is not finite"))) == 3
     assert cli.run(failing(Interrupted(15, "in epoch 1 after batch 2"))) == 128 + 15
@@ -183,12 +184,11 @@ def test_retrain_refuses_a_bad_number_before_reading_anything(flag, value, needl
 
 
 def test_a_device_that_does_not_exist_is_a_message(monkeypatch):
-    from chexnet.data import DataError
-    from chexnet.train import pick_device
+    from chexnet.runs import DeviceError, pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(DataError, match=r"--device cuda:3: this machine has 1 CUDA GPU"):
+    with pytest.raises(DeviceError, match=r"--device cuda:3: this machine has 1 CUDA GPU"):
         pick_device("cuda:3")
 
 
@@ -359,13 +359,13 @@ def test_a_truncated_checkpoint_is_a_message_for_predict(truncated, tmp_path, ca
 def test_a_truncated_last_pt_is_a_message_for_resume(run, tmp_path):
     """retrain.py --resume on a damaged last.pt: the reader says what to do instead."""
     from chexnet.model import CheckpointError
-    from chexnet.train import load_checkpoint
+    from chexnet.runs import load_run_checkpoint
 
     last = run / "last.pt"
     last.write_bytes((run / "checkpoint.pt").read_bytes()[:5000])
     with pytest.raises(CheckpointError, match=r"last.pt: cannot read this checkpoint; it is "
                        r"truncated or damaged .*start a new run with another --name"):
-        load_checkpoint(last)
+        load_run_checkpoint(last)
 
 
 @pytest.mark.parametrize(("content", "needle"), [
@@ -393,7 +393,7 @@ def test_other_bad_checkpoints_are_named(tmp_path, content, needle):
                                      OSError(errno.ENOSPC, "No space left on device")])
 def test_a_failed_prepare_restores_the_previous_labels(tmp_path_factory, tmp_path, monkeypatch,
                                                       had_cache, failure):
-    from chexnet import prepare
+    from chexnet.datatools import prepare
 
     root = tmp_path / "nih"
     shutil.copytree(tiny_run(tmp_path_factory).parents[1] / "nih", root)
@@ -422,7 +422,7 @@ def test_scripts_do_not_print_their_own_errors():
     """`print(f"error: ...")` followed by `return 2` in a main (a script's or the library
     module's it calls) is the boundary's job."""
     offenders = []
-    for path in [*SCRIPTS, *sorted((ROOT / "chexnet").glob("*.py"))]:
+    for path in [*SCRIPTS, *sorted((ROOT / "chexnet").rglob("*.py"))]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name == "main":

@@ -1,5 +1,8 @@
 """The code's shape, measured on the tree: one library (chexnet/), scripts that only call it.
 
+- the reproduction core is the modules directly in chexnet/; the analysis tools are
+  chexnet/analysis/, the data tooling chexnet/datatools/; the core imports neither (inside a
+  function or not), and the data tooling does not import the analysis tools;
 - no module imports a command-line script (a file with `if __name__ == "__main__"`), inside a
   function or not: scripts, benchmarks and the package import only the package;
 - no import cycle among the project's modules (function-local imports included);
@@ -24,7 +27,7 @@ MAX_FUNCTION_LINES = 80
 
 
 def project_files() -> list[Path]:
-    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "chexnet").glob("*.py"))
+    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "chexnet").rglob("*.py"))
     return files + sorted((ROOT / "benchmarks").glob("*.py"))
 
 
@@ -113,6 +116,49 @@ def test_no_import_cycle():
     assert find_cycle(graph) is None
 
 
+SUBPACKAGES = ("chexnet.analysis", "chexnet.datatools")
+# The modules each sub-package must hold: moving one back into the core fails here.
+ANALYSIS = {"metrics", "subgroups", "report", "heatmaps", "cam", "localization", "robustness",
+            "explore", "cross_eval", "training_plots", "predict", "notebook_tools"}
+DATATOOLS = {"download", "prepare", "demo", "colab", "corruptions", "convert_checkpoint",
+             "fetch_reference", "cache_build"}
+
+
+def layer(module: str) -> str:
+    """core | analysis | datatools | outside (scripts, benchmarks)."""
+    for sub in SUBPACKAGES:
+        if module == sub or module.startswith(sub + "."):
+            return sub.split(".")[1]
+    return "core" if module.startswith("chexnet.") or module == "chexnet" else "outside"
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    allowed = {"core": {"core"}, "datatools": {"core", "datatools"},
+               "analysis": {"core", "datatools", "analysis"}}
+    return sorted(f"{name} ({layer(name)}) imports {dep} ({layer(dep)})"
+                  for name, deps in graph.items() if layer(name) in allowed
+                  for dep in deps if layer(dep) != "outside"
+                  and layer(dep) not in allowed[layer(name)])
+
+
+def test_the_core_imports_neither_the_analysis_tools_nor_the_data_tooling():
+    assert layer_violations({"chexnet.train": {"chexnet.analysis.cam"}}) == [
+        "chexnet.train (core) imports chexnet.analysis.cam (analysis)"]
+    assert layer_violations({"chexnet.datatools.demo": {"chexnet.analysis.metrics"}}) != []
+    assert layer_violations({"chexnet.analysis.cam": {"chexnet.train"}}) == []
+    graph, _ = import_graph()
+    assert layer_violations(graph) == []
+
+
+def test_the_folders_show_the_architecture():
+    def names(sub: str) -> set[str]:
+        return {p.stem for p in (ROOT / "chexnet" / sub).glob("*.py")} - {"__init__"}
+    assert names("analysis") == ANALYSIS
+    assert names("datatools") == DATATOOLS
+    core = {p.stem for p in (ROOT / "chexnet").glob("*.py")}
+    assert not core & (ANALYSIS | DATATOOLS)
+
+
 def test_the_design_card_files_stay_at_the_top_level():
     for name in ("retrain.py", "model.py", "cxr_dataset.py", "eval_model.py",
                  "visualize_prediction.py", "nih_batch_download_zips.py", "nih_labels.csv"):
@@ -136,8 +182,8 @@ def test_no_function_longer_than_80_lines(tmp_path):
     assert offenders == []
 
 
-LIBRARY_MODULES = ("chexnet.data", "chexnet.cache", "chexnet.train", "chexnet.heatmaps",
-                   "chexnet.report")
+LIBRARY_MODULES = ("chexnet.data", "chexnet.cache", "chexnet.train", "chexnet.analysis.heatmaps",
+                   "chexnet.analysis.report")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from chexnet import localization as loc
+from chexnet.analysis import localization as loc
 from conftest import shared, tiny_run
 from chexnet.data import DataError, nih_table
 from chexnet.labels import NIH_FINDINGS
@@ -22,7 +22,7 @@ BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    from chexnet.demo import make_nih_demo
+    from chexnet.datatools.demo import make_nih_demo
 
     root = tmp_path_factory.mktemp("loc_demo")
     make_nih_demo(root, n_images=16, size=64, seed=3)

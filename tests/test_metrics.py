@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chexnet import metrics
+from chexnet.analysis import metrics
 from conftest import shared
 from chexnet.data import DataError
 from chexnet.scoring import per_label_auc

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import sys
 
-from chexnet.notebook_tools import copy_missing, stream
+from chexnet.analysis.notebook_tools import copy_missing, stream
 
 
 def test_copy_missing_copies_once_and_completes_a_partial_copy(tmp_path):

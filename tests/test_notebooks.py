@@ -53,7 +53,7 @@ def test_notebooks_are_stored_without_outputs():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from chexnet.demo import make_chexphoto_demo, make_nih_demo
+    from chexnet.datatools.demo import make_chexphoto_demo, make_nih_demo
 
     root = tmp_path_factory.mktemp("nbdemo")
     make_nih_demo(root / "nih", n_images=60, size=40, seed=5)
@@ -181,7 +181,7 @@ def test_colab_reset_copies_only_the_cache_and_resumes_at_the_next_step(demo, co
 
     # The uninterrupted run: the same cache and labels, one session, no kill.
     alone = tmp_path / "alone" / "nih"
-    from chexnet.colab import restore_cache
+    from chexnet.datatools.colab import restore_cache
     assert restore_cache(saved, alone, 32).ok
     args = ["retrain.py", "--dataset", "demo", "--data", str(alone), "--out", str(tmp_path),
             "--name", "alone", "--epochs", "2", "--image-size", "32", "--save-every", "1",
@@ -338,12 +338,13 @@ def check_show_next(nb, run_dir, data, label):
     labels in Data_Entry_2017.csv, sorted by probability; the prevalence is the training fold's."""
     import pandas as pd
 
-    from chexnet import train as training
+    from chexnet.config import load_run_config
+    from chexnet.loaders import load_tables
 
     preds = pd.read_csv(run_dir / "preds.csv").set_index("Image Index")
     positives = list(preds.index[preds[label] == 1])          # preds.csv is in test order
     entries = pd.read_csv(data / "Data_Entry_2017.csv").set_index("Image Index")
-    table, _, _ = training.load_tables(training.load_run_config(run_dir))
+    table, _, _ = load_tables(load_run_config(run_dir))
     train_rate = (table.loc[table["fold"] == "train", label] == 1).mean()
     assert train_rate != pytest.approx((table.loc[table["fold"] == "test", label] == 1).mean())
     shown = shown_examples(nb)

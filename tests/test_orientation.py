@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from chexnet import cache as cxr_cache
+from chexnet.datatools import cache_build
 from chexnet.files import sha256_file
-from chexnet import predict
+from chexnet.analysis import predict
 from chexnet.data import build_transform, load_xray
 
 ORIENTATION = 0x0112
@@ -65,7 +66,7 @@ def test_cache_and_predict_see_the_upright_image(tmp_path):
     # The cache build.
     labels = tmp_path / "labels.txt"
     labels.write_text("tagged.png\nupright.png\n")
-    cxr_cache.build_cache(cxr_cache.cache_dir(tmp_path, 32), ["tagged.png", "upright.png"],
+    cache_build.build_cache(cxr_cache.cache_dir(tmp_path, 32), ["tagged.png", "upright.png"],
                           [tagged, upright], 32, sha256_file(labels), workers=1,
                           progress=False)
     rows = np.asarray(cxr_cache.open_cache(tmp_path, 32, labels).images())
@@ -85,7 +86,7 @@ def test_an_old_cache_version_is_rebuilt(tmp_path, capsys):
     labels.write_text("a.png\n")
     folder = cxr_cache.cache_dir(tmp_path, 16)
     sha = sha256_file(labels)
-    cxr_cache.build_cache(folder, ["a.png"], [path], 16, sha, workers=1, progress=False)
+    cache_build.build_cache(folder, ["a.png"], [path], 16, sha, workers=1, progress=False)
     manifest = (folder / "manifest.json").read_text()
     (folder / "manifest.json").write_text(manifest.replace('"version": 2', '"version": 1'))
     assert cxr_cache.open_cache(tmp_path, 16, labels) is None

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 
-from chexnet import training_plots as plot_training
+from chexnet.analysis import training_plots as plot_training
 from conftest import shared
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from chexnet import train as training
+from chexnet.model import build_model, masked_bce_with_logits
+from chexnet.runs import EpochProgress
+from chexnet.runtime import Precision
 import retrain
 from conftest import nih_demo
 from chexnet import runtime
@@ -55,10 +58,10 @@ def test_bf16_autocast_and_channels_last_train_close_to_fp32(demo_root, tmp_path
 
 def test_channels_last_forward_equals_nchw():
     torch.manual_seed(0)
-    net = training.build_model(14, "none").eval()
+    net = build_model(14, "none").eval()
     x = torch.randn(4, 3, 64, 64)
     ref = net(x)
-    nhwc = training.Precision(channels_last=True)
+    nhwc = Precision(channels_last=True)
     out = net.to(memory_format=torch.channels_last)(nhwc.prepare(x))
     assert nhwc.prepare(x).is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
@@ -97,8 +100,8 @@ def test_batch_size_auto_on_cpu_keeps_the_reference_batch(demo_root, tmp_path, c
 
 def test_memory_efficient_densenet_matches_standard():
     torch.manual_seed(0)
-    a = training.build_model(14, "none")
-    b = training.build_model(14, "none", memory_efficient=True)
+    a = build_model(14, "none")
+    b = build_model(14, "none", memory_efficient=True)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 64, 64)
     a.eval(), b.eval()
@@ -157,15 +160,15 @@ def test_train_step_bookkeeping_and_a_non_finite_step_changes_no_weight():
     labelled entry, and a non-finite loss stops before the optimizer touches the weights."""
     model = _Linear()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: the loss can be replayed
-    progress = training.EpochProgress(1)
+    progress = EpochProgress(1)
     batches = _batches(3)
     training.train_one_epoch(model, batches, opt, torch.device("cpu"), progress)
     assert progress.batches == 3 and progress.count == 3 * (4 * 14 - 1)
     with torch.no_grad():  # replay: the documented per-batch flips, the loss summed per entry
-        want = sum(float(training.masked_bce_with_logits(
+        want = sum(float(masked_bce_with_logits(
             model(naive_normalize(naive_flips(x, (0 * 1_000_003 + 1) * 100_003 + b))), y,
             reduction="sum")) for b, (x, y, _) in enumerate(batches))
-        unflipped = sum(float(training.masked_bce_with_logits(model(naive_normalize(x)), y,
+        unflipped = sum(float(masked_bce_with_logits(model(naive_normalize(x)), y,
                                                               reduction="sum"))
                         for x, y, _ in batches)
     assert progress.loss_sum == pytest.approx(want, rel=1e-5)
@@ -173,7 +176,7 @@ def test_train_step_bookkeeping_and_a_non_finite_step_changes_no_weight():
 
     model = _Linear()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    progress = training.EpochProgress(1)
+    progress = EpochProgress(1)
     good = _batches(1)
     training.train_one_epoch(model, good, opt, torch.device("cpu"), progress)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from chexnet import predict
+from chexnet.analysis import predict
 from conftest import shared
 from chexnet.data import CXRDataset, build_transform, load_xray
 from chexnet.labels import NIH_FINDINGS

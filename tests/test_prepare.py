@@ -2,6 +2,7 @@
 bad images, the official split and CheXphoto."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -15,11 +16,14 @@ import torch
 from PIL import Image
 
 from chexnet import cache as cxr_cache
-from chexnet import prepare as prepare_data
+from chexnet.datatools import cache_build
+from chexnet.datatools import prepare as prepare_data
 from read_only import refuse_writes
 from conftest import ROOT, make_nih, save_image, xray_like
 from chexnet.files import sha256_file
-from chexnet.cache import DONE, cache_dir, open_cache
+from chexnet.cache import DONE, CachedImages, cache_dir, open_cache
+from chexnet.config import TrainConfig
+from chexnet.loaders import load_tables, make_loaders
 from chexnet.data import DEFAULT_NIH_LABELS, build_transform, load_xray, model_input
 from chexnet.labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS
 
@@ -42,7 +46,7 @@ def assert_cache_is_reference(folder: Path, root: Path, size: int) -> None:
 
 
 class CountDecodes:
-    """Stands in for cxr_cache.load_xray (one-worker builds run in this process)."""
+    """Stands in for cache_build.load_xray (one-worker builds run in this process)."""
 
     def __init__(self):
         self.names: list[str] = []
@@ -127,7 +131,7 @@ def test_interrupted_build_resumes_without_redoing_images(tmp_path, monkeypatch,
     make_nih(tmp_path, n=8)
     labels = tmp_path / "Data_Entry_2017.csv"
     first = CountDecodes()
-    monkeypatch.setattr(cxr_cache, "load_xray", first)
+    monkeypatch.setattr(cache_build, "load_xray", first)
     result = prepare_data.prepare_nih(tmp_path, 32, labels, workers=1, chunk_size=2,
                                       max_chunks=2, progress=False)
     assert not result.complete and result.decoded == 4 and len(first.names) == 4
@@ -135,7 +139,7 @@ def test_interrupted_build_resumes_without_redoing_images(tmp_path, monkeypatch,
     assert "incomplete (4 of 8 images done)" in capsys.readouterr().out
 
     second = CountDecodes()
-    monkeypatch.setattr(cxr_cache, "load_xray", second)
+    monkeypatch.setattr(cache_build, "load_xray", second)
     result = prepare_data.prepare_nih(tmp_path, 32, labels, workers=1, chunk_size=2,
                                       progress=False)
     assert result.complete and result.decoded == 4
@@ -144,7 +148,7 @@ def test_interrupted_build_resumes_without_redoing_images(tmp_path, monkeypatch,
     assert "resuming, 4 of 8 images already cached" in capsys.readouterr().out
     assert_cache_is_reference(cache_dir(tmp_path, 32), tmp_path, 32)
     third = CountDecodes()
-    monkeypatch.setattr(cxr_cache, "load_xray", third)
+    monkeypatch.setattr(cache_build, "load_xray", third)
     assert prepare_data.prepare_nih(tmp_path, 32, labels, workers=1).decoded == 0
     assert third.names == []
 
@@ -155,7 +159,7 @@ def test_killed_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     make_nih(tmp_path, n=8, shapes=[("L", 64, 64), ("RGB", 64, 48)])
     labels = tmp_path / "Data_Entry_2017.csv"
     code = (
-        "import os, signal, sys; from chexnet import prepare\n"
+        "import os, signal, sys; from chexnet.datatools import prepare\n"
         "kill = lambda k: os.kill(os.getpid(), signal.SIGKILL) if k == 2 else None\n"
         "prepare.prepare_nih(sys.argv[2], 32, sys.argv[3], workers=1, chunk_size=2, "
         "on_chunk=kill, progress=False)\n")
@@ -167,7 +171,7 @@ def test_killed_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert not json.loads((folder / "manifest.json").read_text())["complete"]
 
     counter = CountDecodes()
-    monkeypatch.setattr(cxr_cache, "load_xray", counter)
+    monkeypatch.setattr(cache_build, "load_xray", counter)
     result = prepare_data.prepare_nih(tmp_path, 32, labels, workers=1, chunk_size=2,
                                       progress=False)
     assert result.complete and len(counter.names) == 4
@@ -192,7 +196,7 @@ def test_changed_labels_or_size_rebuild_with_a_message(tmp_path, monkeypatch, ca
     assert (tmp_path / "nih_labels.csv.bak").read_bytes() == old
 
     counter = CountDecodes()
-    monkeypatch.setattr(cxr_cache, "load_xray", counter)
+    monkeypatch.setattr(cache_build, "load_xray", counter)
     prepare_data.prepare_nih(tmp_path, 24, labels, workers=1, progress=False)
     out = capsys.readouterr().out
     assert "labels file changed" in out and "Rebuilding" in out
@@ -213,7 +217,9 @@ def test_changed_labels_or_size_rebuild_with_a_message(tmp_path, monkeypatch, ca
 
 
 def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
-    from chexnet import train as training
+    from chexnet.config import TrainConfig
+    from chexnet.data import DataError
+    from chexnet.loaders import load_tables
 
     make_nih(tmp_path, n=12, shapes=[("L", 48, 48)], folds=True)
     bad = tmp_path / "images" / "00000005_000.png"
@@ -231,13 +237,13 @@ def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
     assert json.loads((folder / "manifest.json").read_text())["skipped"] == ["00000005_000.png"]
 
     # Training batches of 1: no epoch ends on a dropped single-image batch, so every image shows.
-    cfg = training.TrainConfig(dataset="nih", data=str(tmp_path), image_size=24, batch_size=1,
-                              eval_batch_size=4)
-    table, findings, _ = training.load_tables(cfg)
-    with pytest.raises(training.DataError, match="00000005_000.png"):
-        cxr_cache.cache_loaders(cfg, table, findings)
-    cfg.missing = "skip"
-    loaders = cxr_cache.cache_loaders(cfg, table, findings)
+    cfg = TrainConfig(dataset="nih", data=str(tmp_path), image_size=24, batch_size=1,
+                      eval_batch_size=4)
+    table, findings, _ = load_tables(cfg)
+    with pytest.raises(DataError, match="00000005_000.png"):
+        make_loaders(cfg, table, findings, torch.device("cpu"))
+    loaders = make_loaders(dataclasses.replace(cfg, missing="skip"), table, findings,
+                           torch.device("cpu"))
     ids = [i for fold in loaders.values() for _, _, batch_ids in fold for i in batch_ids]
     assert sorted(ids) == sorted(set(table["image_id"]) - {"00000005_000.png"})
 
@@ -268,8 +274,6 @@ def write_chexphoto(base: Path, rng: np.random.Generator) -> Path:
 
 
 def test_chexphoto_cache_holds_every_row(tmp_path):
-    from chexnet import train as training
-
     root = write_chexphoto(tmp_path, np.random.default_rng(0))
     result = prepare_data.prepare_chexphoto(tmp_path, size=32, workers=1, progress=False)
     assert result.dir == cache_dir(root, 32) and result.count == 9 and not result.skipped
@@ -284,10 +288,11 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
     cache = open_cache(root, 32, [root / "train.csv", root / "valid.csv"])
     assert cache is not None and cache.manifest["dataset"] == "chexphoto"
 
-    cfg = training.TrainConfig(dataset="chexphoto", data=str(tmp_path), image_size=32,
-                              batch_size=1, eval_batch_size=2)
-    table, findings, _ = training.load_tables(cfg)  # frontal views only (the default)
-    loaders = cxr_cache.cache_loaders(cfg, table, findings)
+    cfg = TrainConfig(dataset="chexphoto", data=str(tmp_path), image_size=32,
+                      batch_size=1, eval_batch_size=2)
+    table, findings, _ = load_tables(cfg)  # frontal views only (the default)
+    loaders = make_loaders(cfg, table, findings, torch.device("cpu"))
+    assert isinstance(loaders["train"].dataset, CachedImages)
     seen = {}
     for loader in loaders.values():
         for images_, targets, ids in loader:
@@ -428,7 +433,7 @@ def test_training_reads_a_cache_from_cache_dir(tmp_path, monkeypatch, capsys):
     """A read-only dataset folder: prepare_data.py --labels-out --cache-dir, then retrain.py
     --labels --cache-dir --cache on trains from that cache (and records where it was)."""
     import retrain
-    from chexnet.demo import make_nih_demo
+    from chexnet.datatools.demo import make_nih_demo
 
     root = tmp_path / "input"
     make_nih_demo(root, n_images=24, size=40, seed=0)

@@ -16,8 +16,9 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from chexnet import cache as cxr_cache
+from chexnet.datatools import cache_build
 from chexnet.files import sha256_file
-from chexnet import predict
+from chexnet.analysis import predict
 from conftest import shared
 from chexnet.data import build_transform, load_xray, model_input, normalize_uint8
 
@@ -46,7 +47,7 @@ def cache_tensors(paths, tmp_path, size: int = SIZE) -> dict[str, torch.Tensor]:
     ids = [p.name for p in paths]
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(ids))
-    cxr_cache.build_cache(cxr_cache.cache_dir(tmp_path, size), ids, [str(p) for p in paths],
+    cache_build.build_cache(cxr_cache.cache_dir(tmp_path, size), ids, [str(p) for p in paths],
                           size, sha256_file(labels), workers=1, progress=False)
     cache = cxr_cache.open_cache(tmp_path, size, labels)
     rows = cache.row_of()

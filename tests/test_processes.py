@@ -236,7 +236,8 @@ def test_ctrl_c_during_prepare_restores_the_labels_and_the_same_command_resumes(
     labels.write_text("the previous labels file\n")
     argv = prepare_argv(nih, "--workers", workers)
     before = hashes(nih)
-    done = warm.run(argv, fault={"target": "chexnet.cache:_build_chunk", "call": 2,
+    done = warm.run(argv, fault={"target": "chexnet.datatools.cache_build:_build_chunk",
+                                 "call": 2,
                                  "when": "after", "signal": "SIGINT", "group": True})
     refused(done, "run the same command again", code=130)
     assert done.stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
@@ -258,7 +259,7 @@ def test_ctrl_c_during_prepare_restores_the_labels_and_the_same_command_resumes(
 
 
 def sigint_disposition(task) -> str:
-    """Stands in for cache._build_chunk in a pool worker: what SIGINT does there."""
+    """Stands in for cache_build._build_chunk in a pool worker: what SIGINT does there."""
     import signal
 
     return str(signal.getsignal(signal.SIGINT))
@@ -269,17 +270,17 @@ def test_pool_workers_leave_ctrl_c_to_the_main_process(monkeypatch):
     KeyboardInterrupt traceback (seen, by chance, in the test above). Each ignores it."""
     import signal
 
-    from chexnet import cache
+    from chexnet.datatools import cache_build
 
-    monkeypatch.setattr(cache, "_build_chunk", sigint_disposition)
-    seen = set(cache._run_chunks(list(range(4)), workers=2))
+    monkeypatch.setattr(cache_build, "_build_chunk", sigint_disposition)
+    seen = set(cache_build._run_chunks(list(range(4)), workers=2))
     assert seen == {str(signal.SIG_IGN)}
 
 
 def test_a_dead_worker_is_a_message_and_the_labels_are_restored(warm, nih):
     before = hashes(nih)
     done = warm.run(prepare_argv(nih, "--workers", "2"),
-                    fault={"target": "chexnet.cache:_build_chunk", "call": 1,
+                    fault={"target": "chexnet.datatools.cache_build:_build_chunk", "call": 1,
                            "when": "before", "signal": "SIGKILL", "group": False})
     refused(done, "a worker process died", "fewer --workers")
     assert unchanged(before, hashes(nih))

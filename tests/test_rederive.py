@@ -454,7 +454,8 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
 def test_gallery_heatmaps_are_the_cams_of_the_checkpoint(derived, tmp_path, monkeypatch):
     """visualize_prediction.py --run --label L (the gallery report.py embeds too): its tiles are
     preds.csv's top true-or-predicted positives of L by probability, each drawn as the image the
-    model saw and, over it, the CAM of L documented in chexnet/cam.py: the last dense block's
+    model saw and, over it, the CAM of L documented in chexnet/analysis/cam.py: the last dense
+    block's
     maps after the final norm and ReLU, weighted by L's classifier row, bilinearly upsampled.
 
     The figure's arrays are taken as savefig writes it. Our CAM is in float64; the drawn one

@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from chexnet import reference
+from chexnet.datatools import fetch_reference
 from conftest import hashes, shared
 from test_download import FileServer, server  # noqa: F401  (the fixture)
 
@@ -33,12 +34,12 @@ def base_url(srv: FileServer) -> str:
 def test_fetch_places_checked_files_and_fetches_nothing_twice(server, published,  # noqa: F811
                                                                tmp_path, capsys):
     server.files.update(published)
-    assert reference.main(["--out", str(tmp_path), "--base-url", base_url(server)]) == 0
+    assert fetch_reference.main(["--out", str(tmp_path), "--base-url", base_url(server)]) == 0
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == published  # no staging left
     assert "Re-score them: python eval_model.py --preds pretrained/preds.csv" in \
         capsys.readouterr().out
     gets = len(server.gets())
-    assert reference.main(["--out", str(tmp_path), "--base-url", base_url(server)]) == 0
+    assert fetch_reference.main(["--out", str(tmp_path), "--base-url", base_url(server)]) == 0
     assert len(server.gets()) == gets  # all three already here, checked, not downloaded
     assert capsys.readouterr().out.count("already here (sha256 checked)") == 3
 
@@ -47,9 +48,9 @@ def test_an_interrupted_download_resumes(server, published, tmp_path):  # noqa: 
     server.files.update(published)
     server.break_first["preds.csv"] = 1  # half the body, then the connection drops
     with pytest.raises(reference.CommandError):
-        reference.fetch(tmp_path, base_url(server), retries=0, progress=False)
+        fetch_reference.fetch(tmp_path, base_url(server), retries=0, progress=False)
     assert not (tmp_path / "preds.csv").exists()  # never a partial file in place
-    reference.fetch(tmp_path, base_url(server), retries=0, progress=False)
+    fetch_reference.fetch(tmp_path, base_url(server), retries=0, progress=False)
     assert (tmp_path / "preds.csv").read_bytes() == published["preds.csv"]
     ranges = [r for _, name, r in server.gets("preds.csv")]
     assert ranges[0] is None and ranges[1] == f"bytes={len(published['preds.csv']) // 2}-"
@@ -59,7 +60,7 @@ def test_a_download_that_is_not_the_published_file_is_refused(server, published,
                                                               tmp_path, capsys):
     server.files.update(published)
     server.files["aucs.csv"] = b"label,auc\nAtelectasis,0.99\n"  # a changed mirror
-    assert reference.main(["--out", str(tmp_path), "--base-url", base_url(server),
+    assert fetch_reference.main(["--out", str(tmp_path), "--base-url", base_url(server),
                            "--retries", "0"]) == 2
     err = capsys.readouterr().err
     assert f"{base_url(server)}aucs.csv: the download is not reproduce-chexnet's published " \
@@ -74,7 +75,7 @@ def test_a_different_file_in_place_is_never_replaced(server, published, tmp_path
     mine = tmp_path / "preds.csv"
     mine.write_text("Image Index,prob_Atelectasis\nmine.png,0.1\n")  # the user's own
     before = hashes(tmp_path)
-    assert reference.main(["--out", str(tmp_path), "--base-url", base_url(server)]) == 2
+    assert fetch_reference.main(["--out", str(tmp_path), "--base-url", base_url(server)]) == 2
     assert f"{mine}: not reproduce-chexnet's published preds.csv" in capsys.readouterr().err
     assert hashes(tmp_path) == before and not server.gets()
 
@@ -83,7 +84,7 @@ def test_offline_is_a_message_that_says_where_to_get_the_files(tmp_path, capsys)
     with socket.socket() as s:  # a port with nothing listening: the connection is refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert reference.main(["--out", str(tmp_path), "--base-url", f"http://127.0.0.1:{port}/",
+    assert fetch_reference.main(["--out", str(tmp_path), "--base-url", f"http://127.0.0.1:{port}/",
                            "--retries", "0"]) == 2
     err = capsys.readouterr().err
     assert "failed to download preds.csv" in err and "Traceback" not in err
@@ -112,5 +113,5 @@ def test_the_pinned_hashes_are_the_published_files(server, tmp_path):  # noqa: F
         source = "log_train" if name == "log_train" else name.removesuffix(".csv")
         server.files[name] = shared(
             "reference", f"reproduce_chexnet_pretrained_{source}.csv").read_bytes()
-    paths = reference.fetch(tmp_path, base_url(server), retries=0, progress=False)
+    paths = fetch_reference.fetch(tmp_path, base_url(server), retries=0, progress=False)
     assert [p.stat().st_size for p in paths] == [4_188_340, 421, 666]

@@ -21,8 +21,8 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from chexnet import convert_checkpoint
-from chexnet import predict
+from chexnet.datatools import convert_checkpoint
+from chexnet.analysis import predict
 from conftest import reference_densenet, shared
 
 # reproduce-chexnet's finding order and preds.csv columns (its pretrained/preds.csv header).

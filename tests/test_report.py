@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chexnet import heatmaps, report
+from chexnet.analysis import heatmaps, report
 import retrain
 from read_only import refuse_writes
 pass
@@ -69,7 +69,7 @@ def parse(path: Path) -> ReportParser:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished one-epoch demo run (tiny: 40 images of 32 px)."""
-    from chexnet.demo import make_nih_demo
+    from chexnet.datatools.demo import make_nih_demo
 
     base = tmp_path_factory.mktemp("report_run")
     make_nih_demo(base / "nih", n_images=40, size=32, seed=0)
@@ -148,7 +148,7 @@ def test_report_without_optional_files(run_dir, tmp_path):
 def test_report_gallery_is_visualize_predictions_with_the_data_folder(run_dir, tmp_path,
                                                                       monkeypatch):
     """The report draws its heatmaps with visualize_prediction.py's gallery
-    (chexnet/heatmaps.py), passing --data on."""
+    (chexnet/analysis/heatmaps.py), passing --data on."""
     calls = []
     real = heatmaps.gallery
 
@@ -288,15 +288,15 @@ def test_unwritable_out_is_refused_before_the_report_is_computed(tmp_path, monke
 def test_disk_full_when_the_report_is_written(tmp_path, monkeypatch, capsys):
     import errno
 
-    from chexnet import train as training
+    from chexnet.runs import SaveError
 
     run = _preds_only_run(tmp_path)
 
     def full(text, path):
-        raise training.SaveError(f"could not write {path}") from OSError(
+        raise SaveError(f"could not write {path}") from OSError(
             errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(training, "save_text", full)
+    monkeypatch.setattr(report, "save_text", full)
     out = tmp_path / "r.html"
     assert report.main([str(run), "--out", str(out), "--n-boot", "5"]) == 2
     err = capsys.readouterr().err

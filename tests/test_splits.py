@@ -66,13 +66,14 @@ def test_committed_test_fold_is_the_reference_predictions_image_set():
 def _preds_written_for_the_test_fold(tmp_path) -> pd.DataFrame:
     """preds.csv as retrain.py writes it for the reference test fold, given in the order a
     run evaluates it (the labels file's)."""
-    from chexnet import train as training
+    from chexnet.config import TrainConfig
+    from chexnet.runs import write_preds_csv
 
     ids = committed().query("fold == 'test'")["Image Index"].tolist()
     rng = np.random.default_rng(0)
     probs, targets = rng.random((len(ids), 14)), rng.integers(0, 2, (len(ids), 14))
-    cfg = training.TrainConfig(dataset="nih")
-    training.write_preds_csv(tmp_path / "preds.csv", cfg, NIH_FINDINGS, ids, probs, targets)
+    cfg = TrainConfig(dataset="nih")
+    write_preds_csv(tmp_path / "preds.csv", cfg, NIH_FINDINGS, ids, probs, targets)
     written = pd.read_csv(tmp_path / "preds.csv")
     row = ids.index("00000020_000.png")  # after 00000020_001.png in the labels file
     assert written.set_index("Image Index").loc["00000020_000.png", "prob_Hernia"] == \

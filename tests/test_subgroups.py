@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chexnet import demo as demo_data
-from chexnet import metrics
-from chexnet import subgroups
+from chexnet.datatools import demo as demo_data
+from chexnet.analysis import metrics
+from chexnet.analysis import subgroups
 from conftest import ROOT, load_benchmark, shared
 from chexnet.data import DataError
 from chexnet.labels import NIH_FINDINGS

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from chexnet import train as training
+from chexnet.loaders import load_tables, make_loaders
+from chexnet.model import build_model
 import retrain
 from conftest import nih_demo, shared
 from chexnet.labels import NIH_FINDINGS
@@ -45,7 +47,7 @@ def test_run_writes_every_output(demo_root, tmp_path):
     assert list(preds.columns) == (["Image Index"] + [f"prob_{f}" for f in NIH_FINDINGS]
                                    + list(NIH_FINDINGS))
     entries = pd.read_csv(demo_root / "Data_Entry_2017.csv")
-    test_ids = set(training.load_tables(retrain.parse_args(
+    test_ids = set(load_tables(retrain.parse_args(
         ["--dataset", "demo", "--data", str(demo_root)]))[0].query("fold == 'test'")["image_id"])
     assert set(preds["Image Index"]) == test_ids and test_ids <= set(entries["Image Index"])
     probs = preds[[f"prob_{f}" for f in NIH_FINDINGS]].to_numpy()
@@ -60,9 +62,9 @@ def test_checkpoint_round_trip_reproduces_predictions(demo_root, tmp_path):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # state dicts only
     assert set(ckpt) >= {"model", "epoch", "val_loss", "config", "findings"}
     cfg = retrain.parse_args(["--dataset", "demo", "--data", str(demo_root), *FAST])
-    table, findings, _ = training.load_tables(cfg)
-    net = training.build_model(len(findings), str(run / "checkpoint.pt"))
-    loaders = training.make_loaders(cfg, table, findings, torch.device("cpu"))
+    table, findings, _ = load_tables(cfg)
+    net = build_model(len(findings), str(run / "checkpoint.pt"))
+    loaders = make_loaders(cfg, table, findings, torch.device("cpu"))
     _, probs, _, ids = training.evaluate(net, loaders["test"], torch.device("cpu"))
     preds = pd.read_csv(run / "preds.csv")
     assert list(preds["Image Index"]) == ids
@@ -131,7 +133,7 @@ def test_real_nih_sample_trains_end_to_end(tmp_path, capsys):
     run = tmp_path / "nih"
     assert len((run / "skipped.txt").read_text().split()) == 112_120 - 120
     cfg = retrain.parse_args(args)
-    table, _, _ = training.load_tables(cfg)
+    table, _, _ = load_tables(cfg)
     assert len(table) == 120
     assert {"00000100_000.png", "00001369_000.png"} <= set(table["image_id"])
     preds = pd.read_csv(run / "preds.csv")
@@ -145,7 +147,7 @@ def test_demo_run_through_the_cache_equals_the_png_run(demo_root, tmp_path, caps
     """prepare_data.py once, then retrain reads the uint8 cache: bitwise the same run."""
     import shutil
 
-    from chexnet import prepare as prepare_data
+    from chexnet.datatools import prepare as prepare_data
 
     root = tmp_path / "demo"
     shutil.copytree(demo_root, root)
@@ -171,7 +173,7 @@ def test_cache_on_without_a_cache_says_how_to_build_it(demo_root, tmp_path, caps
 
 
 def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
-    from chexnet import prepare as prepare_data
+    from chexnet.datatools import prepare as prepare_data
 
     images = shared("nih", "images")
     entry = shared("nih", "Data_Entry_2017_v2020.csv.gz")
@@ -188,7 +190,7 @@ def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
     assert "reading images from the uint8 cache" in out
     assert "nih: 120 images" in out
     assert len(pd.read_csv(tmp_path / "run" / "preds.csv")) == len(
-        training.load_tables(retrain.parse_args(args))[0].query("fold == 'test'"))
+        load_tables(retrain.parse_args(args))[0].query("fold == 'test'"))
 
 
 @pytest.mark.parametrize("size", [32, 33, 40, 63, 64, 95, 96, 224, 255])
@@ -221,13 +223,13 @@ def test_a_final_batch_too_small_for_batchnorm_is_dropped():
 def test_a_dropped_final_batch_trains_and_is_not_in_the_loader(demo_root, tmp_path, tail,
                                                                 size, batches):
     """At 32 px a final batch of 2 images (1x1 maps) is dropped; at 64 px (2x2) it is kept."""
-    table, _, _ = training.load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+    table, _, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(demo_root)]))
     batch = int((table["fold"] == "train").sum()) - tail  # the epoch ends on `tail` images
     args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name",
             "one", *FAST, "--epochs", "1", "--batch-size", str(batch), "--image-size", str(size)]
     cfg = retrain.parse_args(args)
-    loaders = training.make_loaders(cfg, *training.load_tables(cfg)[:2], torch.device("cpu"))
+    loaders = make_loaders(cfg, *load_tables(cfg)[:2], torch.device("cpu"))
     assert len(loaders["train"]) == batches
     if tail == 1:
         assert retrain.main(args) == 0

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 import eval_model
 from conftest import ROOT, shared
-from chexnet import metrics
+from chexnet.analysis import metrics
 from chexnet.labels import NIH_FINDINGS
 
 

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from chexnet import cam
-from chexnet import train as training
-from chexnet import heatmaps as vp
+from chexnet.analysis import cam
+from chexnet.config import load_run_config
+from chexnet.loaders import load_tables
+from chexnet.runs import run_test_table
+from chexnet.analysis import heatmaps as vp
 import visualize_prediction as visualize
 from conftest import tiny_run
 from chexnet.labels import NIH_FINDINGS
@@ -215,13 +217,13 @@ def test_gallery_cli(run_dir, tmp_path, capsys):
 
 
 def test_run_config_rebuilds_the_table_and_reports_bad_folders(run_dir, tmp_path):
-    cfg, test = training.run_test_table(run_dir)
+    cfg, test = run_test_table(run_dir)
     preds = pd.read_csv(run_dir / "preds.csv")
     assert cfg.dataset == "demo" and set(test.index) == set(preds["Image Index"])
     assert all(Path(p).is_file() for p in test["path"])
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(vp.DataError, match="config.json"):
-        training.load_run_config(tmp_path)
+        load_run_config(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def test_training_prevalence_counts_only_the_training_fold():
 def _fold_rates(run_dir: Path) -> pd.DataFrame:
     """Per fold and finding, the fraction of positives: computed here with pandas from the
     run's label table, not with the code under test."""
-    table, findings, _ = training.load_tables(training.load_run_config(run_dir))
+    table, findings, _ = load_tables(load_run_config(run_dir))
     return table.groupby("fold")[list(findings)].mean().T          # (findings, folds)
 
 

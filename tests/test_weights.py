@@ -112,7 +112,7 @@ def test_an_arnoweng_checkpoint_is_refused_with_the_conversion_command(tmp_path)
 @pytest.mark.parametrize("make", ["pickle", "arnoweng", "text", "mismatch"])
 def test_retrain_weights_foreign_files_exit_2_without_a_traceback(tmp_path, capsys, make):
     import retrain
-    from chexnet.demo import make_nih_demo
+    from chexnet.datatools.demo import make_nih_demo
 
     path = tmp_path / "weights.pt"
     if make == "pickle":

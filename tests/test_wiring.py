@@ -15,11 +15,13 @@ from sklearn.metrics import roc_auc_score
 
 import eval_model
 from chexnet import train as training
+from chexnet.loaders import load_tables
+from chexnet.model import build_model
+from chexnet.runs import SaveError, atomic_torch_save, save_text
 import retrain
 from conftest import nih_demo
 from chexnet.data import build_transform, load_xray
 from chexnet.labels import CHEXPHOTO_FINDINGS, NIH_FINDINGS
-from chexnet.model import build_model
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
 pytestmark = pytest.mark.slow
@@ -131,7 +133,7 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypa
     """Mutation: atomic_torch_save / atomic_write_text writing straight to the final path.
     The archive's write is made to write half a file and then fail, as a full disk does."""
     path = tmp_path / "last.pt"
-    training.atomic_torch_save({"epoch": 1}, path)
+    atomic_torch_save({"epoch": 1}, path)
     before = path.read_bytes()
     real_write = type(path).write_bytes
 
@@ -140,8 +142,8 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(type(path), "write_bytes", half_then_full_disk)
-    with pytest.raises(training.SaveError, match="previous last.pt is intact"):
-        training.atomic_torch_save({"epoch": 2, "pad": torch.zeros(10_000)}, path)
+    with pytest.raises(SaveError, match="previous last.pt is intact"):
+        atomic_torch_save({"epoch": 2, "pad": torch.zeros(10_000)}, path)
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
@@ -149,7 +151,7 @@ def test_a_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypa
 
 def test_a_text_write_that_fails_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "log_train.csv"
-    training.save_text("epoch,loss\n1,0.5\n", path)
+    save_text("epoch,loss\n1,0.5\n", path)
     real_write = type(path).write_text
 
     def half_then_fail(self, text, *a, **kw):
@@ -157,8 +159,8 @@ def test_a_text_write_that_fails_half_way_leaves_the_previous_file(tmp_path, mon
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(type(path), "write_text", half_then_fail)
-    with pytest.raises(training.SaveError):
-        training.save_text("epoch,loss\n1,0.5\n2,0.4\n", path)
+    with pytest.raises(SaveError):
+        save_text("epoch,loss\n1,0.5\n2,0.4\n", path)
     assert path.read_text() == "epoch,loss\n1,0.5\n"
     assert [p.name for p in tmp_path.iterdir()] == ["log_train.csv"]
 
@@ -168,7 +170,7 @@ def test_a_text_write_that_fails_half_way_leaves_the_previous_file(tmp_path, mon
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chexphoto_root(tmp_path_factory):
-    from chexnet.demo import make_chexphoto_demo
+    from chexnet.datatools.demo import make_chexphoto_demo
 
     root = tmp_path_factory.mktemp("photo")
     make_chexphoto_demo(root, n_train=60, n_valid=20, size=16, seed=0)
@@ -181,7 +183,7 @@ def test_uncertainty_flag_reaches_the_targets(chexphoto_root, policy, expected):
     csv = pd.read_csv(chexphoto_root / "train.csv")
     cfg = retrain.parse_args(["--dataset", "chexphoto", "--data", str(chexphoto_root),
                               "--uncertainty", policy, "--view", "all", "--missing", "skip"])
-    table, findings, _ = training.load_tables(cfg)
+    table, findings, _ = load_tables(cfg)
     table = table.set_index("image_id")
     checked = 0
     for f in CHEXPHOTO_FINDINGS:
@@ -262,7 +264,7 @@ def test_evaluate_names_the_batch_whose_loss_is_not_finite():
 def test_nan_validation_loss_stops_with_exit_3(demo_root, tmp_path, monkeypatch, capsys):
     """Before: NaN < best is False, so the run decayed the lr, never saved checkpoint.pt and
     ended with '[Errno 2] ... checkpoint.pt'."""
-    real = training.build_model
+    real = build_model
 
     class NanInEval(torch.nn.Module):
         def __init__(self, net):

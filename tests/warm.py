@@ -79,8 +79,8 @@ class Warm:
         """SCRIPT ARGS... (SCRIPT relative to the repository root, or absolute). `read_only`:
         a folder every write under which is refused (tests/read_only.py). `fault`: a signal
         sent from inside the command at a chosen call, e.g. {"target":
-        "chexnet.cache:_build_chunk", "call": 2, "when": "after", "signal": "SIGINT",
-        "group": True} (see `_inject`)."""
+        "chexnet.datatools.cache_build:_build_chunk", "call": 2, "when": "after",
+        "signal": "SIGINT", "group": True} (see `_inject`)."""
         assert self._running is None, "one command at a time"
         self._n += 1
         out, err = (Path(self._tmp.name) / f"{self._n}.{kind}" for kind in ("out", "err"))

@@ -50,11 +50,11 @@ from chexnet.labels import NIH_IMAGE_COL
 from chexnet.xray_io import (  # noqa: F401 (is_dicom, load_dicom, window_to_uint8: part of this script's API)
     DICOM_SUFFIXES, is_dicom, load_any, load_dicom, minmax_to_uint8, window_to_uint8,
 )
-from chexnet.cam import class_activation_maps, load_trained
+from chexnet.analysis.cam import class_activation_maps, load_trained_model
 from chexnet.files import atomic_write, check_outputs, probe_writable
-from chexnet.heatmaps import render
+from chexnet.analysis.heatmaps import render
+from chexnet.data import REPO_DIR
 
-REPO_DIR = Path(__file__).resolve().parents[1]  # the repository (this file is in chexnet/)
 DEFAULT_CHECKPOINT = REPO_DIR / "pretrained" / "checkpoint.pt"
 # What a folder given as input is searched for (case-insensitive).
 FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg") + DICOM_SUFFIXES
@@ -143,7 +143,8 @@ def load_model(checkpoint: str | Path) -> tuple[nn.Module, list[str], int]:
     Raises:
         CheckpointError: missing file, or not a checkpoint of this project (with what to do).
     """
-    return load_trained(checkpoint)
+    model, findings, size, _ = load_trained_model(checkpoint)
+    return model, findings, size
 
 
 def preprocess(gray: Image.Image, image_size: int) -> torch.Tensor:
@@ -212,7 +213,8 @@ def write_heatmap(model: nn.Module, images: torch.Tensor, gray: Image.Image, ima
     render(shown, cam, title, out)
 
 
-def format_table(findings: Sequence[str], probs: Sequence[float], top: int | None = None) -> str:
+def format_findings(findings: Sequence[str], probs: Sequence[float], top: int | None = None
+                    ) -> str:
     """Findings sorted by probability, highest first, one per line (the first `top` only)."""
     ranked = sorted(zip(findings, probs), key=lambda t: -t[1])[:top]
     width = max(len(name) for name in findings)
@@ -271,10 +273,10 @@ def check_out_path(path: Path) -> str | None:
     return None
 
 
-def write_preds_csv(path: Path, ids: Sequence[str], findings: Sequence[str],
+def write_image_preds(path: Path, ids: Sequence[str], findings: Sequence[str],
                     probs: np.ndarray) -> None:
     """`Image Index`, then `prob_<F>` per finding in the given order: reproduce-chexnet's
-    preds.csv, as train.write_preds_csv writes it minus the ground truth (there is none here),
+    preds.csv, as runs.write_preds_csv writes it minus the ground truth (there is none here),
     so that eval_model.py and the notebooks read it unchanged.
 
     Written to a temp file in the same folder and renamed over `path` (atomic on one file
@@ -294,7 +296,7 @@ def write_preds_csv(path: Path, ids: Sequence[str], findings: Sequence[str],
 
 def save_csv(out: Path, paths: Sequence[Path], probs: Sequence[np.ndarray],
              findings: Sequence[str]) -> bool:
-    """Write the rows of the readable images (see `write_preds_csv`); renamed ids and errors
+    """Write the rows of the readable images (see `write_image_preds`); renamed ids and errors
     are reported on stderr. Returns whether the file was written."""
     if not paths:
         print(f"error: no image could be read, so {out} was not written.", file=sys.stderr)
@@ -306,7 +308,7 @@ def save_csv(out: Path, paths: Sequence[Path], probs: Sequence[np.ndarray],
               f"{NIH_IMAGE_COL} is their path relative to the folder they have in common: "
               f"{'; '.join(renamed[:10])}{more}", file=sys.stderr)
     try:
-        write_preds_csv(out, ids, findings, np.stack(probs))
+        write_image_preds(out, ids, findings, np.stack(probs))
     except OSError as err:
         print(f"error: could not write {out}: {err.strerror or err}. Check that {out.parent} "
               "is writable and has space, or choose another --out.", file=sys.stderr)
@@ -398,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pred in predict_batches(model, paths, size, args.batch_size, failed,
                                 progress=out is not None):
         if out is None:
-            print(f"{pred.path}\n{format_table(findings, pred.probs.tolist(), args.top)}")
+            print(f"{pred.path}\n{format_findings(findings, pred.probs.tolist(), args.top)}")
         else:
             rows.append(pred.path)
             row_probs.append(pred.probs)

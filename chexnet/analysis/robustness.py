@@ -1,4 +1,5 @@
-"""How much a trained model's test AUC suffers from photo-like corruptions (chexnet/corruptions.py).
+"""How much a trained model's test AUC suffers from photo-like corruptions
+(chexnet/datatools/corruptions.py).
 
     python photo_corruptions.py --run results/NAME [--kinds blur jpeg ...] \\
         [--severities 1 3 5] --out robustness.csv [--plot robustness.png]
@@ -21,10 +22,11 @@ from torch.utils.data import DataLoader
 
 from chexnet.files import check_outputs, run_files
 from chexnet.cli import at_least, command, device_arg, integer
-from chexnet import cam
-from chexnet import heatmaps
+from chexnet.analysis import cam
+from chexnet.analysis import heatmaps
 from chexnet import train as training
-from chexnet.corruptions import CLEAN, KINDS, SEVERITIES, corrupt, image_rng
+from chexnet.runs import pick_device, run_test_table
+from chexnet.datatools.corruptions import CLEAN, KINDS, SEVERITIES, corrupt, image_rng
 from chexnet.data import CXRDataset, DataError, load_xray, reference_geometry
 from chexnet.scoring import per_label_auc
 
@@ -82,15 +84,15 @@ def robustness(run_dir: str | Path, kinds: Sequence[str] = KINDS,
     checkpoint = run_dir / "checkpoint.pt"
     if not checkpoint.is_file():
         raise DataError(f"{checkpoint}: not found; --run takes a folder written by retrain.py.")
-    model, findings, size = cam.load_trained(checkpoint)
-    cfg, test = training.run_test_table(run_dir, data)
+    model, findings, size, _ = cam.load_trained_model(checkpoint)
+    cfg, test = run_test_table(run_dir, data)
     if test.empty:
         raise DataError(f"{run_dir / 'config.json'}: the recorded dataset has no test fold.")
     if max_images is not None:
         test = test.iloc[:max_images]
     base = CXRDataset.from_table(test.reset_index(), findings, None,
                                  reference_geometry(size))
-    dev = training.pick_device(device)
+    dev = pick_device(device)
     model = model.to(dev)
     rows: list[dict] = []
     clean: dict[str, float] = {}

@@ -8,7 +8,7 @@ Conventions (as in metrics.py):
     attributes  DataFrame of N rows, one string column per attribute (`sex`, `age`, `view`,
                 `followup`): each image's subgroup, as `read_attributes` builds it
 
-    from chexnet import subgroups
+    from chexnet.analysis import subgroups
     attrs = subgroups.read_attributes("Data_Entry_2017_v2020.csv.gz", ids)
     table = subgroups.subgroup_auc(y_true, y_score, attrs.table, attrs.patients, findings)
 
@@ -41,7 +41,7 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import precision_recall_curve
 
-from chexnet import metrics
+from chexnet.analysis import metrics
 from chexnet.data import DEFAULT_NIH_LABELS, DataError, find_chexphoto_root
 from chexnet.labels import NIH_IMAGE_COL, NIH_NO_FINDING, NIH_PATIENT_COL
 

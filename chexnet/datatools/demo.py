@@ -46,7 +46,7 @@ from PIL import Image
 
 from chexnet.cli import CommandError, at_least, command, integer
 from chexnet.files import check_outputs
-from chexnet import corruptions
+from chexnet.datatools import corruptions
 from chexnet.labels import (
     CHEXPERT_META_COLS,
     CHEXPERT_OBSERVATIONS,
@@ -930,7 +930,8 @@ def _render_nih(job: _NihJob) -> list[Box]:
 
 
 def _one_thread_per_worker() -> None:
-    """Pool initializer: torch (the photo primitives of chexnet/corruptions.py) on one thread.
+    """Pool initializer: torch (the photo primitives of chexnet/datatools/corruptions.py) on one
+    thread.
     The worker processes are the parallelism already, and a forked worker of a parent that has
     run a multi-threaded torch op hangs in its first OpenMP parallel region (libgomp)."""
     torch.set_num_threads(1)
@@ -1251,7 +1252,7 @@ assert tuple(_RENDERERS) == RENDITIONS
 
 def render_rendition(xray: np.ndarray, rendition: str, rng: np.random.Generator) -> np.ndarray:
     """Turn a clean X-ray into a CheXphoto-style rendition, chaining the photo effects of
-    chexnet/corruptions.py with magnitudes drawn from `rng`.
+    chexnet/datatools/corruptions.py with magnitudes drawn from `rng`.
 
     - "natural": a smartphone photo of the film/monitor: the film is a tilted, rotated quadrilateral
       on a dark tinted background, with lower contrast, a glare blob, blur, noise and a colour cast.

@@ -1,5 +1,5 @@
 """Figures of what a trained DenseNet-121 looked at: overlays, run galleries and
-reproduce-chexnet's annotated log-odds grid, drawn from chexnet/cam.py's maps.
+reproduce-chexnet's annotated log-odds grid, drawn from chexnet/analysis/cam.py's maps.
 
 A gallery shows the most confident true-or-predicted positives of a run's test predictions
 (`preds.csv`) in one grid, with the probability and the ground truth per tile (captions wrap,
@@ -21,10 +21,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from chexnet import localization
-from chexnet import train as training
-from chexnet.cam import (
-    METHODS, heatmaps, load_trained,
+from chexnet.analysis import localization
+from chexnet.config import config_from_record, load_run_config
+from chexnet.loaders import load_tables
+from chexnet.runs import run_tables
+from chexnet.analysis.cam import (
+    METHODS, heatmaps, load_trained_model,
     model_view, reference_log_odds_maps,
 )
 from chexnet.data import DataError, build_transform, load_xray
@@ -265,8 +267,8 @@ def parse_prevalence(value: str, finding: str, data: str | None = None) -> tuple
         if not config.is_file():
             raise DataError(f"--prevalence {value}: neither a fraction in (0, 1] nor a run folder "
                             "written by retrain.py (no config.json there).") from None
-        cfg = training.load_run_config(value, data)
-        table, findings, _ = training.load_tables(cfg)
+        cfg = load_run_config(value, data)
+        table, findings, _ = load_tables(cfg)
         p = finding_prevalence(training_prevalence(table, findings), finding, str(config))
         return p, f"training fold of {config}"
     if not 0 < p <= 1:
@@ -287,11 +289,8 @@ def checkpoint_prevalence(checkpoint: str | Path, config: dict, finding: str,
         raise DataError(f"{checkpoint}: records no training data (not written by retrain.py), so "
                         f"the base rate of {finding} is unknown; pass --prevalence RUN_DIR (a "
                         "retrain.py run folder) or a fraction, e.g. --prevalence 0.05.")
-    names = {f.name for f in dataclasses.fields(training.TrainConfig)}
-    cfg = training.TrainConfig(**{k: v for k, v in config.items() if k in names})
-    if data is not None:
-        cfg.data = data
-    table, findings, _ = training.load_tables(cfg)
+    cfg = config_from_record(config, data)
+    table, findings, _ = load_tables(cfg)
     source = f"{checkpoint}'s training data {cfg.data}"
     return finding_prevalence(training_prevalence(table, findings), finding, source), \
         f"training fold of {cfg.data}"
@@ -356,7 +355,7 @@ def reference_examples(run_dir: str | Path, label: str, data: str | None = None,
     if label not in findings:
         raise DataError(f"{label!r} is not a finding of {run_dir / 'checkpoint.pt'}: "
                         f"{', '.join(findings)}")
-    _, table = training.run_tables(run_dir, data)
+    _, table = run_tables(run_dir, data)
     p = _run_prevalence(run_dir, table, findings, label, prevalence, data)
     ids = positive_test_images(table, label)
     if not ids:
@@ -381,7 +380,8 @@ def _run_checkpoint(run_dir: Path) -> tuple[nn.Module, list[str], int]:
     checkpoint = run_dir / "checkpoint.pt"
     if not checkpoint.is_file():
         raise DataError(f"{checkpoint}: not found; --run takes a folder written by retrain.py.")
-    return load_trained(checkpoint)
+    model, findings, size, _ = load_trained_model(checkpoint)
+    return model, findings, size
 
 
 def _run_prevalence(run_dir: Path, table: pd.DataFrame, findings: Sequence[str], label: str,
@@ -473,7 +473,7 @@ def gallery_figure(run_dir: str | Path, label: str, top: int, method: str = "cam
     chosen = select_positives(preds, label, top)
     if chosen.empty:
         raise DataError(f"{run_dir / 'preds.csv'}: no true or predicted positive of {label}.")
-    cfg, table = training.run_tables(run_dir, data)
+    cfg, table = run_tables(run_dir, data)
     test = table[table["fold"] == "test"].set_index("image_id")
     ids = chosen[id_col].astype(str).tolist()
     absent = [i for i in ids if i not in test.index]

@@ -1,5 +1,5 @@
 """Class activation maps of a trained DenseNet-121: CAM, Grad-CAM and reproduce-chexnet's
-log-odds grid, computed as tensors; drawing them is chexnet/heatmaps.py's job.
+log-odds grid, computed as tensors; drawing them is chexnet/analysis/heatmaps.py's job.
 
 CAM (Zhou et al. 2016, as used by CheXNet): the last dense block's feature maps F (C, h, w),
 after the final norm + ReLU, weighted by the classifier row of the finding: cam = sum_c w_c F_c.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -144,8 +144,16 @@ def reference_log_odds_maps(model: nn.Module, images: torch.Tensor, k: int, prev
     return maps.float().cpu().numpy(), probs.float().cpu().numpy()
 
 
-def load_checkpoint(checkpoint: str | Path) -> tuple[nn.Module, list[str], int, dict]:
-    """Model, findings, image size and recorded config (a dict) of a retrain.py checkpoint.
+class TrainedModel(NamedTuple):
+    """A retrain.py checkpoint, loaded for inference."""
+    model: nn.Module        # DenseNet-121 in evaluation mode, on the CPU
+    findings: list[str]     # its outputs, in order
+    size: int               # the image size S it was trained at
+    config: dict            # its recorded TrainConfig (config.json's contents)
+
+
+def load_trained_model(checkpoint: str | Path) -> TrainedModel:
+    """Model, findings, image size and recorded config of a retrain.py checkpoint.
 
     Raises:
         CheckpointError: missing, not a checkpoint, damaged, or not a DenseNet-121 of this
@@ -162,13 +170,7 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[nn.Module, list[str], int, 
         raise CheckpointError(f"{checkpoint}: not a DenseNet-121 checkpoint of this project "
                               f"({type(err).__name__}: {detail}). Convert other CheXNet "
                               "checkpoints with convert_checkpoint.py.") from None
-    return model.eval(), list(findings), size, config
-
-
-def load_trained(checkpoint: str | Path) -> tuple[nn.Module, list[str], int]:
-    """Model, findings and image size of a checkpoint written by retrain.py."""
-    model, findings, size, _ = load_checkpoint(checkpoint)
-    return model, findings, size
+    return TrainedModel(model.eval(), list(findings), size, config)
 
 
 def model_view(gray: Image.Image, size: int) -> np.ndarray:

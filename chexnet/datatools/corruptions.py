@@ -16,10 +16,10 @@ on the severity, so one rng seed gives one corruption growing with severity.
 
 Each kind is a public primitive of the same name taking explicit magnitudes (`blur(arr, sigma)`,
 `glare(arr, centre, radius, peak)`, ...), joined by gamma, noise, pixel_grid and colour_cast,
-which no kind uses: the CheXphoto demo (chexnet/demo.py) chains them all into its photo
+which no kind uses: the CheXphoto demo (chexnet/datatools/demo.py) chains them all into its photo
 renditions, so each photo effect is written once, here.
 
-How much a trained model's test AUC suffers from them is chexnet/robustness.py's job
+How much a trained model's test AUC suffers from them is chexnet/analysis/robustness.py's job
 (`python photo_corruptions.py`).
 """
 from __future__ import annotations
@@ -91,7 +91,8 @@ def corrupt(img: Image.Image, kind: str, severity: int, rng: np.random.Generator
 # Primitives: one effect each, with explicit magnitudes (pixels, grey levels), no randomness of
 # their own but noise's. The arithmetic ones take and return float (H, W) grey-level arrays,
 # unrounded and unclipped, so they chain; perspective and jpeg take and return PIL images.
-# corrupt() draws their magnitudes from a severity; the CheXphoto demo (chexnet/demo.py) draws
+# corrupt() draws their magnitudes from a severity; the CheXphoto demo (chexnet/datatools/demo.py)
+# draws
 # its own and chains them into its photo renditions.
 # --------------------------------------------------------------------------------------------
 def perspective(img: Image.Image, startpoints: Sequence[Sequence[float]],

@@ -30,12 +30,14 @@ from torch.utils.data import DataLoader
 
 from chexnet.files import check_outputs
 from chexnet.cli import at_least, command, device_arg, integer
-from chexnet import train as training
-from chexnet import cam
+from chexnet.config import DATASETS, TrainConfig
+from chexnet.loaders import load_tables
+from chexnet.runs import pick_device
+from chexnet.analysis import cam
 from chexnet.data import CXRDataset, DataError, model_input, reference_geometry
 from chexnet.scoring import per_label_auc
 from chexnet.labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS, NIH_TO_CHEXPERT
-from chexnet.metrics import bootstrap_auc
+from chexnet.analysis.metrics import bootstrap_auc
 
 CHEXPERT_TO_NIH = {v: k for k, v in NIH_TO_CHEXPERT.items()}
 FOLDS = ("train", "val", "test", "all")
@@ -192,10 +194,10 @@ def load_target(dataset: str, data: str, labels: str | None = None, seed: int = 
                 uncertainty: str = "zeros", source: str = "all", view: str = "frontal",
                 missing: str = "error") -> tuple[pd.DataFrame, list[str]]:
     """The target dataset's label table and findings, read as retrain.py reads it."""
-    cfg = training.TrainConfig(dataset=dataset, data=data, labels=labels, seed=seed,
+    cfg = TrainConfig(dataset=dataset, data=data, labels=labels, seed=seed,
                                uncertainty=uncertainty, source=source, view=view,
                                missing=missing)
-    table, findings, _ = training.load_tables(cfg)
+    table, findings, _ = load_tables(cfg)
     return table, list(findings)
 
 
@@ -204,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by retrain.py")
-    p.add_argument("--dataset", required=True, choices=training.DATASETS,
+    p.add_argument("--dataset", required=True, choices=DATASETS,
                    help="the dataset to score on")
     p.add_argument("--data", required=True, help="its root folder")
     p.add_argument("--fold", choices=FOLDS, default="test")
@@ -228,13 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise DataError(f"{checkpoint}: checkpoint not found.")
-    model, model_findings, size = cam.load_trained(checkpoint)
+    model, model_findings, size, _ = cam.load_trained_model(checkpoint)
     table, target_findings = load_target(args.dataset, args.data, args.labels, args.seed,
                                          args.uncertainty, args.source, args.view,
                                          args.missing)
     result, left = cross_evaluate(model, model_findings, size, table, target_findings,
                                   args.fold, args.n_boot, args.seed,
-                                  training.pick_device(args.device), args.batch_size,
+                                  pick_device(args.device), args.batch_size,
                                   args.workers)
     n_rows = len(table) if args.fold == "all" else int((table["fold"] == args.fold).sum())
     pairs = result[result["model_finding"] != "mean"]

@@ -37,11 +37,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from chexnet.cli import at_least, command, integer
-from chexnet import metrics
-from chexnet import training_plots
-from chexnet import train as training
-from chexnet import subgroups
-from chexnet import heatmaps
+from chexnet.analysis import metrics
+from chexnet.analysis import training_plots
+from chexnet.runs import SaveError, save_text
+from chexnet.analysis import subgroups
+from chexnet.analysis import heatmaps
 from chexnet.data import DataError
 from chexnet.files import check_outputs, probe_writable, run_files
 from chexnet.scoring import patients_of, per_label_auc, truth_and_scores
@@ -168,7 +168,7 @@ def section(sid: str, body: str) -> str:
 # Reading a run
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Run:
+class RunResults:
     """What the report needs from a run folder; absent files are None."""
 
     path: Path
@@ -201,7 +201,7 @@ def _read_json(path: Path) -> dict | None:
     return value
 
 
-def read_run(run_dir: str | Path) -> Run:
+def read_run(run_dir: str | Path) -> RunResults:
     """Read a run folder written by retrain.py (preds.csv is required).
 
     Raises:
@@ -216,11 +216,12 @@ def read_run(run_dir: str | Path) -> Run:
         raise DataError(f"{preds}: not found; the run has not finished (retrain.py writes it "
                         "after the last epoch), or this is not a run folder.")
     y_true, y_score, findings, ids = truth_and_scores(preds, None)
-    return Run(path, _read_json(path / "config.json"), _read_json(path / "run_record.json"),
-               y_true, y_score, findings, ids)
+    return RunResults(path, _read_json(path / "config.json"),
+                      _read_json(path / "run_record.json"),
+                      y_true, y_score, findings, ids)
 
 
-def shows_published(run: Run) -> bool:
+def shows_published(run: RunResults) -> bool:
     """Published NIH AUCs apply to runs predicting exactly the 14 NIH findings (nih or demo)."""
     return (run.dataset in (None, "nih", "demo") and len(run.findings) == len(NIH_FINDINGS)
             and set(run.findings) == set(NIH_FINDINGS))
@@ -229,7 +230,7 @@ def shows_published(run: Run) -> bool:
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
-def config_section(run: Run) -> str:
+def config_section(run: RunResults) -> str:
     """Key settings, the environment of run_record.json, the data fingerprint, full config."""
     columns, parts = [], []
     if run.config is None:
@@ -264,7 +265,7 @@ def config_section(run: Run) -> str:
     return section("config", "\n".join(parts))
 
 
-def convergence_section(run: Run, dpi: int) -> str:
+def convergence_section(run: RunResults, dpi: int) -> str:
     """Loss curves (plot_training), best epoch and LR steps, the per-epoch log."""
     try:
         log = training_plots.read_log(run.path)
@@ -290,7 +291,7 @@ def convergence_section(run: Run, dpi: int) -> str:
         "</details>"]))
 
 
-def auc_ci_table(run: Run, n_boot: int, seed: int) -> tuple[pd.DataFrame, str]:
+def auc_ci_table(run: RunResults, n_boot: int, seed: int) -> tuple[pd.DataFrame, str]:
     """bootstrap_auc of the run's test predictions, resampling patients where the ids name
     them. Returns (table with a mean row, a sentence saying what was resampled)."""
     groups = patients_of(run.ids)
@@ -332,7 +333,7 @@ def plot_auc_forest(ci: pd.DataFrame, published: bool) -> Figure:
     return fig
 
 
-def aucs_section(run: Run, ci: pd.DataFrame, how: str, dpi: int) -> str:
+def aucs_section(run: RunResults, ci: pd.DataFrame, how: str, dpi: int) -> str:
     """The AUC table with intervals, published columns for NIH-finding runs, and a forest plot."""
     table = pd.DataFrame({
         "finding": ci["label"], "positives": ci["n_pos"].astype(int),
@@ -368,7 +369,7 @@ def aucs_section(run: Run, ci: pd.DataFrame, how: str, dpi: int) -> str:
     return section("aucs", "\n".join(parts))
 
 
-def roc_section(run: Run, ci: pd.DataFrame, dpi: int) -> str:
+def roc_section(run: RunResults, ci: pd.DataFrame, dpi: int) -> str:
     """metrics.plot_roc of every finding with both classes in the test fold."""
     curves = metrics.roc_curves(run.y_true, run.y_score, run.findings)
     if not curves:
@@ -383,7 +384,7 @@ def roc_section(run: Run, ci: pd.DataFrame, dpi: int) -> str:
     return section("roc", "\n".join(parts))
 
 
-def thresholds_section(run: Run) -> str:
+def thresholds_section(run: RunResults) -> str:
     """metrics.threshold_report: test metrics at 0.5 and at Youden's J chosen on val_preds.csv,
     one row per finding (the confusion counts in a folded full table)."""
     val_path = run.path / "val_preds.csv"
@@ -412,20 +413,20 @@ def thresholds_section(run: Run) -> str:
         f"{html_table(report, total_label=None)}</details>"]))
 
 
-def prevalent_findings(run: Run, n: int = HEATMAP_FINDINGS) -> list[str]:
+def prevalent_findings(run: RunResults, n: int = HEATMAP_FINDINGS) -> list[str]:
     """The n findings with the most positives in the test fold (at least one each)."""
     pos = (run.y_true == 1).sum(axis=0)   # NaN (masked) compares unequal: not positive
     order = sorted(range(len(run.findings)), key=lambda j: (-pos[j], j))
     return [run.findings[j] for j in order[:n] if pos[j] > 0]
 
 
-def render_gallery(run: Run, label: str, top: int, out: Path, data: str | None) -> Path:
+def render_gallery(run: RunResults, label: str, top: int, out: Path, data: str | None) -> Path:
     """visualize_prediction.py's gallery of `label` for the run (the same figure as
     `python visualize_prediction.py --run RUN --label LABEL`), written to `out`."""
     return heatmaps.gallery(run.path, label, top, out, method="cam", data=data)
 
 
-def heatmaps_section(run: Run, top: int, data: str | None, n_findings: int = HEATMAP_FINDINGS
+def heatmaps_section(run: RunResults, top: int, data: str | None, n_findings: int = HEATMAP_FINDINGS
                      ) -> str:
     """A CAM gallery for each of the `n_findings` most prevalent findings of the test fold."""
     findings = prevalent_findings(run, n_findings)
@@ -452,7 +453,8 @@ def heatmaps_section(run: Run, top: int, data: str | None, n_findings: int = HEA
                 continue
             parts.append(f"<h3>{_esc(label)}</h3>" + img_tag(Path(png).read_bytes(),
                                                              f"CAM gallery of {label}"))
-    parts.append(note("rendered by visualize_prediction.py's gallery (chexnet/heatmaps.py)."))
+    parts.append(note("rendered by visualize_prediction.py's gallery "
+                      "(chexnet/analysis/heatmaps.py)."))
     return section("heatmaps", "\n".join(parts))
 
 
@@ -461,7 +463,7 @@ def _ci_text(value: float, low: float, high: float) -> str:
     return metrics.format_ci(value, low, high).partition(" ")[2] or "n/a"
 
 
-def subgroup_auc_part(run: Run, attrs: subgroups.Attributes, n_boot: int, seed: int) -> str:
+def subgroup_auc_part(run: RunResults, attrs: subgroups.Attributes, n_boot: int, seed: int) -> str:
     """Mean AUC per subgroup with its CI and the gap to the rest (same resamples), then the
     full per-finding table, folded."""
     units = patients_of(run.ids)
@@ -487,7 +489,8 @@ def subgroup_auc_part(run: Run, attrs: subgroups.Attributes, n_boot: int, seed: 
         f"{html_table(table, total_label=None)}</details>"])
 
 
-def underdiagnosis_part(run: Run, attrs: subgroups.Attributes, n_boot: int, seed: int) -> str:
+def underdiagnosis_part(run: RunResults, attrs: subgroups.Attributes, n_boot: int,
+                        seed: int) -> str:
     """Under-diagnosis rates at the F1 threshold of No Finding chosen on val_preds.csv."""
     val_path = run.path / "val_preds.csv"
     parts = ["<h3>Under-diagnosis</h3>"]
@@ -520,7 +523,7 @@ def underdiagnosis_part(run: Run, attrs: subgroups.Attributes, n_boot: int, seed
         html_table(shown, total_label=None)])
 
 
-def calibration_part(run: Run, dpi: int) -> str:
+def calibration_part(run: RunResults, dpi: int) -> str:
     """ECE and Brier per finding and pooled, before and after temperature scaling fitted on
     val_preds.csv, and the reliability diagrams."""
     val_path = run.path / "val_preds.csv"
@@ -537,7 +540,7 @@ def calibration_part(run: Run, dpi: int) -> str:
                 "perfect calibration.")])
 
 
-def subgroups_section(run: Run, n_boot: int, seed: int, dpi: int, data: str | None) -> str:
+def subgroups_section(run: RunResults, n_boot: int, seed: int, dpi: int, data: str | None) -> str:
     """Subgroup AUCs and under-diagnosis (attributes from the run's labels file, when it has
     the columns), then calibration (always)."""
     attrs, notes = subgroups.find_attributes(run.ids, subgroups.metadata_files(run.path, data))
@@ -552,7 +555,7 @@ def subgroups_section(run: Run, n_boot: int, seed: int, dpi: int, data: str | No
     return section("subgroups", "\n".join(parts))
 
 
-def compare_section(run: Run, other: Run, n_boot: int, seed: int, dpi: int) -> str:
+def compare_section(run: RunResults, other: RunResults, n_boot: int, seed: int, dpi: int) -> str:
     """Settings that differ, both training curves, and the paired AUC comparison."""
     parts = [note(f"This run ({run.name}, A) against {other.path} (B).")]
     a_cfg, b_cfg = run.config or {}, other.config or {}
@@ -669,8 +672,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, n_boot: int
         "<nav>" + "".join(f'<a href="#{s}">{_esc(SECTIONS[s])}</a>' for s in ids) + "</nav>",
         "</header><main>", *sections, "</main></body></html>", ""])
     try:
-        training.save_text(page, out)
-    except (OSError, training.SaveError) as err:
+        save_text(page, out)
+    except (OSError, SaveError) as err:
         cause = err.__cause__ if isinstance(err.__cause__, OSError) else err
         raise unwritable(out, cause) from err
     return out

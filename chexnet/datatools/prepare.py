@@ -46,9 +46,8 @@ from PIL import Image
 
 from chexnet.cli import OldName, at_least, command, integer
 from chexnet.files import atomic_write, check_outputs, sha256_file
-from chexnet.cache import (
-    DEFAULT_SIZE, DONE, BuildResult, build_cache, cache_dir, default_workers, peak_rss_mb,
-)
+from chexnet.cache import DEFAULT_SIZE, DONE, cache_dir
+from chexnet.datatools.cache_build import BuildResult, build_cache, default_workers, peak_rss_mb
 from chexnet.data import (
     DEFAULT_NIH_LABELS, DataError, chexphoto_table, find_chexphoto_root,
     index_images, nih_labels_table,

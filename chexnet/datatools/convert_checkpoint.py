@@ -47,7 +47,7 @@ from chexnet.files import check_outputs
 from chexnet.cli import CommandError, at_least, command
 from chexnet.labels import findings_for
 from chexnet.model import build_model, looks_like_torch_file
-from chexnet.train import atomic_torch_save
+from chexnet.runs import atomic_torch_save
 
 # Pre-0.4 torchvision named the layers of a dense layer `norm.1`, `relu.1`, `conv.1`, `norm.2`,
 # `relu.2`, `conv.2`; today they are `norm1` ... `conv2`. (torchvision's own loader uses the

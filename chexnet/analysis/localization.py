@@ -29,8 +29,8 @@ from PIL import Image, UnidentifiedImageError
 
 from chexnet.files import check_outputs, run_files
 from chexnet.cli import NON_NEGATIVE, at_least, command
-from chexnet import cam
-from chexnet import train as training
+from chexnet.analysis import cam
+from chexnet.runs import run_test_table
 from chexnet.data import DataError, build_transform, load_xray
 from chexnet.labels import NIH_BBOX_ALIASES, NIH_FINDINGS
 
@@ -380,11 +380,11 @@ def run_localization(run_dir: str | Path, boxes_path: str | Path, method: str = 
     if not checkpoint.is_file():
         raise DataError(f"{checkpoint}: not found; --run takes a folder written by retrain.py.")
     boxes = read_boxes(boxes_path)
-    model, findings, size = cam.load_trained(checkpoint)
+    model, findings, size, _ = cam.load_trained_model(checkpoint)
     if not set(findings) & set(NIH_FINDINGS):
         raise DataError(f"{checkpoint}: the model predicts {', '.join(findings)}; the NIH boxes "
                         "need a model trained on NIH findings (--dataset nih or demo).")
-    cfg, test = training.run_test_table(run_dir, data)
+    cfg, test = run_test_table(run_dir, data)
     boxed = boxes_in_input_space(boxes, test, size, cfg.dataset, frame_size)
     if boxed.empty:
         raise DataError(f"{boxes_path}: none of its {len(boxes)} boxes is on one of the "

@@ -6,7 +6,7 @@ Conventions shared by every function here:
     y_score  (N, K) float: probabilities or logits (only their order matters for AUC)
     groups   (N,) patient ids, or None: with ids, resampling draws patients, not images
 
-    from chexnet import metrics
+    from chexnet.analysis import metrics
     table = metrics.bootstrap_auc(y_true, y_score, groups=patients, findings=findings)
     print(metrics.format_ci_table(table))          # auc [95% CI]: 0.8383 [0.8300, 0.8460]
 
