@@ -153,7 +153,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=Path, help=f"folder of PNGs (default {DEFAULT_IMAGES})")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--image-size", dest="size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--workers", type=int, default=default_workers(), help="cache build processes")
     p.add_argument("--batch-size", type=int, default=64)

@@ -85,7 +85,7 @@ def measure(images: Path, ckpt: Path, work: Path, load: int, repeats: int
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=200)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--image-size", dest="size", type=int, default=64)
     p.add_argument("--load", type=int, default=1, help="CPU-bound processes beside predict")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)

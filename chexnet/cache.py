@@ -145,7 +145,7 @@ def open_cache(data_dir: str | os.PathLike, size: int,
 # --------------------------------------------------------------------------------------------
 class CachedImages(Dataset):
     """Cached images as a torch Dataset: item i is `(uint8 (1, S, S), targets (K,), image id)`,
-    what `data.CXRDataset` gives for the same image from its file, byte for byte.
+    what `data.ImageFileDataset` gives for the same image from its file, byte for byte.
 
     torch's DataLoader asks for a whole batch at once through `__getitems__`, which reads it
     with one fancy-index of the memory map in sorted row order (sequential reads, no per-image

@@ -28,17 +28,6 @@ def at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-class OldName(argparse.Action):
-    """argparse action for an option's old name: sets the new option (its `dest`) and says on
-    stderr what the option is called now, so old commands keep working."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        new = "--" + self.dest.replace("_", "-")
-        print(f"note: {option_string} is now called {new}, as in the other scripts; the old "
-              "name still works for now.", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 # ---------------------------------------------------------------------------------------------
 # Numbers and devices, checked while the arguments are parsed
 # ---------------------------------------------------------------------------------------------

@@ -711,8 +711,10 @@ def chexphoto_table(data: str | os.PathLike, policy: str = "zeros",
 # --------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------
-class CXRDataset(Dataset):
-    """Images + targets held as arrays. Item i is `(image (3,S,S), target (K,), image_id)`."""
+class ImageFileDataset(Dataset):
+    """Image files + targets held as arrays: what retrain.py reads when there is no uint8 cache
+    (chexnet/loaders.py). Item i is `(transform(image), target (K,), image_id)`; with the
+    training transform, `reference_geometry`, the image is uint8 (1, S, S)."""
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray, image_ids: Sequence[str],
                  findings: Sequence[str], transform: Callable | None = None):
@@ -733,10 +735,77 @@ class CXRDataset(Dataset):
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, findings: Sequence[str], fold: str | None,
-                   transform: Callable | None = None) -> "CXRDataset":
+                   transform: Callable | None = None) -> "ImageFileDataset":
         rows = table if fold is None else table[table["fold"] == fold]
         return cls(rows["path"].tolist(), rows[list(findings)].to_numpy(np.float32),
                    rows["image_id"].tolist(), findings, transform)
+
+
+class CXRDataset(Dataset):
+    """reproduce-chexnet's `CXRDataset`, constructor and items alike, for code written against it.
+
+        CXRDataset(path_to_images, fold, transform=None, sample=0, finding="any")
+
+    Args, with the reference's meaning:
+        path_to_images: the folder holding the NIH PNGs (`os.path.join(path_to_images, name)`).
+        fold: "train", "val" or "test": the rows of the labels file's `fold` column.
+        transform: applied to the RGB PIL image (None: the PIL image itself is the item).
+        sample: when 0 < sample < rows, that many rows drawn at random (`DataFrame.sample`, from
+            numpy's global random state, as the reference: seed numpy for a repeatable draw).
+        finding: "any", or a finding: only its positive rows (all rows, with a message, when it
+            has none; a message and all rows when it is not a finding of the file).
+        labels: the labels file (not in the reference, which reads `nih_labels.csv` from the
+            working directory): default that file when it exists, else this repository's
+            nih_labels.csv, which holds the same split.
+
+    Item i is `(image, label, image_name)`: label is an int array of the 14 findings
+    (`PRED_LABEL`), image the transform of the image converted to RGB. One difference from the
+    reference: images are read with `load_xray` (16-bit PNGs scaled, RGBA flattened, EXIF
+    orientation applied), which names an undecodable file instead of a bare PIL error.
+
+    Training here does not use this class (chexnet/loaders.py builds the loaders); it exists so
+    that reproduce-chexnet's loader code runs unchanged on this repository.
+    """
+
+    PRED_LABEL = list(NIH_FINDINGS)
+
+    def __init__(self, path_to_images: str | os.PathLike, fold: str,
+                 transform: Callable | None = None, sample: int = 0, finding: str = "any",
+                 labels: str | os.PathLike | None = None):
+        self.transform = transform
+        self.path_to_images = path_to_images
+        if labels is None:
+            labels = "nih_labels.csv" if os.path.isfile("nih_labels.csv") else DEFAULT_NIH_LABELS
+        df = read_csv_or_explain(Path(labels))
+        missing = [c for c in ("Image Index", "fold", *self.PRED_LABEL) if c not in df.columns]
+        if missing:
+            raise DataError(f"{labels}: no column {', '.join(missing)}; CXRDataset reads a "
+                            "reproduce-chexnet nih_labels.csv (Image Index, the 14 findings, "
+                            "fold).")
+        df = df[df["fold"] == fold]
+        if 0 < sample < len(df):
+            df = df.sample(sample)
+        if finding != "any":
+            if finding in df.columns:
+                if (df[finding] == 1).any():
+                    df = df[df[finding] == 1]
+                else:
+                    print(f"No positive cases exist for {finding}, returning all unfiltered cases")
+            else:
+                print(f"cannot filter on finding {finding} as not in data - please check spelling")
+        self.df = df.set_index("Image Index")
+        # The reference's per-item loop: a finding's int value where it is positive, else 0.
+        self._labels = np.maximum(self.df[self.PRED_LABEL].to_numpy().astype(int), 0)
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def __getitem__(self, idx: int):
+        name = self.df.index[idx]
+        image = load_xray(os.path.join(self.path_to_images, name)).convert("RGB")
+        if self.transform:
+            image = self.transform(image)
+        return image, self._labels[idx].copy(), name
 
 
 def resolve_nih_labels(data: str | os.PathLike, labels: str | os.PathLike | None = None,

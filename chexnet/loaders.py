@@ -4,7 +4,7 @@
     make_loaders(cfg, ...)      train / val / test DataLoaders for this process
 
 One data path. The images come from prepare_data.py's uint8 cache (`cache.CachedImages`) when
-a valid one exists (--cache auto/on), else from the image files (`data.CXRDataset`); either
+a valid one exists (--cache auto/on), else from the image files (`data.ImageFileDataset`); either
 dataset feeds torch's own DataLoader with the same sampler and batch sizes, and the batches are
 byte for byte the same: `(uint8 (B, 1, S, S), float32 (B, K) with NaN = masked, ids)`. Flips
 and normalisation are applied per batch, on the device, by the training loop
@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 from chexnet.cache import IMAGES_FILE, cache_datasets, cache_root_and_labels, collate_batch, \
     open_cache
 from chexnet.data import (
-    CXRDataset, DataError, chexphoto_table, drops_last_batch, nih_table, reference_geometry,
+    ImageFileDataset, DataError, chexphoto_table, drops_last_batch, nih_table, reference_geometry,
 )
 from chexnet.labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
 from chexnet.runtime import Dist, shard
@@ -133,7 +133,7 @@ def make_datasets(cfg, table: pd.DataFrame, findings: Sequence[str]
                         + (f" --cache-dir {cfg.cache_dir}" if cfg.cache_dir else ""))
     cached = datasets is not None
     if not cached:
-        datasets = {fold: CXRDataset.from_table(table, findings, fold,
+        datasets = {fold: ImageFileDataset.from_table(table, findings, fold,
                                                 reference_geometry(cfg.image_size))
                     for fold in ("train", "val", "test")}
     for fold, ds in datasets.items():

@@ -19,7 +19,7 @@ from chexnet import cache as cxr_cache
 from chexnet import train as training
 from chexnet.cache import CachedImages, cache_dir, collate_batch, open_cache
 from chexnet.config import TrainConfig
-from chexnet.data import CXRDataset, build_transform, load_xray, model_input
+from chexnet.data import ImageFileDataset, build_transform, load_xray, model_input
 from chexnet.datatools import cache_build
 from chexnet.datatools import prepare as prepare_data
 from chexnet.datatools.cache_build import resize_center_crop
@@ -205,7 +205,7 @@ def test_cache_loaders_serve_what_the_file_loaders_serve(tmp_path, capsys):
     assert "uint8 cache" in capsys.readouterr().out
     assert isinstance(ours["train"].dataset, CachedImages)
     theirs = make_loaders(dataclasses.replace(cfg, cache="off"), table, findings, device)
-    assert isinstance(theirs["train"].dataset, CXRDataset)
+    assert isinstance(theirs["train"].dataset, ImageFileDataset)
     for epoch, start in [(1, 0), (2, 4)]:
         for loaders in (ours, theirs):
             loaders["train"].sampler.set_epoch(epoch, start)

@@ -105,8 +105,6 @@ def cases(root):
          f"{root / 'empty.csv'}: the file is empty"),
         ("predict unreadable", ["predict.py", str(root / "not_an_image.png"), "--checkpoint",
                                 str(root / "pickled_model.pt")], "pickled_model.pt"),
-        ("prepare size 0", ["prepare_data.py", "nih", "--data", str(demo), "--size", "0"],
-         "--size: 0 is too small"),
         ("prepare image size 0", ["prepare_data.py", "nih", "--data", str(demo),
                                   "--image-size", "0"], "--image-size: 0 is too small"),
         ("prepare nothing found", ["prepare_data.py", "nih", "--data", str(root / "out"),

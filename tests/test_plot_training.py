@@ -153,13 +153,15 @@ def test_cli_default_labels_and_errors(run_dir, tmp_path, capsys):
     assert "1 runs but 2 --names" in capsys.readouterr().err
 
 
-def test_legend_names_are_names_and_labels_their_old_name(run_dir, tmp_path, capsys):
-    """--labels means a labels file in every other script: the legend option is --names."""
+def test_legend_names_are_names_and_labels_is_not_an_option_here(run_dir, tmp_path, capsys):
+    """--labels means a labels file in every other script: the legend option is --names, and
+    the old --labels is refused."""
     out = tmp_path / "one.png"
-    assert plot_training.main([str(run_dir), "--labels", "mine", "--out", str(out)]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.startswith("mine: 6 epochs")
-    assert "note: --labels is now called --names" in captured.err
+    assert plot_training.main([str(run_dir), "--names", "mine", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("mine: 6 epochs")
+    with pytest.raises(SystemExit) as stop:
+        plot_training.main([str(run_dir), "--labels", "mine", "--out", str(tmp_path / "2.png")])
+    assert stop.value.code == 2 and "unrecognized arguments: --labels" in capsys.readouterr().err
 
 
 def test_no_lr_steps_says_why(tmp_path, capsys):

@@ -19,7 +19,7 @@ from torch import nn
 
 from chexnet.analysis import predict
 from conftest import shared
-from chexnet.data import CXRDataset, build_transform, load_xray
+from chexnet.data import ImageFileDataset, build_transform, load_xray
 from chexnet.labels import NIH_FINDINGS
 from chexnet.model import build_model
 
@@ -97,7 +97,7 @@ def trained(tmp_path_factory) -> tuple:
 
 def dataset_probs(model: nn.Module, png) -> torch.Tensor:
     """Probabilities through the training/evaluation data path, for reference. (K,)"""
-    ds = CXRDataset([str(png)], np.zeros((1, len(NIH_FINDINGS))), ["x"], NIH_FINDINGS,
+    ds = ImageFileDataset([str(png)], np.zeros((1, len(NIH_FINDINGS))), ["x"], NIH_FINDINGS,
                     build_transform(SIZE))
     with torch.inference_mode():
         return torch.sigmoid(model(ds[0][0][None]))[0]

@@ -93,7 +93,7 @@ def test_default_split_is_the_committed_file_and_missing_images_stop(tmp_path, c
     rng = np.random.default_rng(0)
     for name in committed["Image Index"]:
         save_image(tmp_path / "images" / name, "L", 64, 64, rng)
-    args = ["nih", "--root", str(tmp_path), "--size", "16", "--workers", "1"]
+    args = ["nih", "--data", str(tmp_path), "--image-size", "16", "--workers", "1"]
     assert prepare_data.main(args) == 2
     err = capsys.readouterr().err
     assert "not under the data folder" in err and "--skip-bad" in err
@@ -116,8 +116,8 @@ def test_official_split_on_the_command_line(tmp_path):
     names = [f"{i + 1:08d}_000.png" for i in range(8)]
     (tmp_path / "test_list.txt").write_text("\n".join(names[:2]) + "\n")
     (tmp_path / "train_val_list.txt").write_text("\n".join(names[2:]) + "\n")
-    assert prepare_data.main(["nih", "--data", str(tmp_path), "--size", "16", "--workers", "1",
-                              "--labels", str(tmp_path / "Data_Entry_2017.csv"),
+    assert prepare_data.main(["nih", "--data", str(tmp_path), "--image-size", "16", "--workers",
+                              "1", "--labels", str(tmp_path / "Data_Entry_2017.csv"),
                               "--split", "official"]) == 0
     labels = pd.read_csv(tmp_path / "nih_labels.csv")
     assert set(labels.loc[labels["fold"] == "test", "Image Index"]) == set(names[:2])
@@ -224,7 +224,7 @@ def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
     make_nih(tmp_path, n=12, shapes=[("L", 48, 48)], folds=True)
     bad = tmp_path / "images" / "00000005_000.png"
     bad.write_bytes(bad.read_bytes()[:80])
-    args = ["nih", "--data", str(tmp_path), "--size", "24", "--workers", "1",
+    args = ["nih", "--data", str(tmp_path), "--image-size", "24", "--workers", "1",
             "--labels", str(tmp_path / "labels.csv")]
     assert prepare_data.main(args) == 2
     err = capsys.readouterr().err
@@ -311,7 +311,7 @@ def test_a_failed_prepare_leaves_the_folder_as_it_was(tmp_path, capsys):
     make_nih(tmp_path, n=4, shapes=[("L", 40, 40)])
     for image in (tmp_path / "images").iterdir():
         image.unlink()
-    args = ["nih", "--data", str(tmp_path), "--size", "16", "--workers", "1", "--labels",
+    args = ["nih", "--data", str(tmp_path), "--image-size", "16", "--workers", "1", "--labels",
             str(tmp_path / "Data_Entry_2017.csv"), "--split", "random"]
     assert prepare_data.main(args) == 2
     assert "not under the data folder" in capsys.readouterr().err
@@ -324,36 +324,37 @@ def test_a_failed_prepare_leaves_the_folder_as_it_was(tmp_path, capsys):
 
 def test_size_zero_is_refused_while_parsing(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        prepare_data.main(["nih", "--data", str(tmp_path), "--size", "0"])
-    assert "--size: 0 is too small" in capsys.readouterr().err
+        prepare_data.main(["nih", "--data", str(tmp_path), "--image-size", "0"])
+    assert "--image-size: 0 is too small" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow
-def test_options_are_named_as_in_retrain_and_the_old_names_still_work(tmp_path, capsys):
-    """--data and --image-size, as retrain.py calls them; --root and --size still work."""
+def test_options_are_named_as_in_retrain_and_the_old_names_are_gone(tmp_path, capsys):
+    """--data and --image-size, as retrain.py calls them; the old --root and --size are
+    refused (argparse's exit 2), not quietly mapped."""
     make_nih(tmp_path, n=4, shapes=[("L", 40, 40)])
     tail = ["--workers", "1", "--labels", str(tmp_path / "Data_Entry_2017.csv"), "--split",
             "random"]
-    assert prepare_data.main(["nih", "--root", str(tmp_path), "--image-size", "12", *tail]) == 0
-    assert (tmp_path / "cache" / "12" / "manifest.json").is_file()
-    assert "note: --root is now called --data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         prepare_data.main(["nih", *tail])
     assert "the following arguments are required: --data" in capsys.readouterr().err
     args = ["nih", "--data", str(tmp_path), *tail]
     assert prepare_data.main([*args, "--image-size", "16"]) == 0
     assert (tmp_path / "cache" / "16" / "manifest.json").is_file()
-    assert "note: --size" not in capsys.readouterr().err
-    assert prepare_data.main([*args, "--size", "20"]) == 0          # the old name still works
-    assert (tmp_path / "cache" / "20" / "manifest.json").is_file()
-    assert "note: --size is now called --image-size" in capsys.readouterr().err
+    for old in (["--size", "20"], ["--root", str(tmp_path)]):
+        with pytest.raises(SystemExit) as stop:
+            prepare_data.main([*args, *old])
+        assert stop.value.code == 2
+        assert f"unrecognized arguments: {old[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "20").exists()
     with pytest.raises(SystemExit):
         prepare_data.main([*args, "--image-size", "0"])
     assert "--image-size: 0 is too small" in capsys.readouterr().err
-    help_text = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "nih", "--help"],
-                               capture_output=True, text=True, cwd=ROOT).stdout
-    assert "--image-size" in help_text and "--size " not in help_text   # hidden
+    with pytest.raises(SystemExit):
+        prepare_data.main(["nih", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--image-size" in help_text and "--size " not in help_text
     assert "--data" in help_text and "--root" not in help_text
 
 

@@ -152,7 +152,7 @@ def test_demo_run_through_the_cache_equals_the_png_run(demo_root, tmp_path, caps
     root = tmp_path / "demo"
     shutil.copytree(demo_root, root)
     png = train(root, tmp_path, "png", "--epochs", "2", "--cache", "off")
-    assert prepare_data.main(["nih", "--data", str(root), "--size", "32", "--labels",
+    assert prepare_data.main(["nih", "--data", str(root), "--image-size", "32", "--labels",
                               str(root / "Data_Entry_2017.csv"), "--workers", "1",
                               "--split", "random"]) == 0
     capsys.readouterr()
@@ -180,8 +180,8 @@ def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
     root = tmp_path / "nih"
     root.mkdir()
     (root / "images").symlink_to(images)  # the shared folder is read-only; the cache is not
-    assert prepare_data.main(["nih", "--data", str(root), "--size", "32", "--labels", str(entry),
-                              "--skip-bad", "--workers", "1", "--split", "random"]) == 0
+    assert prepare_data.main(["nih", "--data", str(root), "--image-size", "32", "--labels",
+                              str(entry), "--skip-bad", "--workers", "1", "--split", "random"]) == 0
     capsys.readouterr()
     args = ["--dataset", "nih", "--data", str(root), "--missing", "skip", "--out", str(tmp_path),
             "--name", "run", *FAST, "--epochs", "1", "--cache", "on"]

@@ -34,7 +34,7 @@ from chexnet.config import DATASETS, TrainConfig
 from chexnet.loaders import load_tables
 from chexnet.runs import pick_device
 from chexnet.analysis import cam
-from chexnet.data import CXRDataset, DataError, model_input, reference_geometry
+from chexnet.data import ImageFileDataset, DataError, model_input, reference_geometry
 from chexnet.scoring import per_label_auc
 from chexnet.labels import CHEXPERT_OBSERVATIONS, NIH_FINDINGS, NIH_TO_CHEXPERT
 from chexnet.analysis.metrics import bootstrap_auc
@@ -116,7 +116,7 @@ def predict_table(model: nn.Module, table: pd.DataFrame, findings: Sequence[str]
     Returns:
         (probabilities (N, K_model), targets (N, len(findings)) with NaN = masked), in row order.
     """
-    ds = CXRDataset.from_table(table, findings, None, reference_geometry(image_size))
+    ds = ImageFileDataset.from_table(table, findings, None, reference_geometry(image_size))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     device = torch.device(device)
     model = model.to(device).eval()

@@ -27,14 +27,14 @@ from chexnet.analysis import heatmaps
 from chexnet import train as training
 from chexnet.runs import pick_device, run_test_table
 from chexnet.datatools.corruptions import CLEAN, KINDS, SEVERITIES, corrupt, image_rng
-from chexnet.data import CXRDataset, DataError, load_xray, reference_geometry
+from chexnet.data import ImageFileDataset, DataError, load_xray, reference_geometry
 from chexnet.scoring import per_label_auc
 
 
-class CorruptedDataset(CXRDataset):
-    """A CXRDataset whose images are corrupted (as PIL L) before the transform."""
+class CorruptedDataset(ImageFileDataset):
+    """An ImageFileDataset whose images are corrupted (as PIL L) before the transform."""
 
-    def __init__(self, base: CXRDataset, kind: str, severity: int, seed: int = 0):
+    def __init__(self, base: ImageFileDataset, kind: str, severity: int, seed: int = 0):
         super().__init__(base.paths, base.targets.numpy(), base.image_ids, base.findings,
                          base.transform)
         if kind != CLEAN and kind not in KINDS:
@@ -90,7 +90,7 @@ def robustness(run_dir: str | Path, kinds: Sequence[str] = KINDS,
         raise DataError(f"{run_dir / 'config.json'}: the recorded dataset has no test fold.")
     if max_images is not None:
         test = test.iloc[:max_images]
-    base = CXRDataset.from_table(test.reset_index(), findings, None,
+    base = ImageFileDataset.from_table(test.reset_index(), findings, None,
                                  reference_geometry(size))
     dev = pick_device(device)
     model = model.to(dev)

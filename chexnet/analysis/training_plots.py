@@ -26,7 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from chexnet.files import check_outputs, run_files
-from chexnet.cli import CommandError, OldName, command
+from chexnet.cli import CommandError, command
 from chexnet.reference import hint, reference_path
 
 LOG_NAME = "log_train.csv"
@@ -220,9 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "published curve (pretrained/log_train, from fetch_reference.py)")
     parser.add_argument("--names", nargs="+", help="legend names, one per run "
                         "(default: folder names / file stems)")
-    parser.add_argument("--labels", nargs="+", dest="names", default=argparse.SUPPRESS,
-                        action=OldName, help=argparse.SUPPRESS)  # --names' old name
-
     parser.add_argument("--out", default="training_curves.png", help="figure path (PNG)")
     args = parser.parse_args(argv)
     if not args.runs and not args.reference:

@@ -17,7 +17,7 @@ NIH writes ROOT/nih_labels.csv (what retrain.py reads by default; --labels-out F
 Both write the cache ROOT/cache/<S>/ (images.u8, index.csv, done.npy, manifest.json,
 skip.txt; see chexnet/cache.py), every core decoding in parallel. --image-size 224 (default) stores
 exactly what the reference recipe (Resize 224 + CenterCrop 224, flips only) feeds the network,
-the same --image-size as retrain.py's (--size, its old name, still works).
+the same --image-size as retrain.py's.
 
 A read-only dataset folder (Kaggle's /kaggle/input, a shared drive): write the labels file and
 the cache elsewhere, and give retrain.py the same places:
@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from chexnet.cli import OldName, at_least, command, integer
+from chexnet.cli import at_least, command, integer
 from chexnet.files import atomic_write, check_outputs, sha256_file
 from chexnet.cache import DEFAULT_SIZE, DONE, cache_dir
 from chexnet.datatools.cache_build import BuildResult, build_cache, default_workers, peak_rss_mb
@@ -277,13 +277,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("nih", "chexphoto"):
         s = sub.add_parser(name, help=f"prepare {name}")
         s.add_argument("--data", help="dataset folder (required; as retrain.py --data)")
-        s.add_argument("--root", dest="data", default=argparse.SUPPRESS, action=OldName,
-                       help=argparse.SUPPRESS)  # --data's old name
         s.add_argument("--image-size", type=at_least(1), default=DEFAULT_SIZE,
                        help="cached image side in pixels: retrain.py's --image-size (224, the "
                        "default: the reference recipe)")
-        s.add_argument("--size", type=at_least(1), dest="image_size", default=argparse.SUPPRESS,
-                       action=OldName, help=argparse.SUPPRESS)  # --image-size's old name
         s.add_argument("--cache-dir", metavar="DIR",
                        help="put the cache in DIR/<image size>/ instead of ROOT/cache/ (a "
                        "read-only dataset folder); give retrain.py the same --cache-dir")
