@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.split == "official" and not args.lists:
         p.error("--split official needs --lists: the folder with NIH's train_val_list.txt and "
                 "test_list.txt")
-    table = nih_labels_table(args.data_entry, args.split, args.seed, args.lists)
+    table = nih_labels_table(args.data_entry, args.split, args.seed, args.lists).frame
     if table.empty:
         raise DataError(f"{args.data_entry}: no images (a header and no rows?). Give the NIH "
                         "Data_Entry_2017*.csv.")

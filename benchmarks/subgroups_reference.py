@@ -62,7 +62,7 @@ def load(preds_path: Path, labels_path: Path, age_edges: Sequence[int],
         raise DataError(f"{preds_path}: expected '{NIH_IMAGE_COL}' and prob_<Finding> columns "
                         "of the 14 NIH findings (reproduce-chexnet's preds.csv).")
     ids = preds[NIH_IMAGE_COL].astype(str).tolist()
-    truth = read_nih_labels(labels_path).set_index("image_id")
+    truth = read_nih_labels(labels_path).frame.set_index("image_id")
     attrs = subgroups.read_attributes(labels_path, ids, age_edges, followup_edges)
     y_true = truth.loc[ids, findings].to_numpy(np.float64)
     return y_true, preds[[PROB + f for f in findings]].to_numpy(np.float64), findings, attrs

@@ -66,7 +66,7 @@ from chexnet.cache import (
     CACHE_VERSION, DONE, DONE_FILE, IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, CachedImages,
     cache_dir,
 )
-from chexnet.data import DEFAULT_NIH_LABELS
+from chexnet.data import DEFAULT_NIH_LABELS, LabelTable
 from chexnet.labels import findings_for
 from chexnet.model import build_model
 from chexnet.config import TrainConfig
@@ -413,11 +413,11 @@ def cache_epoch(trainer: Trainer, batch: int, sizes: Sizes, device: torch.device
     t0 = time.perf_counter()
     write_cache(root, sizes.image_size, table, labels_path)
     write_s = time.perf_counter() - t0
-    table.attrs["sources"] = [str(labels_path)]
     cfg = TrainConfig(dataset="nih", data=str(root), labels=str(labels_path),
                       image_size=sizes.image_size, batch_size=batch, eval_batch_size=batch,
                       seed=0)
-    loaders = make_loaders(cfg, table, FINDINGS, device)
+    loaders = make_loaders(cfg, LabelTable(table, tuple(FINDINGS), "file", (str(labels_path),)),
+                           device)
     if not isinstance(loaders["train"].dataset, CachedImages):
         raise RuntimeError(f"open_cache rejected the benchmark's cache under {root}: "
                            "chexnet/cache.py's format changed; update write_cache")
@@ -475,8 +475,9 @@ def check_amp(sizes: Sizes, device: torch.device, amp_choice: str, workdir: Path
         cfg = TrainConfig(dataset="demo", data=str(root), image_size=sizes.amp_image_px,
                           batch_size=sizes.amp_batch, eval_batch_size=64, weights="none",
                           workers=0 if device.type == "cpu" else -1, seed=0)
-        table, findings, _ = load_tables(cfg)
-        loaders = make_loaders(cfg, table, findings, device)
+        labels, _ = load_tables(cfg)
+        table, findings = labels.frame, list(labels.findings)
+        loaders = make_loaders(cfg, labels, device)
         seed_everything(cfg.seed)  # the same initial weights for both runs
         net = build_model(len(findings), "none").to(device)
         optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from chexnet.data import DataError, find_chexphoto_root, resolve_nih_labels
+from chexnet.data import DataError, LabelTable, find_chexphoto_root, resolve_nih_labels
 from chexnet.files import sha256_file
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied (version 1 caches may hold sideways photos)
@@ -206,37 +206,35 @@ def collate_batch(batch: tuple) -> tuple:
     return batch
 
 
-def cache_root_and_labels(cfg, table: pd.DataFrame | None = None) -> tuple[Path, list[Path]]:
+def cache_root_and_labels(cfg, labels: LabelTable | None = None) -> tuple[Path, list[Path]]:
     """Where a run's cache lives, and the label file(s) its table was read from.
 
-    The label files are `table.attrs['sources']` (set by `nih_table` / `chexphoto_table`);
-    without them, the same choice `loaders.load_tables` makes (`data.resolve_nih_labels`);
-    CheXphoto train.csv and valid.csv. CheXphoto's cache is under `find_chexphoto_root(DATA)`.
+    The label files are `labels.sources` (set by `nih_table` / `chexphoto_table`); without a
+    table, the same choice `loaders.load_tables` makes (`data.resolve_nih_labels`); CheXphoto
+    train.csv and valid.csv. CheXphoto's cache is under `find_chexphoto_root(DATA)`.
     """
     data = Path(cfg.data)
     root = find_chexphoto_root(data) if cfg.dataset == "chexphoto" else data
-    sources = table.attrs.get("sources") if table is not None else None
-    if sources:
-        return root, [Path(p) for p in sources]
+    if labels is not None and labels.sources:
+        return root, [Path(p) for p in labels.sources]
     if cfg.dataset == "chexphoto":
         return root, [p for p in (root / "train.csv", root / "valid.csv") if p.is_file()]
     return data, [resolve_nih_labels(data, cfg.labels, reference_split=cfg.dataset == "nih")]
 
 
-def cache_datasets(cfg, table: pd.DataFrame, findings: Sequence[str]
-                   ) -> dict[str, CachedImages] | None:
+def cache_datasets(cfg, labels: LabelTable) -> dict[str, CachedImages] | None:
     """train/val/test `CachedImages` of a run's table, or None when no valid cache exists.
 
     Args:
-        cfg: a train.TrainConfig (uses data, dataset, labels, image_size, cache_dir, missing).
-        table: `loaders.load_tables(cfg)[0]`: image_id, fold and the finding columns.
-        findings: target columns, in model output order.
+        cfg: a config.TrainConfig (uses data, dataset, labels, image_size, cache_dir, missing).
+        labels: `loaders.load_tables(cfg)[0]`: image_id, fold and the finding columns.
 
     Raises:
         DataError: images of the table with no usable cache row (absent when the cache was
             built, or undecodable), unless cfg.missing == 'skip', which drops them.
     """
-    root, label_files = cache_root_and_labels(cfg, table)
+    root, label_files = cache_root_and_labels(cfg, labels)
+    table, findings = labels.frame, labels.findings
     cache = open_cache(root, cfg.image_size, label_files, cfg.cache_dir)
     if cache is None:
         return None

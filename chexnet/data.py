@@ -11,9 +11,12 @@ dataset classes only hold arrays; they never loop over pandas rows.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -168,8 +171,8 @@ def model_input(images: torch.Tensor, device: torch.device | str) -> torch.Tenso
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 (B, 1, S, S) batch of grey levels, got {images.dtype} "
-                        f"{tuple(images.shape)}: build loaders with train.make_loaders or "
-                        "cache.cache_loaders, whose batches are uint8.")
+                        f"{tuple(images.shape)}: build loaders with loaders.make_loaders, "
+                        "whose batches are uint8.")
     return normalize_uint8(images.to(device, non_blocking=True))
 
 
@@ -326,10 +329,32 @@ def official_folds(image_ids: Sequence[str], patients: Sequence, lists: str | os
     return folds
 
 
-def apply_split(table: pd.DataFrame, split: str, seed: int = 0,
+@dataclass(frozen=True)
+class LabelTable:
+    """A label table and what it is: the findings it holds, how its folds were made and the
+    label files it was read from.
+
+    frame: one row per image: `image_id`, `patient`, `fold` (train/val/test), one column per
+        finding (float 0/1, NaN = masked), and `path` once joined with the image files.
+    findings: the target columns, in model output order.
+    split: how `fold` was made: `reference`, `random`, `official`, or `file` (the labels file's
+        own fold column).
+    sources: the label files read (retrain.py hashes them into run_record.json; they key the
+        uint8 cache).
+    """
+    frame: pd.DataFrame
+    findings: tuple[str, ...]
+    split: str
+    sources: tuple[str, ...] = ()
+
+    def replace(self, **changes) -> "LabelTable":
+        return dataclasses.replace(self, **changes)
+
+
+def apply_split(labels: LabelTable, split: str, seed: int = 0,
                 lists: str | os.PathLike | None = None, source: str = "the labels file"
-                ) -> pd.DataFrame:
-    """Set the `fold` column of a `read_nih_labels` table by the chosen split.
+                ) -> LabelTable:
+    """The `read_nih_labels` table with its `fold` column set by the chosen split.
 
     - `reference`: reproduce-chexnet's folds (see `reference_folds`); every image must be in it.
     - `random`: a seeded patient-level 70/10/20 split of the table's rows (`patient_split`).
@@ -340,9 +365,9 @@ def apply_split(table: pd.DataFrame, split: str, seed: int = 0,
         DataError: an image the split does not know, a missing list or fold column, or a patient
             whose images would fall in two folds (the validation and test scores would leak).
     """
-    table = table.copy()
+    table = labels.frame.copy()
     if split == "file":
-        if not table.attrs.get("file_folds"):
+        if labels.split != "file":
             raise DataError(f"{source}: no 'fold' column, so --split file has nothing to use. "
                             "Choose --split reference, random or official.")
     elif split == "random":
@@ -376,14 +401,13 @@ def apply_split(table: pd.DataFrame, split: str, seed: int = 0,
         raise DataError(f"{source}: patient {patient} has images in folds {folds} "
                         f"({len(straddling)} patients straddle folds); a split must keep each "
                         "patient's images in one fold, or the scores leak.")
-    table.attrs["split"] = split
-    return table
+    return labels.replace(frame=table, split=split)
 
 
 # --------------------------------------------------------------------------------------------
 # NIH labels
 # --------------------------------------------------------------------------------------------
-def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
+def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> LabelTable:
     """Read an NIH label file in either schema.
 
     - `Data_Entry_2017*.csv`: `Finding Labels` is parsed (`|`-separated, or `No Finding`);
@@ -392,7 +416,8 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
       and `Patient ID` (without `Patient ID`, the patient is the `NNNNNNNN` image-name prefix).
 
     Returns:
-        DataFrame with `image_id, patient, fold` and the 14 finding columns (float 0/1).
+        LabelTable: `image_id, patient, fold` and the 14 finding columns (float 0/1); its split
+        is `file` when the file has a fold column, else `random`.
 
     Raises:
         DataError: missing columns, unknown finding names or values, unknown fold names.
@@ -430,7 +455,6 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
         out["fold"] = df["fold"].astype(str)
     else:
         out["fold"] = patient_split(out["patient"], seed)
-    out.attrs["file_folds"] = "fold" in df.columns
     for col in NIH_METADATA_COLS:  # kept as the file has them (nih_labels.csv writes them back)
         if col in df.columns:
             out[col] = df[col].to_numpy()
@@ -439,11 +463,12 @@ def read_nih_labels(path: str | os.PathLike, seed: int = 0) -> pd.DataFrame:
         raise DataError(f"{path}: image {out['image_id'][dup].iloc[0]!r} is listed twice.")
     for f in NIH_FINDINGS:
         out[f] = labels[f].to_numpy(dtype=np.float32)
-    return out
+    return LabelTable(out, tuple(NIH_FINDINGS), "file" if "fold" in df.columns else "random",
+                      (str(path),))
 
 
 def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference", seed: int = 0,
-                     lists: str | os.PathLike | None = None) -> pd.DataFrame:
+                     lists: str | os.PathLike | None = None) -> LabelTable:
     """A labels file (Data_Entry_2017*.csv or nih_labels.csv style) -> the nih_labels.csv table:
     `Image Index`, `Follow-up #`, `Patient ID`, `Patient Age`, `Patient Gender`, `View
     Position` (reproduce-chexnet's columns, those the file has), the 14 findings (0/1 ints),
@@ -451,12 +476,13 @@ def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference",
 
     `split` and `lists` are as in `apply_split` (`lists`: arnoweng's lists for `reference`,
     optional; NIH's lists for `official`, required); None: the file's own folds when it has a
-    fold column, else `reference`. `table.attrs['split']` names the split used.
+    fold column, else `reference`. The returned table's `split` names the split used.
     """
-    table = read_nih_labels(labels, seed)
+    labelled = read_nih_labels(labels, seed)
     if split is None:
-        split = "file" if table.attrs.get("file_folds") else "reference"
-    table = apply_split(table, split, seed, lists, str(labels))
+        split = "file" if labelled.split == "file" else "reference"
+    labelled = apply_split(labelled, split, seed, lists, str(labels))
+    table = labelled.frame
     out = pd.DataFrame({NIH_IMAGE_COL: table["image_id"]})
     for col in (NIH_METADATA_COLS[0], NIH_PATIENT_COL, *NIH_METADATA_COLS[1:]):
         if col == NIH_PATIENT_COL:
@@ -466,9 +492,7 @@ def nih_labels_table(labels: str | os.PathLike, split: str | None = "reference",
     for f in NIH_FINDINGS:
         out[f] = table[f].astype(int)
     out["fold"] = table["fold"]
-    out = out.reset_index(drop=True)
-    out.attrs["split"] = split
-    return out
+    return labelled.replace(frame=out.reset_index(drop=True))
 
 
 def plain_value(value: object) -> str:
@@ -680,8 +704,8 @@ def find_chexphoto_root(data: str | os.PathLike) -> Path:
 
 def chexphoto_table(data: str | os.PathLike, policy: str = "zeros",
                     findings: Sequence[str] = CHEXPHOTO_FINDINGS, source: str = "all",
-                    view: str = "frontal", seed: int = 0) -> pd.DataFrame:
-    """All CheXphoto rows with `fold` and absolute `path`.
+                    view: str = "frontal", seed: int = 0) -> LabelTable:
+    """All CheXphoto rows with `fold` and absolute `path` (split `random`: by patient).
 
     With `train.csv`: it is split by patient into train (90%) and val (10%), and `valid.csv`
     is the test fold (CheXphoto's own test set is hidden). With only `valid.csv` (the fork's
@@ -704,8 +728,8 @@ def chexphoto_table(data: str | os.PathLike, policy: str = "zeros",
         table = read_chexpert_csv(valid_csv, policy, findings, source, view)
         table["fold"] = patient_split(table["patient"], seed)
     table["path"] = [str(root / r) for r in table["rel_path"]]
-    table.attrs["sources"] = [str(p) for p in (train_csv, valid_csv) if p.is_file()]
-    return table
+    return LabelTable(table, tuple(findings), "random",
+                      tuple(str(p) for p in (train_csv, valid_csv) if p.is_file()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -837,17 +861,17 @@ def resolve_nih_labels(data: str | os.PathLike, labels: str | os.PathLike | None
 def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
               missing: str = "error", seed: int = 0, split: str | None = None,
               dataset: str = "nih", cached: dict[str, Path] | None = None
-              ) -> tuple[pd.DataFrame, list[str]]:
+              ) -> tuple[LabelTable, list[str]]:
     """NIH (or demo) label table, its folds set by `split`, joined with the image files found
     under `data`.
 
     `labels` defaults to `resolve_nih_labels`'s choice (NIH: data/nih_labels.csv, else the
     committed reference-split file; demo: also a Data_Entry_2017*.csv in `data`). `split` None
     means the labels file's own folds when it has a `fold` column, else `reference` (NIH) or
-    `random` (the demo, whose images are not NIH's). `table.attrs['split']` says which split
-    the folds are: a file whose folds equal the reference split's is recorded as `reference`.
+    `random` (the demo, whose images are not NIH's). The table's `split` says which split the
+    folds are: a file whose folds equal the reference split's is recorded as `reference`.
 
-    `cached` (image id -> the cache file holding its pixels; `train.load_tables` passes a
+    `cached` (image id -> the cache file holding its pixels; `loaders.load_tables` passes a
     valid cache's usable rows when retrain.py reads the cache) stands in for images that are
     not on disk, e.g. on a Colab VM after a reset, where only the cache was copied back.
     """
@@ -855,26 +879,25 @@ def nih_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
     if not data.is_dir():
         raise DataError(f"{data}: data folder not found. Pass --data with the dataset root.")
     labels = resolve_nih_labels(data, labels, reference_split=dataset == "nih")
-    table = read_nih_labels(labels, seed)
+    labelled = read_nih_labels(labels, seed)
     if split is None:
-        split = ("file" if table.attrs.get("file_folds")
+        split = ("file" if labelled.split == "file"
                  else "reference" if dataset == "nih" else "random")
     if split == "reference" and dataset == "demo":
         raise DataError("--split reference is NIH's split; the demo's images are generated, "
                         "so use --split random (the default) or file.")
-    table = apply_split(table, split, seed, data if split == "official" else None, str(labels))
-    if split == "file" and dataset == "nih" and _is_reference(table):
-        table.attrs["split"] = "reference"
+    labelled = apply_split(labelled, split, seed, data if split == "official" else None,
+                           str(labels))
+    if split == "file" and dataset == "nih" and _is_reference(labelled.frame):
+        labelled = labelled.replace(split="reference")
     paths = index_images(data)
     if cached:
         paths = {**cached, **paths}  # an image on disk is itself; the others, their cache row
     if not paths:
         raise DataError(f"{data}: no PNG/JPEG images found (looked in images/, images_*/images/, "
                         "the folder itself and three levels below).")
-    resolved = table.attrs["split"]
-    table, skipped = attach_paths(table, paths, str(labels), missing)
-    table.attrs.update(sources=[str(labels)], split=resolved)
-    return table, skipped
+    table, skipped = attach_paths(labelled.frame, paths, str(labels), missing)
+    return labelled.replace(frame=table), skipped
 
 
 def _is_reference(table: pd.DataFrame) -> bool:

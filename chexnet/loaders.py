@@ -1,7 +1,8 @@
 """The data loader: a run's label table, its datasets, and torch DataLoaders over them.
 
-    load_tables(cfg)            the label table (image_id, patient, fold, path, findings)
-    make_loaders(cfg, ...)      train / val / test DataLoaders for this process
+    load_tables(cfg)            the label table (image_id, patient, fold, path, findings), as a
+                                data.LabelTable (with its findings, split and label files)
+    make_loaders(cfg, labels)   train / val / test DataLoaders for this process
 
 One data path. The images come from prepare_data.py's uint8 cache (`cache.CachedImages`) when
 a valid one exists (--cache auto/on), else from the image files (`data.ImageFileDataset`); either
@@ -15,10 +16,9 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
@@ -26,14 +26,16 @@ from torch.utils.data.distributed import DistributedSampler
 from chexnet.cache import IMAGES_FILE, cache_datasets, cache_root_and_labels, collate_batch, \
     open_cache
 from chexnet.data import (
-    ImageFileDataset, DataError, chexphoto_table, drops_last_batch, nih_table, reference_geometry,
+    DataError, ImageFileDataset, LabelTable, chexphoto_table, drops_last_batch, nih_table,
+    reference_geometry,
 )
-from chexnet.labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS, findings_for
+from chexnet.labels import CHEXPERT_OBSERVATIONS, CHEXPHOTO_FINDINGS
 from chexnet.runtime import Dist, shard
 
 
-def load_tables(cfg, from_cache: bool = False) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """The run's label table (with `fold` and `path`), its findings and skipped image ids.
+def load_tables(cfg, from_cache: bool = False) -> tuple[LabelTable, list[str]]:
+    """The run's label table (frame with `fold` and `path`, findings, split, label files) and
+    the ids of the listed images that are not on disk (skipped, with --missing skip).
 
     With `from_cache` (retrain.py, NIH and demo, --cache auto/on), the images of a valid
     cache need not be on disk: their `path` is the cache's images.u8, and the loaders read them
@@ -45,20 +47,20 @@ def load_tables(cfg, from_cache: bool = False) -> tuple[pd.DataFrame, list[str],
                             "patient into train/val, valid.csv as test); --split is for NIH.")
         findings = (["No Finding"] if cfg.no_finding else []) + list(CHEXPHOTO_FINDINGS)
         findings = [f for f in CHEXPERT_OBSERVATIONS if f in findings]
-        table = chexphoto_table(cfg.data, cfg.uncertainty, findings, cfg.source, cfg.view,
-                                cfg.seed)
+        labels = chexphoto_table(cfg.data, cfg.uncertainty, findings, cfg.source, cfg.view,
+                                 cfg.seed)
+        table = labels.frame
         present = np.array([os.path.isfile(p) for p in table["path"]])
         skipped = table.loc[~present, "image_id"].tolist()
         if skipped and cfg.missing != "skip":
             raise DataError(f"{len(skipped)} of {len(table)} CheXphoto images listed in the CSVs "
                             f"are missing under {cfg.data} (first: {skipped[0]}). Pass --data "
                             "with the dataset folder, or --missing skip.")
-        kept = table.loc[present].reset_index(drop=True)
-        kept.attrs.update(sources=table.attrs["sources"], split="random")
-        return kept, findings, skipped
+        return labels.replace(frame=table.loc[present].reset_index(drop=True)), skipped
     cached = cached_images(cfg) if from_cache and cfg.cache != "off" else None
-    table, skipped = nih_table(cfg.data, cfg.labels, cfg.missing, cfg.seed, cfg.split,
-                               cfg.dataset, cached)
+    labels, skipped = nih_table(cfg.data, cfg.labels, cfg.missing, cfg.seed, cfg.split,
+                                cfg.dataset, cached)
+    table = labels.frame
     if cached:
         where = next(iter(cached.values()))
         elsewhere = int((table["path"] == str(where)).sum())
@@ -66,7 +68,7 @@ def load_tables(cfg, from_cache: bool = False) -> tuple[pd.DataFrame, list[str],
             print(f"{elsewhere:,} of the {len(table):,} images are not on disk under "
                   f"{cfg.data}: they are read from the cache {where.parent}, decoded when it "
                   "was built")
-    return table, list(findings_for("nih")), skipped
+    return labels, skipped
 
 
 def cached_images(cfg) -> dict[str, Path] | None:
@@ -118,12 +120,11 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_datasets(cfg, table: pd.DataFrame, findings: Sequence[str]
-                  ) -> tuple[dict[str, Dataset], bool]:
+def make_datasets(cfg, labels: LabelTable) -> tuple[dict[str, Dataset], bool]:
     """train / val / test datasets, and whether they read the uint8 cache.
 
     From the cache when there is a valid one (--cache auto/on), else from the image files."""
-    datasets = cache_datasets(cfg, table, findings) if cfg.cache != "off" else None
+    datasets = cache_datasets(cfg, labels) if cfg.cache != "off" else None
     if datasets is None and cfg.cache == "on":
         where = cfg.cache_dir or cfg.data
         raise DataError(f"--cache on: no valid {cfg.image_size} px cache under {where}. "
@@ -133,18 +134,19 @@ def make_datasets(cfg, table: pd.DataFrame, findings: Sequence[str]
                         + (f" --cache-dir {cfg.cache_dir}" if cfg.cache_dir else ""))
     cached = datasets is not None
     if not cached:
-        datasets = {fold: ImageFileDataset.from_table(table, findings, fold,
+        datasets = {fold: ImageFileDataset.from_table(labels.frame, labels.findings, fold,
                                                 reference_geometry(cfg.image_size))
                     for fold in ("train", "val", "test")}
     for fold, ds in datasets.items():
         if len(ds) == 0:
-            raise DataError(f"the {fold} fold is empty ({len(table)} images in all). Check the "
+            raise DataError(f"the {fold} fold is empty ({len(labels.frame)} images in all). "
+                            "Check the "
                             "labels file's fold column, or use more images.")
     return datasets, cached
 
 
-def make_loaders(cfg, table: pd.DataFrame, findings: Sequence[str], device: torch.device,
-                 ctx: Dist = Dist()) -> dict[str, DataLoader]:
+def make_loaders(cfg, labels: LabelTable, device: torch.device, ctx: Dist = Dist()
+                 ) -> dict[str, DataLoader]:
     """train / val / test DataLoaders for this process, over the cache or the image files.
 
     The training loader has an `EpochSampler` (`.sampler`) and this process's share of the
@@ -159,7 +161,7 @@ def make_loaders(cfg, table: pd.DataFrame, findings: Sequence[str], device: torc
     if cfg.batch_size % ctx.world:
         raise DataError(f"--batch-size {cfg.batch_size} is not divisible by the {ctx.world} "
                         "processes; it is the global batch, split evenly over them.")
-    datasets, cached = make_datasets(cfg, table, findings)
+    datasets, cached = make_datasets(cfg, labels)
     cuda = device.type == "cuda"
     if cfg.workers >= 0:
         workers = cfg.workers

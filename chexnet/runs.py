@@ -38,6 +38,7 @@ from torch import nn
 
 from chexnet.cli import CommandError
 from chexnet.config import TrainConfig, load_run_config
+from chexnet.data import LabelTable
 from chexnet.files import RUN_MARKERS, atomic_write, is_run_folder, sha256_bytes, sha256_file
 from chexnet.loaders import load_tables
 from chexnet.model import read_checkpoint
@@ -228,12 +229,11 @@ class StopRequest:
 # --------------------------------------------------------------------------------------------
 # The run folder and the run's state
 # --------------------------------------------------------------------------------------------
-def data_record(cfg: TrainConfig, table: pd.DataFrame) -> dict:
+def data_record(cfg: TrainConfig, labels: LabelTable) -> dict:
     """What the run was trained on: label source hashes and a hash of the fold assignment."""
-    sources = table.attrs.get("sources", [])
-    folds = pd.util.hash_pandas_object(table[["image_id", "fold"]], index=False)
-    return {"sources": {str(p): sha256_file(p) for p in sources},
-            "images": int(len(table)),
+    folds = pd.util.hash_pandas_object(labels.frame[["image_id", "fold"]], index=False)
+    return {"sources": {str(p): sha256_file(p) for p in labels.sources},
+            "images": int(len(labels.frame)),
             "folds_sha256": sha256_bytes(folds.to_numpy().tobytes())}
 
 
@@ -397,12 +397,13 @@ def check_run_folder(cfg: TrainConfig, ctx: Dist) -> None:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def announce(cfg: TrainConfig, ctx: Dist, device: torch.device, table: pd.DataFrame,
-             findings: Sequence[str], skipped: list[str]) -> None:
+def announce(cfg: TrainConfig, ctx: Dist, device: torch.device, labels: LabelTable,
+             skipped: list[str]) -> None:
     """Print what will be trained on; write skipped.txt."""
     say = print if ctx.main else (lambda *a, **k: None)
-    counts = table["fold"].value_counts()
-    say(f"{cfg.dataset}: {len(table)} images (train {counts.get('train', 0)}, "
+    counts = labels.frame["fold"].value_counts()
+    findings = labels.findings
+    say(f"{cfg.dataset}: {len(labels.frame)} images (train {counts.get('train', 0)}, "
         f"val {counts.get('val', 0)}, test {counts.get('test', 0)}), {len(findings)} findings")
     if skipped and ctx.main:
         save_text("\n".join(skipped) + "\n", cfg.run_dir / "skipped.txt")
@@ -478,6 +479,13 @@ def write_run_record(run: RunState) -> None:
     save_text(json.dumps(record, indent=2) + "\n", cfg.run_dir / "run_record.json")
 
 
+def save_in_epoch(run: RunState, progress: EpochProgress) -> None:
+    """last.pt in the middle of an epoch (every --save-every steps, and on a stop signal), so
+    that --resume continues at the next batch (rank 0 writes)."""
+    if run.ctx.main:
+        atomic_torch_save(run.last_state(progress.epoch - 1, progress, False), run.last_path)
+
+
 def save_epoch(run: RunState, epoch: int, val_loss: float, step: dict) -> None:
     """checkpoint.pt when the validation loss improved; last.pt and log_train.csv always."""
     if not run.ctx.main:
@@ -538,8 +546,7 @@ def run_tables(run_dir: str | Path, data: str | None = None
     """The run's config and its whole label table as retrain.py built it: every fold, columns
     `image_id, patient, fold, path` and one per finding."""
     cfg = load_run_config(run_dir, data)
-    table, _, _ = load_tables(cfg)
-    return cfg, table
+    return cfg, load_tables(cfg)[0].frame
 
 
 def run_test_table(run_dir: str | Path, data: str | None = None

@@ -158,7 +158,7 @@ def read_truth(path: str | Path, findings: Sequence[str]) -> pd.DataFrame:
     if "Path" in head and NIH_IMAGE_COL not in head:
         table = read_chexpert_csv(path, "zeros", findings, view="all")
     else:
-        table = read_nih_labels(path)
+        table = read_nih_labels(path).frame
     return table.set_index("image_id")
 
 

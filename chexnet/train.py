@@ -33,9 +33,9 @@ from chexnet.data import flip_batch, model_input
 from chexnet.loaders import EpochSampler, load_tables, make_loaders
 from chexnet.model import build_model, masked_bce_with_logits
 from chexnet.runs import (
-    EpochProgress, Interrupted, RunState, StopRequest, announce, atomic_torch_save,
-    check_run_folder, choose_batch_size, data_record, load_run_checkpoint, pick_device,
-    resume_from, run_folder_lock, save_epoch, seed_everything, write_predictions,
+    EpochProgress, Interrupted, RunState, StopRequest, announce, check_run_folder,
+    choose_batch_size, data_record, load_run_checkpoint, pick_device, resume_from,
+    run_folder_lock, save_epoch, save_in_epoch, seed_everything, write_predictions,
     write_preds_csv, write_run_record,
 )
 from chexnet.runtime import (
@@ -263,11 +263,12 @@ def start_run(cfg: TrainConfig) -> RunState:
     the split actually used, the findings, an automatic batch size (a new, frozen config)."""
     ctx = init_distributed(cfg.device)
     device = pick_device(cfg.device, ctx)
-    table, findings, skipped = load_tables(cfg, from_cache=True)
-    cfg = dataclasses.replace(cfg, split=table.attrs["split"], findings=list(findings))
+    labels, skipped = load_tables(cfg, from_cache=True)
+    findings = list(labels.findings)
+    cfg = dataclasses.replace(cfg, split=labels.split, findings=findings)
     check_run_folder(cfg, ctx)
-    data = data_record(cfg, table)
-    announce(cfg, ctx, device, table, findings, skipped)
+    data = data_record(cfg, labels)
+    announce(cfg, ctx, device, labels, skipped)
 
     precision = Precision(resolve_amp(cfg.amp, device), cfg.channels_last)
     seed_everything(cfg.seed)
@@ -281,7 +282,7 @@ def start_run(cfg: TrainConfig) -> RunState:
     optimizer = make_optimizer(net.parameters(), cfg)
     schedule = PlateauSchedule(optimizer, cfg.lr_decay, cfg.patience, cfg.keep_momentum)
     scaler = grad_scaler(device, precision.amp)
-    run = RunState(cfg, ctx, device, list(findings), data, net, net, optimizer, schedule,
+    run = RunState(cfg, ctx, device, findings, data, net, net, optimizer, schedule,
                    scaler, precision, loaders={})
     if state is not None:
         resume_from(run, state)
@@ -290,7 +291,7 @@ def start_run(cfg: TrainConfig) -> RunState:
         run.model = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     run.model = maybe_compile(run.model, cfg.compile, run.say)
-    run.loaders = make_loaders(cfg, table, findings, device, ctx)
+    run.loaders = make_loaders(cfg, labels, device, ctx)
     return run
 
 
@@ -309,11 +310,8 @@ def train_epochs(run: RunState, stop: StopRequest) -> None:
         steps += 1
         halt = any_process(stop.signum is not None, ctx)  # torchrun forwards signals to all
         if halt or (cfg.save_every and steps % cfg.save_every == 0):
-            if ctx.main:
-                snapshot = dataclasses.replace(
-                    progress, seconds=progress.seconds + time.perf_counter() - clock["t0"])
-                atomic_torch_save(run.last_state(progress.epoch - 1, snapshot, False),
-                                  run.last_path)
+            save_in_epoch(run, dataclasses.replace(
+                progress, seconds=progress.seconds + time.perf_counter() - clock["t0"]))
             if halt:
                 raise Interrupted(stop.signum or signal.SIGTERM, f"in epoch {progress.epoch} "
                                   f"after batch {progress.batches}; saved {run.last_path}")

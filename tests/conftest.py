@@ -168,8 +168,9 @@ def tiny_run(tmp_path_factory, n_images: int = 40, size: int = 48, image_size: i
     make_nih_demo(root / "nih", n_images=n_images, size=size, seed=0)
     cfg = TrainConfig(dataset="demo", data=str(root / "nih"), out=str(root / "results"),
                       name="tiny", image_size=image_size, weights="none", workers=0)
-    table, findings, _ = load_tables(cfg)
-    cfg = dataclasses.replace(cfg, split=table.attrs["split"], findings=list(findings))
+    labels, _ = load_tables(cfg)
+    findings = list(labels.findings)
+    cfg = dataclasses.replace(cfg, split=labels.split, findings=findings)
     torch.manual_seed(0)
     model = build_model(len(findings), "none").eval()
     run_dir = cfg.run_dir
@@ -178,7 +179,7 @@ def tiny_run(tmp_path_factory, n_images: int = 40, size: int = 48, image_size: i
     torch.save({"model": model.state_dict(), "epoch": 0, "val_loss": 0.0,
                 "config": dataclasses.asdict(cfg), "findings": list(findings)},
                run_dir / "checkpoint.pt")
-    test_loader = make_loaders(cfg, table, findings, torch.device("cpu"))["test"]
+    test_loader = make_loaders(cfg, labels, torch.device("cpu"))["test"]
     _, probs, targets, ids = training.evaluate(model, test_loader, torch.device("cpu"))
     write_predictions(run_dir, cfg, findings, ids, probs, targets)
     _RUNS[key] = run_dir

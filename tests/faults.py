@@ -78,8 +78,7 @@ def _kill_in_save() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         real(obj, path)
 
-    # last.pt is written by runs.save_epoch (end of epoch) and train.train_epochs (mid-epoch)
-    runs.atomic_torch_save = training.atomic_torch_save = atomic_torch_save
+    runs.atomic_torch_save = atomic_torch_save  # every checkpoint is written through it
 
 
 def _state_at_eval() -> None:

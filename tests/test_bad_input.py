@@ -45,8 +45,9 @@ def train(root, out, *extra):
 
 
 def train_ids(root):
-    table, _, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+    labels, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(root)]))
+    table = labels.frame
     return table.query("fold == 'train'")["image_id"].tolist()
 
 

@@ -192,19 +192,21 @@ def test_cache_loaders_serve_what_the_file_loaders_serve(tmp_path, capsys):
     make_nih(tmp_path, n=12, shapes=[("L", 40, 40), ("RGBA", 50, 40)], folds=True)
     cfg = TrainConfig(dataset="nih", data=str(tmp_path), labels=str(tmp_path / "labels.csv"),
                       image_size=32, batch_size=2, eval_batch_size=5, workers=0, seed=3)
-    table, findings, _ = load_tables(cfg)
+    labels, _ = load_tables(cfg)
+    table, findings = labels.frame, list(labels.findings)
     device = torch.device("cpu")
-    assert make_datasets(cfg, table, findings)[1] is False   # no cache yet: the files
+    assert make_datasets(cfg, labels)[1] is False   # no cache yet: the files
 
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
     # The same labels now sit in DATA/nih_labels.csv, which is the default.
     cfg = dataclasses.replace(cfg, labels=None)
-    table, findings, _ = load_tables(cfg)
-    ours = make_loaders(cfg, table, findings, device)
+    labels, _ = load_tables(cfg)
+    table, findings = labels.frame, list(labels.findings)
+    ours = make_loaders(cfg, labels, device)
     assert "uint8 cache" in capsys.readouterr().out
     assert isinstance(ours["train"].dataset, CachedImages)
-    theirs = make_loaders(dataclasses.replace(cfg, cache="off"), table, findings, device)
+    theirs = make_loaders(dataclasses.replace(cfg, cache="off"), labels, device)
     assert isinstance(theirs["train"].dataset, ImageFileDataset)
     for epoch, start in [(1, 0), (2, 4)]:
         for loaders in (ours, theirs):
@@ -234,11 +236,16 @@ def test_cache_loaders_split_evaluation_over_processes(tmp_path):
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
     cfg = TrainConfig(dataset="nih", data=str(tmp_path), image_size=32, batch_size=4,
-                      eval_batch_size=2, workers=0)
-    table, findings, _ = load_tables(cfg)
+                      eval_batch_size=2)
+    labels, _ = load_tables(cfg)
     cpu = torch.device("cpu")
-    full = make_loaders(cfg, table, findings, cpu)
-    parts = [make_loaders(cfg, table, findings, cpu, Dist(rank=r, world=2)) for r in (0, 1)]
+    full = make_loaders(cfg, labels, cpu)
+    # --workers auto on a CPU: the cache is read in this process, the files decoded by one
+    # worker process.
+    assert full["train"].num_workers == 0
+    files = make_loaders(dataclasses.replace(cfg, cache="off"), labels, cpu)
+    assert files["train"].num_workers == 1
+    parts = [make_loaders(cfg, labels, cpu, Dist(rank=r, world=2)) for r in (0, 1)]
     for fold in ("val", "test"):
         whole = [i for *_, ids in full[fold] for i in ids]
         assert [i for p in parts for *_, ids in p[fold] for i in ids] == whole
@@ -251,18 +258,17 @@ def test_stale_cache_is_not_used(tmp_path, capsys):
     prepare_data.prepare_nih(tmp_path, 32, str(tmp_path / "labels.csv"), workers=1,
                              progress=False)
     cfg = TrainConfig(dataset="nih", data=str(tmp_path), image_size=32)
-    table, findings, _ = load_tables(cfg)
-    assert cxr_cache.cache_datasets(cfg, table, findings) is not None
-    labels = pd.read_csv(tmp_path / "nih_labels.csv")
-    labels.loc[0, "Hernia"] = 1 - labels.loc[0, "Hernia"]
-    labels.to_csv(tmp_path / "nih_labels.csv", index=False)
-    table, findings, _ = load_tables(cfg)
+    labels, _ = load_tables(cfg)
+    assert cxr_cache.cache_datasets(cfg, labels) is not None
+    edited = pd.read_csv(tmp_path / "nih_labels.csv")
+    edited.loc[0, "Hernia"] = 1 - edited.loc[0, "Hernia"]
+    edited.to_csv(tmp_path / "nih_labels.csv", index=False)
+    labels, _ = load_tables(cfg)
     capsys.readouterr()
-    assert cxr_cache.cache_datasets(cfg, table, findings) is None
+    assert cxr_cache.cache_datasets(cfg, labels) is None
     assert "another labels file" in capsys.readouterr().out
-    assert make_datasets(cfg, table, findings)[1] is False
-    assert cxr_cache.cache_datasets(dataclasses.replace(cfg, image_size=24), table,
-                                    findings) is None
+    assert make_datasets(cfg, labels)[1] is False
+    assert cxr_cache.cache_datasets(dataclasses.replace(cfg, image_size=24), labels) is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Kill training anywhere (SIGKILL, SIGTERM, mid-write) and the resumed run ends bitwise equal."""
+"""Kill training anywhere (SIGKILL, SIGTERM, mid-write) and the resumed run ends bitwise equal.
+
+Every run is a process of its own with real signals; all but the Ctrl-C case are forked from a
+warm interpreter (tests/warm.py: the same child for every run, without paying the torch import
+per run). The Ctrl-C case starts retrain cold, as a terminal does."""
 from __future__ import annotations
 
 import os
@@ -10,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, nih_demo
+from warm import one_thread_warm
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
 pytestmark = pytest.mark.slow
@@ -34,11 +39,21 @@ def script(env) -> str:
     return str(ROOT / "tests" / "faults.py") if env else str(ROOT / "retrain.py")
 
 
-def run(root, out, name, *extra, env=None):
-    cmd = [sys.executable, script(env), "--data", str(root), "--out", str(out),
-           "--name", name, *ARGS, *extra]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=600)
+@pytest.fixture(scope="module")
+def warm():
+    with one_thread_warm() as server:
+        yield server
+
+
+@pytest.fixture
+def run(warm):
+    """run(root, out, name, *extra, env=None): retrain (or with `env`'s faults, faults.py) in a
+    process of its own, forked from the warm server; returns its Done (returncode: negative
+    for a signal that killed it, as subprocess reports it)."""
+    def run(root, out, name, *extra, env=None):
+        argv = [script(env), "--data", root, "--out", out, "--name", name, *ARGS, *extra]
+        return warm.run(argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return run
 
 
 def weights(path):
@@ -52,19 +67,21 @@ def assert_same_weights(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_root, tmp_path_factory):
+def reference(demo_root, tmp_path_factory, warm):
     out = tmp_path_factory.mktemp("ref")
-    done = run(demo_root, out, "whole")
+    done = warm.run([script(None), "--data", demo_root, "--out", out, "--name", "whole", *ARGS])
     assert done.returncode == 0, done.stderr
     return out / "whole"
 
 
-def test_sigkill_at_random_points_then_resume_is_bitwise_identical(demo_root, reference, tmp_path):
+def test_sigkill_at_random_points_then_resume_is_bitwise_identical(demo_root, reference, tmp_path,
+                                                                   run):
     from chexnet.loaders import load_tables
     import retrain
 
-    table, _, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+    labels, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
                                                           str(demo_root)]))
+    table = labels.frame
     assert (table["fold"] == "train").sum() == 34  # what STEPS_PER_EPOCH was worked out from
     rng = np.random.default_rng(2026)
     kills = sorted(rng.choice(np.arange(1, 2 * STEPS_PER_EPOCH - 1), size=2, replace=False))
@@ -81,7 +98,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(demo_root, re
     assert (reference / "preds.csv").read_text() == (tmp_path / "killed" / "preds.csv").read_text()
 
 
-def test_sigterm_saves_mid_epoch_and_says_how_to_resume(demo_root, reference, tmp_path):
+def test_sigterm_saves_mid_epoch_and_says_how_to_resume(demo_root, reference, tmp_path, run):
     stopped = run(demo_root, tmp_path, "term", env={"CHEXNET_TEST_KILL_AT_STEP": "2:SIGTERM"})
     assert stopped.returncode == 128 + 15, stopped.stderr[-2000:]
     assert "stopped by SIGTERM in epoch 1 after batch 2" in stopped.stderr
@@ -96,7 +113,8 @@ def test_sigterm_saves_mid_epoch_and_says_how_to_resume(demo_root, reference, tm
     assert_same_weights(weights(reference / "last.pt"), weights(tmp_path / "term" / "last.pt"))
 
 
-def test_kill_during_checkpoint_write_keeps_previous_checkpoint(demo_root, reference, tmp_path):
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(demo_root, reference, tmp_path,
+                                                                run):
     died = run(demo_root, tmp_path, "midwrite", env={"CHEXNET_TEST_KILL_IN_SAVE": "3"})
     assert died.returncode == -9
     run_dir = tmp_path / "midwrite"
@@ -111,20 +129,25 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(demo_root, refer
 
 
 @pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
-def test_signal_to_the_whole_process_group_with_loader_workers(demo_root, tmp_path, name):
+def test_signal_to_the_whole_process_group_with_loader_workers(demo_root, tmp_path, name, warm):
     """Ctrl-C in a terminal signals the loader workers too; the run must still save last.pt and
     stop cleanly. (Workers also ignore SIGINT/SIGTERM from other senders, e.g. pkill, which
-    would otherwise kill them before the save; this test cannot tell those senders apart.)"""
+    would otherwise kill them before the save; this test cannot tell those senders apart.)
+    SIGINT starts the interpreter cold, as a terminal does; SIGTERM is forked warm (a process
+    group of its own too)."""
     import signal as sig
 
     args = [a if a != "0" else "2" for a in ARGS]  # --workers 2 (the only "0" in ARGS)
-    cmd = [sys.executable, script(True), "--data", str(demo_root), "--out",
-           str(tmp_path), "--name", "ctrlc", *args]
+    argv = [script(True), "--data", str(demo_root), "--out", str(tmp_path), "--name", "ctrlc",
+            *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "CHEXNET_TEST_KILL_AT_STEP": f"2:{name}:group"}
-    # A session of its own, so the signal to the group reaches only training and its workers.
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
-                          start_new_session=True, timeout=600)
+    if name == "SIGINT":
+        # A session of its own, so the signal to the group reaches only training and its workers.
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env,
+                              cwd=ROOT, start_new_session=True, timeout=600)
+    else:
+        proc = warm.run(argv, env=env)
     assert proc.returncode == 128 + getattr(sig, name), proc.stderr[-2000:]
     assert f"stopped by {name} in epoch 1 after batch 2" in proc.stderr
     state = torch.load(tmp_path / "ctrlc" / "last.pt", weights_only=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,10 +155,14 @@ def test_only_rank_zero_writes(runs):
 
 
 def test_resume_after_kill_mid_epoch_under_ddp(demo_root, runs, tmp_path):
+    """A run of two processes killed mid-epoch resumes on two processes, bitwise where the
+    uninterrupted run ends, and (the same killed run folder, put back in its place) on one
+    process: the world size may change across a resume."""
     died = launch(demo_root, tmp_path, "k", 2, env={"CHEXNET_TEST_KILL_AT_STEP": "3"}, port=29532)
     assert died.returncode != 0
     state = torch.load(tmp_path / "k" / "last.pt", weights_only=True)
     assert state["in_epoch"] == {**state["in_epoch"], "epoch": 1, "batches": 2}
+    shutil.copytree(tmp_path / "k", tmp_path / "killed")  # kept for the one-process resume
     done = launch(demo_root, tmp_path, "k", 2, "--resume", port=29533)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "in epoch 1 after batch 2" in done.stdout
@@ -167,6 +172,16 @@ def test_resume_after_kill_mid_epoch_under_ddp(demo_root, runs, tmp_path):
     # kernels on the same shards, and the resumed processes start from process 0's saved
     # model, which every process held (test_every_process_evaluates_the_same_model).
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+    # Two processes -> one (this was test_resume_across_world_sizes, killed at step 2). The
+    # killed folder goes back where it was (its config records --out and --name).
+    shutil.move(tmp_path / "k", tmp_path / "resumed_on_two")
+    shutil.move(tmp_path / "killed", tmp_path / "k")
+    done = launch(demo_root, tmp_path, "k", 1, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "in epoch 1 after batch 2" in done.stdout
+    log = pd.read_csv(tmp_path / "k" / "log_train.csv")
+    assert list(log["epoch"]) == [1, 2]
 
 
 def test_sigterm_to_one_process_stops_all_at_the_same_step(demo_root, runs, tmp_path):
@@ -187,13 +202,3 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(demo_root, runs, tmp_
     # kernels on the same shards, and the resumed processes start from process 0's saved
     # model, which every process held (test_every_process_evaluates_the_same_model).
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-
-
-def test_resume_across_world_sizes(demo_root, tmp_path):
-    died = launch(demo_root, tmp_path, "w", 2, env={"CHEXNET_TEST_KILL_AT_STEP": "2"}, port=29534)
-    assert died.returncode != 0
-    done = launch(demo_root, tmp_path, "w", 1, "--resume")  # two processes -> one
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "in epoch 1 after batch 1" in done.stdout
-    log = pd.read_csv(tmp_path / "w" / "log_train.csv")
-    assert list(log["epoch"]) == [1, 2]

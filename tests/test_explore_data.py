@@ -59,7 +59,7 @@ def test_class_balance_counts_and_prevalence():
     # No Finding: images 3 (train) and 6 (test).
     assert bal.loc["No Finding", ["n_train", "n_val", "n_test", "n_all"]].tolist() == [1, 0, 1, 2]
     assert bal.loc["No Finding", "prev_test"] == pytest.approx(1 / 2)
-    assert bal.attrs["images"] == {"train": 3, "val": 1, "test": 2, "all": 6}
+    assert ed.fold_sizes(hand_table()) == {"train": 3, "val": 1, "test": 2, "all": 6}
 
 
 def test_class_balance_keeps_an_explicit_no_finding_column():
@@ -210,10 +210,11 @@ def test_cli_nih_missing_skip_counts_only_present_images(demo_root, tmp_path):
     images = sorted((demo_root / "nih" / "images").iterdir())[:25]
     for img in images:
         (data / "images" / img.name).write_bytes(img.read_bytes())
-    kept = ed.nih_explore_table(data)
-    assert len(kept) == 40 and kept.attrs["n_present"] == 25
+    explored = ed.nih_explore_table(data)
+    kept = explored.frame
+    assert len(kept) == explored.n_listed == 40 and explored.n_present == 25
     assert (kept["path"] != "").sum() == 25
-    skipped = ed.nih_explore_table(data, missing="skip")
+    skipped = ed.nih_explore_table(data, missing="skip").frame
     assert sorted(skipped["image_id"]) == [p.name for p in images]
     # Folds are decided on the whole labels file first (as retrain.py does), then rows dropped.
     assert skipped.set_index("image_id")["fold"].equals(

@@ -30,7 +30,7 @@ def test_data_entry_parses_pipes_and_no_finding(tmp_path):
         ("00000001_001.png", "No Finding", 1),
         ("00000002_000.png", "Hernia|Atelectasis|Pleural_Thickening", 2),
     ])
-    table = read_nih_labels(path)
+    table = read_nih_labels(path).frame
     assert list(table["image_id"]) == ["00000001_000.png", "00000001_001.png", "00000002_000.png"]
     labels = table[list(NIH_FINDINGS)].to_numpy()
     expected = np.zeros((3, 14))
@@ -56,7 +56,7 @@ def test_nih_labels_style_with_fold(tmp_path):
         df[f] = [1, 0] if f == "Mass" else [0, 0]
     df["fold"] = ["train", "test"]
     df.to_csv(tmp_path / "nih_labels.csv", index=False)
-    table = read_nih_labels(tmp_path / "nih_labels.csv")
+    table = read_nih_labels(tmp_path / "nih_labels.csv").frame
     assert list(table["fold"]) == ["train", "test"]
     assert list(table["Mass"]) == [1.0, 0.0]
     df.loc[1, "Edema"] = 2
@@ -139,7 +139,7 @@ def test_chexphoto_only_valid_is_split_by_patient(tmp_path):
             rows.append((f"CheXphoto-v1.1/valid/{rendition}/patient{p:05d}/study1/view1_frontal.jpg",
                          "Frontal", {"Edema": float(p % 2)}))
     chexpert_csv(root / "valid.csv", rows)
-    table = chexphoto_table(tmp_path)  # the parent folder is accepted too
+    table = chexphoto_table(tmp_path).frame  # the parent folder is accepted too
     assert set(table["fold"]) == {"train", "val", "test"}
     assert table.groupby("patient")["fold"].nunique().max() == 1
     assert table["path"][0].startswith(str(root / "valid"))
@@ -154,7 +154,7 @@ def test_chexphoto_train_csv_gives_patient_val_and_valid_test(tmp_path):
     chexpert_csv(tmp_path / "valid.csv", [
         ("CheXphoto-v1.1/valid/natural/patient64541/study1/view1_frontal.jpg", "Frontal",
          {"Edema": 1.0})])
-    table = chexphoto_table(tmp_path, policy="ignore")
+    table = chexphoto_table(tmp_path, policy="ignore").frame
     assert (table.loc[table["patient"] == "patient64541", "fold"] == "test").all()
     assert set(table["fold"]) == {"train", "val", "test"}
     assert table.loc[table["fold"] != "test", "Edema"].isna().all()  # uncertain masked
@@ -180,7 +180,7 @@ def test_ids_with_trailing_spaces_are_stripped_and_reported(tmp_path, capsys):
             "00000001_000.png ,1," + ",".join("0" * 14) + ",train",
             "00000002_000.png,2," + ",".join("0" * 14) + ",test"]
     path.write_text("\n".join(rows) + "\n")
-    table = read_nih_labels(path)
+    table = read_nih_labels(path).frame
     assert list(table["image_id"]) == ["00000001_000.png", "00000002_000.png"]
     out = capsys.readouterr().out
     assert "1 image ids had leading or trailing spaces, removed" in out

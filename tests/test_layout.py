@@ -159,6 +159,66 @@ def test_the_folders_show_the_architecture():
     assert not core & (ANALYSIS | DATATOOLS)
 
 
+TRAIN_PY_MAX_LINES = 450
+# What chexnet/train.py defines: the recipe, the schedule, the optimizer, one epoch of training,
+# evaluation, and fit with its three steps. The run folder is chexnet/runs.py, the data loader
+# chexnet/loaders.py, every setting chexnet/config.py.
+TRAIN_PY_DEFINES = {"RECIPES", "PlateauSchedule", "make_optimizer", "NonFiniteLoss",
+                    "train_one_epoch", "evaluate", "_non_finite_message", "fit", "start_run",
+                    "train_epochs", "report_epoch", "final_predictions", "barrier"}
+
+
+def own_names(tree: ast.Module) -> set[str]:
+    """Top-level functions, classes and assigned names of a module (not what it imports)."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def names_taken_from(tree: ast.Module, module: str) -> set[str]:
+    """The names a file takes from `module` (chexnet.train): `from chexnet.train import X`, and
+    `alias.X` where `from chexnet import train as alias` or `import chexnet.train as alias`."""
+    package, _, leaf = module.rpartition(".")
+    taken, aliases = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == module:
+            taken.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == package:
+            aliases.update(a.asname or a.name for a in node.names if a.name == leaf)
+        elif isinstance(node, ast.Import):
+            aliases.update(a.asname for a in node.names if a.name == module and a.asname)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases):
+            taken.add(node.attr)
+    return taken
+
+
+def test_train_py_is_the_recipe_and_the_loop():
+    path = ROOT / "chexnet" / "train.py"
+    assert len(path.read_text().splitlines()) <= TRAIN_PY_MAX_LINES
+    assert own_names(ast.parse(path.read_text())) == TRAIN_PY_DEFINES
+
+
+def test_nothing_imports_train_py_for_what_it_does_not_define():
+    """The run folder, the loaders and the config are imported from their own modules: a file
+    that takes `atomic_torch_save` or `load_tables` from chexnet.train (a re-export) fails."""
+    sample = ast.parse("from chexnet import train as t\nt.fit(c)\nt.load_tables(c)\n"
+                       "from chexnet.train import evaluate, save_text\n")
+    assert names_taken_from(sample, "chexnet.train") == {"fit", "load_tables", "evaluate",
+                                                         "save_text"}
+    files = project_files() + sorted((ROOT / "tests").glob("*.py"))
+    offenders = sorted(f"{p.relative_to(ROOT)}: {name}" for p in files
+                       for name in names_taken_from(ast.parse(p.read_text()), "chexnet.train")
+                       - TRAIN_PY_DEFINES)
+    assert offenders == []
+
+
 def test_the_design_card_files_stay_at_the_top_level():
     for name in ("retrain.py", "model.py", "cxr_dataset.py", "eval_model.py",
                  "visualize_prediction.py", "nih_batch_download_zips.py", "nih_labels.csv"):

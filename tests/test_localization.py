@@ -129,7 +129,7 @@ def test_oracle_and_reversed_heatmaps_on_the_demo(demo_root):
     Resize + CenterCrop; it must win the pointing game and keep nearly all its mass inside the
     mapped box. The reversed map (everything but the box) must lose."""
     s = 48
-    table, _ = nih_table(demo_root, dataset="demo")
+    table = nih_table(demo_root, dataset="demo")[0].frame
     boxed = loc.boxes_in_input_space(loc.read_boxes(demo_root / "BBox_List_2017.csv"),
                                      table.set_index("image_id"), s, dataset="demo")
     raw = loc.read_boxes(demo_root / "BBox_List_2017.csv")

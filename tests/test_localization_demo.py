@@ -13,7 +13,8 @@ import pytest
 from conftest import load_benchmark
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
-pytestmark = pytest.mark.slow
+# One torch thread in this process (conftest.py one_thread: 2 shared cores).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 ld = load_benchmark("localization_demo")
 
@@ -32,6 +33,8 @@ def test_side_by_side_takes_each_column_from_its_method():
 
 
 def test_quick_run_end_to_end(tmp_path, capsys):
+    """The quick run, then the same command again (it reuses the data and the finished run),
+    then once more without the boxes file (named, exit 2): one training for the three."""
     assert ld.main(["--quick", "--work", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     table = pd.read_csv(tmp_path / "localization_demo.csv", index_col=0)
@@ -44,9 +47,8 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert ld.main(["--quick", "--work", str(tmp_path)]) == 0
     assert "epoch 1" not in capsys.readouterr().err
 
-
-def test_a_missing_boxes_file_is_named(tmp_path, capsys):
-    assert ld.main(["--quick", "--work", str(tmp_path)]) == 0
+    # A missing boxes file is named (this was test_a_missing_boxes_file_is_named, which
+    # trained the same quick run again first).
     (tmp_path / "data" / "nih" / "BBox_List_2017.csv").unlink()
     assert ld.main(["--quick", "--work", str(tmp_path)]) == 2
     assert "BBox_List_2017.csv: boxes file not found" in capsys.readouterr().err

@@ -337,9 +337,9 @@ def test_format_ci_and_table():
     table = pd.DataFrame({"label": ["A", "B"], "auc": [0.83834, math.nan],
                           "ci_low": [0.83, math.nan], "ci_high": [0.846, math.nan],
                           "n_pos": [3, 0], "n_neg": [5, 8]})
-    table.attrs["alpha"] = 0.05
     text = metrics.format_ci_table(table)
     assert "auc [95% CI]" in text and "0.8383 [0.8300, 0.8460]" in text
+    assert "auc [90% CI]" in metrics.format_ci_table(table, alpha=0.1)
     assert "ci_low" not in text and "n/a" in text
     cmp = pd.DataFrame({"label": ["A"], "diff": [0.01], "diff_ci_low": [-0.002],
                         "diff_ci_high": [0.02], "delong_p": [1e-6]})

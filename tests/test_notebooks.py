@@ -15,7 +15,8 @@ from conftest import ROOT, shared
 from chexnet.labels import NIH_FINDINGS
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
-pytestmark = pytest.mark.slow
+# One torch thread in this process (conftest.py one_thread: 2 shared cores).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -245,13 +246,21 @@ def test_retrain_chexphoto(demo, tmp_path, monkeypatch):
     assert aucs.loc["mean", "auc"] == pytest.approx(np.mean(want), abs=1e-6)
 
 
-def test_plot(demo, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    """One finished 2-epoch run on the demo (retrain.main, in this process), which the plot and
+    prediction notebooks only read (they write nothing into the run folder)."""
     import retrain
 
-    assert retrain.main(["--dataset", "demo", "--data", str(demo / "nih"), "--out", str(tmp_path),
+    out = tmp_path_factory.mktemp("nbruns")
+    assert retrain.main(["--dataset", "demo", "--data", str(demo / "nih"), "--out", str(out),
                          "--name", "r", "--image-size", "32", "--weights", "none", "--workers",
                          "0", "--epochs", "2"]) == 0
-    nb = execute("plot.ipynb", monkeypatch, CHEXNET_RUNS=tmp_path / "r",
+    return out / "r"
+
+
+def test_plot(trained, tmp_path, monkeypatch):
+    nb = execute("plot.ipynb", monkeypatch, CHEXNET_RUNS=trained,
                  CHEXNET_PRETRAINED=tmp_path / "none")
     out = text_of(nb)
     assert "best_epoch" in out and "image/png" in out
@@ -259,13 +268,8 @@ def test_plot(demo, tmp_path, monkeypatch):
     assert "no reference curve: " in out and "python fetch_reference.py" in out
 
 
-def test_plot_shows_the_published_curve(demo, tmp_path, monkeypatch):
-    import retrain
-
-    assert retrain.main(["--dataset", "demo", "--data", str(demo / "nih"), "--out", str(tmp_path),
-                         "--name", "r", "--image-size", "32", "--weights", "none", "--workers",
-                         "0", "--epochs", "1"]) == 0
-    monkeypatch.setenv("CHEXNET_RUNS", str(tmp_path / "r"))
+def test_plot_shows_the_published_curve(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHEXNET_RUNS", str(trained))
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()
     shutil.copyfile(shared("reference", "reproduce_chexnet_pretrained_log_train.csv"),
@@ -296,23 +300,18 @@ def test_explore_chexphoto_on_the_demo(demo, monkeypatch):
     assert text_of(nb).count("image/png") >= 5
 
 
-def test_explore_predictions(demo, tmp_path, monkeypatch):
-    import retrain
-
-    assert retrain.main(["--dataset", "demo", "--data", str(demo / "nih"), "--out", str(tmp_path),
-                         "--name", "p", "--image-size", "32", "--weights", "none", "--workers",
-                         "0", "--epochs", "1"]) == 0
-    nb = execute("Explore_Predictions.ipynb", monkeypatch, CHEXNET_RUN=tmp_path / "p",
+def test_explore_predictions(demo, trained, monkeypatch):
+    nb = execute("Explore_Predictions.ipynb", monkeypatch, CHEXNET_RUN=trained,
                  CHEXNET_LABEL="Effusion", CHEXNET_TOP=4,
                  CHEXNET_BOXES=demo / "nih" / "BBox_List_2017.csv")
     out = text_of(nb)
-    preds = pd.read_csv(tmp_path / "p" / "preds.csv")
+    preds = pd.read_csv(trained / "preds.csv")
     aucs = [roc_auc_score(preds[f], preds[f"prob_{f}"]) for f in NIH_FINDINGS
             if preds[f].nunique() == 2]
     assert f"{np.mean(aucs):.4f} [" in out         # the CI table's mean row, as sklearn has it
     assert out.count("image/png") >= 2             # ROC + gallery
     assert "hit_rate" in out and "centre_hit_rate" in out  # pointing game vs the centre
-    check_show_next(nb, tmp_path / "p", demo / "nih", "Effusion")
+    check_show_next(nb, trained, demo / "nih", "Effusion")
 
 
 def shown_examples(nb):
@@ -344,7 +343,8 @@ def check_show_next(nb, run_dir, data, label):
     preds = pd.read_csv(run_dir / "preds.csv").set_index("Image Index")
     positives = list(preds.index[preds[label] == 1])          # preds.csv is in test order
     entries = pd.read_csv(data / "Data_Entry_2017.csv").set_index("Image Index")
-    table, _, _ = load_tables(load_run_config(run_dir))
+    labels, _ = load_tables(load_run_config(run_dir))
+    table = labels.frame
     train_rate = (table.loc[table["fold"] == "train", label] == 1).mean()
     assert train_rate != pytest.approx((table.loc[table["fold"] == "test", label] == 1).mean())
     shown = shown_examples(nb)

@@ -239,10 +239,11 @@ def test_corrupt_image_stops_and_skip_bad_leaves_it_out(tmp_path, capsys):
     # Training batches of 1: no epoch ends on a dropped single-image batch, so every image shows.
     cfg = TrainConfig(dataset="nih", data=str(tmp_path), image_size=24, batch_size=1,
                       eval_batch_size=4)
-    table, findings, _ = load_tables(cfg)
+    labels, _ = load_tables(cfg)
+    table = labels.frame
     with pytest.raises(DataError, match="00000005_000.png"):
-        make_loaders(cfg, table, findings, torch.device("cpu"))
-    loaders = make_loaders(dataclasses.replace(cfg, missing="skip"), table, findings,
+        make_loaders(cfg, labels, torch.device("cpu"))
+    loaders = make_loaders(dataclasses.replace(cfg, missing="skip"), labels,
                            torch.device("cpu"))
     ids = [i for fold in loaders.values() for _, _, batch_ids in fold for i in batch_ids]
     assert sorted(ids) == sorted(set(table["image_id"]) - {"00000005_000.png"})
@@ -290,8 +291,9 @@ def test_chexphoto_cache_holds_every_row(tmp_path):
 
     cfg = TrainConfig(dataset="chexphoto", data=str(tmp_path), image_size=32,
                       batch_size=1, eval_batch_size=2)
-    table, findings, _ = load_tables(cfg)  # frontal views only (the default)
-    loaders = make_loaders(cfg, table, findings, torch.device("cpu"))
+    labels, _ = load_tables(cfg)  # frontal views only (the default)
+    table, findings = labels.frame, list(labels.findings)
+    loaders = make_loaders(cfg, labels, torch.device("cpu"))
     assert isinstance(loaders["train"].dataset, CachedImages)
     seen = {}
     for loader in loaders.values():

@@ -25,14 +25,14 @@ import torch
 from PIL import Image
 
 from conftest import hashes, tiny_run
-from warm import Warm
+from warm import one_thread_warm
 
 pytestmark = pytest.mark.slow  # real trainings and cache builds, a few seconds in all
 
 
 @pytest.fixture(scope="module")
 def warm():
-    with Warm() as server:
+    with one_thread_warm() as server:
         yield server
 
 

@@ -19,6 +19,9 @@ import retrain
 from read_only import refuse_writes
 pass
 
+# One torch thread in this process (conftest.py one_thread: 2 shared cores).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PNG_URI = "data:image/png;base64,"
 # Sections whose content is a figure (the others are tables and notes).
 WITH_IMAGE = ("convergence", "aucs", "roc", "heatmaps", "compare")

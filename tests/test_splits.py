@@ -161,7 +161,7 @@ def test_official_split_follows_the_lists_and_is_patient_disjoint(tmp_path, caps
     (tmp_path / "test_list.txt").write_text("\n".join(table.loc[test_patients, "Image Index"]))
     train_val = table.loc[~test_patients, "Image Index"].tolist()
     (tmp_path / "train_val_list.txt").write_text("\n".join(train_val[:-3]))  # 3 unlisted
-    out = apply_split(read_nih_labels(path), "official", lists=tmp_path)
+    out = apply_split(read_nih_labels(path), "official", lists=tmp_path).frame
     assert len(out) == len(table) - 3 and "leaving out 3" in capsys.readouterr().out
     assert set(out.loc[out["fold"] == "test", "image_id"]) == set(
         table.loc[test_patients, "Image Index"])
@@ -182,11 +182,12 @@ def test_reference_split_from_lists_and_its_refusals(tmp_path):
         ids = table.loc[table["Patient ID"].map(fold_of) == fold, "Image Index"]
         with gzip.open(lists / f"x_{fold}_list.txt.gz", "wt") as fh:
             fh.write("".join(f"{i} 0 1 0 0 0 0 0 0 0 0 0 0 0 0\n" for i in ids))
-    out = apply_split(read_nih_labels(path), "reference", lists=lists)
+    out = apply_split(read_nih_labels(path), "reference", lists=lists).frame
     assert list(out["fold"]) == [fold_of[p] for p in table["Patient ID"]]
     with pytest.raises(DataError, match="not in the reference split"):
-        apply_split(read_nih_labels(path).assign(image_id=lambda t: t["image_id"] + "x"),
-                    "reference", lists=lists)
+        labelled = read_nih_labels(path)
+        renamed = labelled.frame.assign(image_id=lambda t: t["image_id"] + "x")
+        apply_split(labelled.replace(frame=renamed), "reference", lists=lists)
 
 
 def test_a_patient_in_two_folds_of_a_labels_file_is_refused(tmp_path):
@@ -219,18 +220,19 @@ def test_nih_table_default_split_is_recorded(tmp_path):
     for name in table["Image Index"]:
         Image.new("L", (8, 8)).save(tmp_path / "images" / name)
     nih, _ = nih_table(tmp_path, path, missing="skip")
-    assert nih.attrs["split"] == "reference"
-    assert (nih["fold"] == nih["image_id"].map(ref)).all()
+    assert nih.split == "reference"
+    assert (nih.frame["fold"] == nih.frame["image_id"].map(ref)).all()
+    assert nih.sources == (str(path),)
     demo, _ = nih_table(tmp_path, path, missing="skip", dataset="demo")
-    assert demo.attrs["split"] == "random"
+    assert demo.split == "random"
     with pytest.raises(DataError, match="demo"):
         nih_table(tmp_path, path, split="reference", dataset="demo")
     # A labels file carrying the reference folds is recognised as such...
     table["fold"] = table["Image Index"].map(ref)
     table.to_csv(path, index=False)
-    assert nih_table(tmp_path, path, missing="skip")[0].attrs["split"] == "reference"
+    assert nih_table(tmp_path, path, missing="skip")[0].split == "reference"
     # ...and one with other folds is its own.
     table["fold"] = np.where(table["Patient ID"] % 2 == 0, "train", "test")
     table.to_csv(path, index=False)
     own, _ = nih_table(tmp_path, path, missing="skip")
-    assert own.attrs["split"] == "file" and set(own["fold"]) == {"train", "test"}
+    assert own.split == "file" and set(own.frame["fold"]) == {"train", "test"}

@@ -16,7 +16,8 @@ from conftest import nih_demo, shared
 from chexnet.labels import NIH_FINDINGS
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
-pytestmark = pytest.mark.slow
+# One torch thread in this process (conftest.py one_thread: 2 shared cores).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights", "none",
         "--workers", "0"]
@@ -48,7 +49,8 @@ def test_run_writes_every_output(demo_root, tmp_path):
                                    + list(NIH_FINDINGS))
     entries = pd.read_csv(demo_root / "Data_Entry_2017.csv")
     test_ids = set(load_tables(retrain.parse_args(
-        ["--dataset", "demo", "--data", str(demo_root)]))[0].query("fold == 'test'")["image_id"])
+        ["--dataset", "demo", "--data", str(demo_root)]))[0].frame.query("fold == 'test'")[
+            "image_id"])
     assert set(preds["Image Index"]) == test_ids and test_ids <= set(entries["Image Index"])
     probs = preds[[f"prob_{f}" for f in NIH_FINDINGS]].to_numpy()
     assert ((probs > 0) & (probs < 1)).all()
@@ -62,13 +64,13 @@ def test_checkpoint_round_trip_reproduces_predictions(demo_root, tmp_path):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # state dicts only
     assert set(ckpt) >= {"model", "epoch", "val_loss", "config", "findings"}
     cfg = retrain.parse_args(["--dataset", "demo", "--data", str(demo_root), *FAST])
-    table, findings, _ = load_tables(cfg)
-    net = build_model(len(findings), str(run / "checkpoint.pt"))
-    loaders = make_loaders(cfg, table, findings, torch.device("cpu"))
+    labels, _ = load_tables(cfg)
+    net = build_model(len(labels.findings), str(run / "checkpoint.pt"))
+    loaders = make_loaders(cfg, labels, torch.device("cpu"))
     _, probs, _, ids = training.evaluate(net, loaders["test"], torch.device("cpu"))
     preds = pd.read_csv(run / "preds.csv")
     assert list(preds["Image Index"]) == ids
-    np.testing.assert_allclose(preds[[f"prob_{f}" for f in findings]].to_numpy(), probs,
+    np.testing.assert_allclose(preds[[f"prob_{f}" for f in labels.findings]].to_numpy(), probs,
                                rtol=0, atol=1e-6)
 
 
@@ -133,7 +135,8 @@ def test_real_nih_sample_trains_end_to_end(tmp_path, capsys):
     run = tmp_path / "nih"
     assert len((run / "skipped.txt").read_text().split()) == 112_120 - 120
     cfg = retrain.parse_args(args)
-    table, _, _ = load_tables(cfg)
+    labels, _ = load_tables(cfg)
+    table = labels.frame
     assert len(table) == 120
     assert {"00000100_000.png", "00001369_000.png"} <= set(table["image_id"])
     preds = pd.read_csv(run / "preds.csv")
@@ -190,7 +193,7 @@ def test_real_nih_sample_trains_through_the_cache(tmp_path, capsys):
     assert "reading images from the uint8 cache" in out
     assert "nih: 120 images" in out
     assert len(pd.read_csv(tmp_path / "run" / "preds.csv")) == len(
-        load_tables(retrain.parse_args(args))[0].query("fold == 'test'"))
+        load_tables(retrain.parse_args(args))[0].frame.query("fold == 'test'"))
 
 
 @pytest.mark.parametrize("size", [32, 33, 40, 63, 64, 95, 96, 224, 255])
@@ -223,13 +226,14 @@ def test_a_final_batch_too_small_for_batchnorm_is_dropped():
 def test_a_dropped_final_batch_trains_and_is_not_in_the_loader(demo_root, tmp_path, tail,
                                                                 size, batches):
     """At 32 px a final batch of 2 images (1x1 maps) is dropped; at 64 px (2x2) it is kept."""
-    table, _, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
-                                                          str(demo_root)]))
+    labels, _ = load_tables(retrain.parse_args(["--dataset", "demo", "--data",
+                                                str(demo_root)]))
+    table = labels.frame
     batch = int((table["fold"] == "train").sum()) - tail  # the epoch ends on `tail` images
     args = ["--dataset", "demo", "--data", str(demo_root), "--out", str(tmp_path), "--name",
             "one", *FAST, "--epochs", "1", "--batch-size", str(batch), "--image-size", str(size)]
     cfg = retrain.parse_args(args)
-    loaders = make_loaders(cfg, *load_tables(cfg)[:2], torch.device("cpu"))
+    loaders = make_loaders(cfg, load_tables(cfg)[0], torch.device("cpu"))
     assert len(loaders["train"]) == batches
     if tail == 1:
         assert retrain.main(args) == 0

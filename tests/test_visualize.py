@@ -312,7 +312,8 @@ def test_training_prevalence_counts_only_the_training_fold():
 def _fold_rates(run_dir: Path) -> pd.DataFrame:
     """Per fold and finding, the fraction of positives: computed here with pandas from the
     run's label table, not with the code under test."""
-    table, findings, _ = load_tables(load_run_config(run_dir))
+    labels, _ = load_tables(load_run_config(run_dir))
+    table, findings = labels.frame, list(labels.findings)
     return table.groupby("fold")[list(findings)].mean().T          # (findings, folds)
 
 

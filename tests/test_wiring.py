@@ -24,7 +24,8 @@ from chexnet.data import build_transform, load_xray
 from chexnet.labels import CHEXPHOTO_FINDINGS, NIH_FINDINGS
 
 # Trains networks or runs subprocesses: `pytest -m "not slow"` leaves these out.
-pytestmark = pytest.mark.slow
+# One torch thread in this process (conftest.py one_thread: 2 shared cores).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 FAST = ["--image-size", "32", "--batch-size", "8", "--eval-batch-size", "16", "--weights",
         "none", "--workers", "0"]
@@ -183,8 +184,8 @@ def test_uncertainty_flag_reaches_the_targets(chexphoto_root, policy, expected):
     csv = pd.read_csv(chexphoto_root / "train.csv")
     cfg = retrain.parse_args(["--dataset", "chexphoto", "--data", str(chexphoto_root),
                               "--uncertainty", policy, "--view", "all", "--missing", "skip"])
-    table, findings, _ = load_tables(cfg)
-    table = table.set_index("image_id")
+    labels, _ = load_tables(cfg)
+    table = labels.frame.set_index("image_id")
     checked = 0
     for f in CHEXPHOTO_FINDINGS:
         for path in csv.loc[csv[f] == -1, "Path"]:

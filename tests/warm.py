@@ -20,6 +20,7 @@ and it has a single Python thread (checked), so a fork copies no lock another th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -28,6 +29,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds a command may take before the test fails (and the child is killed)
@@ -258,5 +260,24 @@ def _serve() -> None:
         send({"returncode": os.waitstatus_to_exitcode(status)})
 
 
+@contextlib.contextmanager
+def one_thread_warm() -> Iterator["Warm"]:
+    """The warm server (tests/warm.py), started with OMP_NUM_THREADS=1: torch reads it once, at
+    the server's import, so every command forked from it runs torch on one thread (what
+    conftest.py's one_thread does in this process, for the same reason: 2 shared cores)."""
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        server = Warm()
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    with server:
+        yield server
+
+
 if __name__ == "__main__":
     _serve()
+

@@ -197,7 +197,8 @@ def load_target(dataset: str, data: str, labels: str | None = None, seed: int = 
     cfg = TrainConfig(dataset=dataset, data=data, labels=labels, seed=seed,
                                uncertainty=uncertainty, source=source, view=view,
                                missing=missing)
-    table, findings, _ = load_tables(cfg)
+    labels, _ = load_tables(cfg)
+    table, findings = labels.frame, list(labels.findings)
     return table, list(findings)
 
 

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -81,6 +82,33 @@ def _groups(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(f, table[table["fold"].astype(str) == f]) for f in _folds_of(table)] + [("all", table)]
 
 
+@dataclass(frozen=True)
+class ExploreTable:
+    """A dataset's rows for exploration and where they came from.
+
+    frame: one row per image (`image_id, patient, fold, path` with '' for an image not on
+        disk, the finding columns, `age`, `sex`, `view` when known).
+    n_listed: rows of the labels file(s); n_present: images found on disk.
+    labels, split, demographics: NIH: the labels file, the split of `fold`, the file the
+        demographics came from (None: none found).
+    root, sources: CheXphoto: the folder holding the CSVs, and the CSVs.
+    """
+    frame: pd.DataFrame
+    n_listed: int
+    n_present: int
+    labels: str | None = None
+    split: str | None = None
+    demographics: str | None = None
+    root: str | None = None
+    sources: tuple[str, ...] = ()
+
+
+def fold_sizes(table: pd.DataFrame) -> dict[str, int]:
+    """Images per fold (train, val, test as present) and in all: what `class_balance`'s
+    prevalences are fractions of."""
+    return {name: int(len(part)) for name, part in _groups(table)}
+
+
 def class_balance(table: pd.DataFrame, findings: Sequence[str]) -> pd.DataFrame:
     """Positives and prevalence of each finding per fold, side by side.
 
@@ -95,14 +123,13 @@ def class_balance(table: pd.DataFrame, findings: Sequence[str]) -> pd.DataFrame:
 
     Returns:
         DataFrame indexed by finding (name `finding`) with columns n_<fold>, prev_<fold> for
-        each fold in train/val/test order, then n_all, prev_all; `attrs["images"]` holds
-        {fold: number of images}.
+        each fold in train/val/test order, then n_all, prev_all (`fold_sizes` gives the
+        number of images of each).
     """
     rows = list(findings)
     add_no_finding = NIH_NO_FINDING not in rows
     out = pd.DataFrame(index=pd.Index(rows + ([NIH_NO_FINDING] if add_no_finding else []),
                                       name="finding"))
-    images = {}
     for name, part in _groups(table):
         values = part[list(findings)].to_numpy(np.float64)              # (n, K)
         positives = (values == 1).sum(axis=0)
@@ -114,8 +141,6 @@ def class_balance(table: pd.DataFrame, findings: Sequence[str]) -> pd.DataFrame:
             prev.append(none / len(values) if len(values) else math.nan)
         out[f"n_{name}"] = np.asarray(counts, dtype=np.int64)
         out[f"prev_{name}"] = np.asarray(prev, dtype=np.float64)
-        images[name] = int(len(part))
-    out.attrs["images"] = images
     return out
 
 
@@ -306,7 +331,7 @@ def _nih_demographics(labels: Path, data: Path) -> tuple[pd.DataFrame | None, st
 
 
 def nih_explore_table(data: str | os.PathLike, labels: str | os.PathLike | None = None,
-                      missing: str = "keep", seed: int = 0) -> pd.DataFrame:
+                      missing: str = "keep", seed: int = 0) -> ExploreTable:
     """NIH (or demo) label table for exploration.
 
     Args:
@@ -317,9 +342,8 @@ def nih_explore_table(data: str | os.PathLike, labels: str | os.PathLike | None 
         seed: seed of the patient split for Data_Entry files (retrain.py's --seed).
 
     Returns:
-        DataFrame `image_id, patient, fold, path`, the 14 finding columns, and `age`, `sex`,
-        `view` when known. attrs: `labels` (file), `demographics` (file or None),
-        `n_listed` (rows of the labels file), `n_present` (images found on disk).
+        ExploreTable: `image_id, patient, fold, path`, the 14 finding columns, and `age`,
+        `sex`, `view` when known; the labels file, split, demographics file, counts.
     """
     if missing not in ("keep", "skip"):
         raise ValueError(f"missing {missing!r}: expected 'keep' or 'skip'")
@@ -329,13 +353,13 @@ def nih_explore_table(data: str | os.PathLike, labels: str | os.PathLike | None 
     labels = Path(labels) if labels is not None else resolve_nih_labels(data)
     # Folds come from the full labels file before any row is dropped, as in retrain.py, so the
     # folds shown are the ones a run with the same labels and seed trains on.
-    table = read_nih_labels(labels, seed)
-    split = "file" if table.attrs.get("file_folds") else "random"
-    if split == "random":
+    labelled = read_nih_labels(labels, seed)
+    if labelled.split == "random":
         try:  # NIH images: retrain.py's default, the reference split
-            table, split = apply_split(table, "reference", seed, source=str(labels)), "reference"
+            labelled = apply_split(labelled, "reference", seed, source=str(labels))
         except DataError:  # not NIH's images (the demo): retrain.py --dataset demo's split
             pass
+    table = labelled.frame
     paths = index_images(data)
     table["path"] = table["image_id"].map(lambda i: str(paths[i]) if i in paths else "")
     n_listed, present = len(table), table["path"] != ""
@@ -347,28 +371,27 @@ def nih_explore_table(data: str | os.PathLike, labels: str | os.PathLike | None 
     demo, demo_source = _nih_demographics(labels, data)
     if demo is not None:
         table = table.join(demo, on="image_id")
-    table.attrs.update(labels=str(labels), split=split, demographics=demo_source,
-                       n_listed=n_listed,
-                       n_present=int(present.sum()))
-    return table
+    return ExploreTable(table, n_listed, int(present.sum()), labels=str(labels),
+                        split=labelled.split, demographics=demo_source)
 
 
 def chexphoto_explore_table(data: str | os.PathLike, missing: str = "keep", view: str = "all",
-                            seed: int = 0) -> pd.DataFrame:
+                            seed: int = 0) -> ExploreTable:
     """CheXphoto rows for exploration: folds as retrain.py makes them (same --view and --seed).
 
     Finding columns hold the *positive* labels (1 where the CSV says 1.0, else 0): uncertain and
     blank cells are counted separately by `uncertainty_counts`.
 
     Returns:
-        DataFrame `image_id, patient, rel_path, rendition, fold, path, csv` (train/valid), one
-        column per CheXpert observation, and `age`, `sex`, `view` (AP, PA, Lateral or Frontal).
-        attrs: `root`, `sources` (CSV paths), `n_listed`, `n_present`.
+        ExploreTable: `image_id, patient, rel_path, rendition, fold, path, csv` (train/valid),
+        one column per CheXpert observation, and `age`, `sex`, `view` (AP, PA, Lateral or
+        Frontal); the CSVs' folder and paths, counts.
     """
     if missing not in ("keep", "skip"):
         raise ValueError(f"missing {missing!r}: expected 'keep' or 'skip'")
     root = find_chexphoto_root(data)
-    table = chexphoto_table(root, "zeros", CHEXPERT_OBSERVATIONS, "all", view, seed)
+    labelled = chexphoto_table(root, "zeros", CHEXPERT_OBSERVATIONS, "all", view, seed)
+    table = labelled.frame
     raw = []
     for name in ("train", "valid"):
         path = root / f"{name}.csv"
@@ -398,10 +421,8 @@ def chexphoto_explore_table(data: str | os.PathLike, missing: str = "keep", view
             raise DataError(f"{root}: none of the {n_listed} images listed in the CSVs is "
                             "on disk; check --data, or drop --missing skip.")
         table = table[present].reset_index(drop=True)
-    table.attrs.update(root=str(root), sources=[str(root / f"{s}.csv") for s in ("train", "valid")
-                                                if (root / f"{s}.csv").is_file()],
-                       n_listed=n_listed, n_present=int(present.sum()))
-    return table
+    return ExploreTable(table, n_listed, int(present.sum()), root=str(root),
+                        sources=labelled.sources)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +435,7 @@ def _fold_colour(fold: str, i: int) -> str:
     return FOLD_COLOURS.get(fold, f"C{3 + i % 7}")
 
 
-def plot_class_balance(balance: pd.DataFrame) -> Figure:
+def plot_class_balance(balance: pd.DataFrame, images: dict[str, int] | None = None) -> Figure:
     """Grouped bars: prevalence of each finding in each fold (from `class_balance`), with the
     positive count printed over each bar."""
     folds = [c[len("prev_"):] for c in balance.columns if c.startswith("prev_")]
@@ -424,7 +445,7 @@ def plot_class_balance(balance: pd.DataFrame) -> Figure:
     ax = fig.add_subplot()
     width = 0.8 / len(folds)
     x = np.arange(len(names))
-    images = balance.attrs.get("images", {})
+    images = images or {}
     for i, fold in enumerate(folds):
         prev = balance[f"prev_{fold}"].to_numpy(np.float64)
         bars = ax.bar(x + (i - (len(folds) - 1) / 2) * width, 100 * np.nan_to_num(prev), width,
@@ -650,14 +671,17 @@ def _save(fig: Figure, path: Path, written: list[str], dpi: int = 110) -> None:
     written.append(path.name)
 
 
-def _write_common(table: pd.DataFrame, findings: Sequence[str], balance_findings: Sequence[str],
-                  out: Path, k: int, seed: int) -> tuple[list[str], dict]:
+def _write_common(explored: ExploreTable, findings: Sequence[str],
+                  balance_findings: Sequence[str], out: Path, k: int, seed: int
+                  ) -> tuple[list[str], dict]:
     """Outputs shared by both datasets. Returns (file names written, summary entries)."""
     written: list[str] = []
+    table = explored.frame
     balance = class_balance(table, balance_findings)
+    images = fold_sizes(table)
     balance.to_csv(out / "class_balance.csv", float_format="%.4f")
     written.append("class_balance.csv")
-    _save(plot_class_balance(balance), out / "class_balance.png", written)
+    _save(plot_class_balance(balance, images), out / "class_balance.png", written)
     counts = cooccurrence(table, findings)
     counts.to_csv(out / "cooccurrence_counts.csv")
     conditional_cooccurrence(counts).to_csv(out / "cooccurrence_conditional.csv",
@@ -681,9 +705,9 @@ def _write_common(table: pd.DataFrame, findings: Sequence[str], balance_findings
     patients = table.groupby("patient").size()
     summary = {
         "images": int(len(table)), "patients": int(len(patients)),
-        "images_listed": int(table.attrs.get("n_listed", len(table))),
-        "images_present": int(table.attrs.get("n_present", (table["path"] != "").sum())),
-        "folds": {f: int(n) for f, n in balance.attrs["images"].items() if f != "all"},
+        "images_listed": explored.n_listed,
+        "images_present": explored.n_present,
+        "folds": {f: n for f, n in images.items() if f != "all"},
         "prevalence_all": {f: float(v) for f, v in balance["prev_all"].items()},
         "mean_images_per_patient": float(patients.mean()) if len(patients) else math.nan,
         "max_images_per_patient": int(patients.max()) if len(patients) else 0,
@@ -714,11 +738,11 @@ def explore_nih(data: str | os.PathLike, out: str | os.PathLike,
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = nih_explore_table(data, labels, missing, seed)
-    written, summary = _write_common(table, NIH_FINDINGS, NIH_FINDINGS, out, k, seed)
-    summary = {"dataset": "nih", "data": str(data), "labels": table.attrs["labels"],
-               "demographics_from": table.attrs["demographics"], "missing": missing,
-               "split": table.attrs["split"], "seed": seed, **summary}
+    explored = nih_explore_table(data, labels, missing, seed)
+    written, summary = _write_common(explored, NIH_FINDINGS, NIH_FINDINGS, out, k, seed)
+    summary = {"dataset": "nih", "data": str(data), "labels": explored.labels,
+               "demographics_from": explored.demographics, "missing": missing,
+               "split": explored.split, "seed": seed, **summary}
     return _finish(summary, written, out)
 
 
@@ -735,11 +759,12 @@ def explore_chexphoto(data: str | os.PathLike, out: str | os.PathLike, missing: 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = chexphoto_explore_table(data, missing, view, seed)
-    written, summary = _write_common(table, CHEXPHOTO_FINDINGS, CHEXPERT_OBSERVATIONS, out, k,
-                                     seed)
+    explored = chexphoto_explore_table(data, missing, view, seed)
+    table = explored.frame
+    written, summary = _write_common(explored, CHEXPHOTO_FINDINGS, CHEXPERT_OBSERVATIONS, out,
+                                     k, seed)
     parts = []
-    for source in table.attrs["sources"]:
+    for source in explored.sources:
         counts = uncertainty_counts(source)
         counts.insert(0, "csv", Path(source).name)
         parts.append(counts.reset_index())
@@ -755,8 +780,8 @@ def explore_chexphoto(data: str | os.PathLike, out: str | os.PathLike, missing: 
     renditions.to_csv(out / "renditions.csv")
     written.append("renditions.csv")
     _save(plot_renditions(by_fold), out / "renditions.png", written)
-    summary = {"dataset": "chexphoto", "data": str(data), "root": table.attrs["root"],
-               "sources": table.attrs["sources"], "missing": missing, "view": view,
+    summary = {"dataset": "chexphoto", "data": str(data), "root": explored.root,
+               "sources": list(explored.sources), "missing": missing, "view": view,
                "seed": seed, **summary,
                "uncertain_cells": {name: int(part["uncertain"].sum())
                                    for name, part in uncertainty.groupby("csv")},

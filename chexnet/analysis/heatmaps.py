@@ -268,7 +268,8 @@ def parse_prevalence(value: str, finding: str, data: str | None = None) -> tuple
             raise DataError(f"--prevalence {value}: neither a fraction in (0, 1] nor a run folder "
                             "written by retrain.py (no config.json there).") from None
         cfg = load_run_config(value, data)
-        table, findings, _ = load_tables(cfg)
+        labels, _ = load_tables(cfg)
+        table, findings = labels.frame, list(labels.findings)
         p = finding_prevalence(training_prevalence(table, findings), finding, str(config))
         return p, f"training fold of {config}"
     if not 0 < p <= 1:
@@ -290,7 +291,8 @@ def checkpoint_prevalence(checkpoint: str | Path, config: dict, finding: str,
                         f"the base rate of {finding} is unknown; pass --prevalence RUN_DIR (a "
                         "retrain.py run folder) or a fraction, e.g. --prevalence 0.05.")
     cfg = config_from_record(config, data)
-    table, findings, _ = load_tables(cfg)
+    labels, _ = load_tables(cfg)
+    table, findings = labels.frame, list(labels.findings)
     source = f"{checkpoint}'s training data {cfg.data}"
     return finding_prevalence(training_prevalence(table, findings), finding, source), \
         f"training fold of {cfg.data}"

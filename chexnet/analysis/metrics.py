@@ -269,7 +269,7 @@ def bootstrap_auc(y_true: np.ndarray, y_score: np.ndarray, n_boot: int = 1000, s
 
     Returns:
         DataFrame with columns label, auc, ci_low, ci_high, n_pos, n_neg (one row per label,
-        NaN AUC where a label has one class); `attrs["alpha"]` holds alpha.
+        NaN AUC where a label has one class); `format_ci_table(table, alpha)` prints it.
     """
     y_true, y_score, names = _as_2d(y_true, y_score, findings)
     (point,), (reps,) = _replicates(y_true, [y_score], n_boot, seed, groups)
@@ -287,7 +287,6 @@ def bootstrap_auc(y_true: np.ndarray, y_score: np.ndarray, n_boot: int = 1000, s
             "label": "mean", "auc": point[defined].mean() if defined.any() else math.nan,
             "ci_low": m_low[0], "ci_high": m_high[0], "n_pos": int(n_pos.sum()),
             "n_neg": int(n_neg.sum())}])], ignore_index=True)
-    table.attrs["alpha"] = alpha
     return table
 
 
@@ -420,8 +419,7 @@ def compare_runs(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
 
     Returns:
         DataFrame with columns label, auc_a, auc_b, diff, diff_ci_low, diff_ci_high,
-        delong_z, delong_p (one row per label); `attrs["alpha"]` holds alpha (and
-        `attrs["margin"]` the margin).
+        delong_z, delong_p (one row per label), and with a margin the verdict column.
     """
     _, score_b, _ = _as_2d(y_true, score_b, findings)
     y_true, score_a, names = _as_2d(y_true, score_a, findings)
@@ -448,8 +446,6 @@ def compare_runs(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
                                  np.nan, np.nan]
         table["verdict"] = [equivalence_verdict(lo, hi, margin)
                             for lo, hi in zip(table["diff_ci_low"], table["diff_ci_high"])]
-        table.attrs["margin"] = margin
-    table.attrs["alpha"] = alpha
     return table
 
 
@@ -699,13 +695,13 @@ def format_ci(value: float, low: float, high: float) -> str:
 _CI_COLUMNS = (("auc", "ci_low", "ci_high"), ("diff", "diff_ci_low", "diff_ci_high"))
 
 
-def format_ci_table(table: pd.DataFrame) -> str:
+def format_ci_table(table: pd.DataFrame, alpha: float | None = 0.05) -> str:
     """Fixed-width text of a `bootstrap_auc` / `compare_runs` / `threshold_metrics` table.
 
     Value and interval columns are merged (`auc [95% CI]` -> `0.8383 [0.8300, 0.8460]`), other
-    floats get 4 decimals, p-values below 1e-4 print as `<1e-4`, NaN prints as `n/a`.
+    floats get 4 decimals, p-values below 1e-4 print as `<1e-4`, NaN prints as `n/a`. `alpha`:
+    the level the intervals were computed at (None: the header says only "CI").
     """
-    alpha = table.attrs.get("alpha")
     level = f"{100 * (1 - alpha):g}% CI" if alpha is not None else "CI"
     out = pd.DataFrame(index=table.index)
     merged = {c for v, lo, hi in _CI_COLUMNS if {v, lo, hi} <= set(table.columns)

@@ -399,7 +399,7 @@ def subgroup_auc(y_true: np.ndarray, y_score: np.ndarray, attributes: pd.DataFra
 
     Returns:
         DataFrame: attribute, group, finding, n (images), patients, positives, auc, ci_low,
-        ci_high, rest_auc, gap, gap_ci_low, gap_ci_high. `attrs`: alpha, n_boot, seed.
+        ci_high, rest_auc, gap, gap_ci_low, gap_ci_high.
     """
     y_true, y_score, names = metrics._as_2d(y_true, y_score, findings)
     if len(attributes) != len(y_true):
@@ -416,7 +416,6 @@ def subgroup_auc(y_true: np.ndarray, y_score: np.ndarray, attributes: pd.DataFra
                     "patients": len(np.unique(patients[mask]))}
             rows += _group_rows(head, y_true[mask], points[:, g], reps[:, :, g], names, alpha)
     table = pd.DataFrame(rows)
-    table.attrs.update(alpha=alpha, n_boot=n_boot, seed=seed)
     return table
 
 
@@ -547,7 +546,6 @@ def underdiagnosis(truth: np.ndarray, score: np.ndarray, threshold: float,
                          "gap": point[0, g] - point[1, g], "gap_ci_low": gap_low[g],
                          "gap_ci_high": gap_high[g]})
     table = pd.DataFrame(rows)
-    table.attrs.update(alpha=alpha, n_boot=n_boot, seed=seed, threshold=threshold)
     return table
 
 

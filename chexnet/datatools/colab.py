@@ -17,7 +17,7 @@ A folder without copies.json (a save that was interrupted) is not used. Every co
 through a `.part` file that a later copy continues (`files.copy_resumable`), and every copied
 file is checked against copies.json's sha256: a damaged file is refused, never trained on.
 After the copy, retrain.py checks the cache itself as always (its manifest, the labels' sha256),
-and trains from it without the images (`train.load_tables(..., from_cache=True)`).
+and trains from it without the images (`loaders.load_tables(..., from_cache=True)`).
 """
 from __future__ import annotations
 

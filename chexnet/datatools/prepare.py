@@ -78,7 +78,7 @@ def write_nih_labels(root: Path, labels: str | os.PathLike | None = None,
             shutil.copyfile(source, tmp)
         else:  # either schema -> nih_labels.csv columns, folds by the split
             table = nih_labels_table(source, split, seed, root if split == "official" else None)
-            table.to_csv(tmp, index=False)
+            table.frame.to_csv(tmp, index=False)
         if out.is_file() and not filecmp.cmp(out, tmp, shallow=False):
             shutil.copyfile(out, out.with_name(out.name + ".bak"))
             print(f"{out}: replaced (the previous file is kept as {out.name}.bak)")
@@ -251,7 +251,7 @@ def prepare_chexphoto(root: str | os.PathLike, size: int = DEFAULT_SIZE,
     under `cache_base` (--cache-dir).
     """
     root = find_chexphoto_root(root)
-    table = chexphoto_table(root, source="all", view="all")
+    table = chexphoto_table(root, source="all", view="all").frame
     label_files = [p for p in (root / "train.csv", root / "valid.csv") if p.is_file()]
     present = np.array([os.path.isfile(p) for p in table["path"]], dtype=bool)
     ids = table["image_id"].tolist()
