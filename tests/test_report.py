@@ -17,7 +17,6 @@ from PIL import Image
 from chexnet.analysis import heatmaps, report
 import retrain
 from read_only import refuse_writes
-pass
 
 # One torch thread in this process (conftest.py one_thread: 2 shared cores).
 pytestmark = pytest.mark.usefixtures("one_thread")
