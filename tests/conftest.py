@@ -30,16 +30,33 @@ def shared(*parts: str) -> Path:
     return path
 
 
+_HASHED: dict[tuple, str] = {}
+
+
 def hashes(*paths: str | Path) -> dict[str, str]:
     """sha256 of every file under the given folders and of the given files (links not
-    followed): compare before and after a command to prove it changed nothing."""
+    followed): compare before and after a command to prove it changed nothing.
+
+    Each file's hash is remembered under its (path, device, inode, size, mtime, ctime) once that
+    ctime is over 2 s old. The kernel sets a file's ctime to the current time on every write,
+    truncation, rename or utime, and no call sets it back: a file written since it was hashed
+    has another key, so a remembered hash is never stale (the fuzz tests hash a run folder's
+    28 MB checkpoint twice per example)."""
+    import time
+
     from chexnet.files import sha256_file
 
-    out = {}
+    out, now = {}, time.time_ns()
     for top in map(Path, paths):
         for path in [top] if not top.is_dir() else sorted(top.rglob("*")):
             if path.is_file() and not path.is_symlink():
-                out[str(path)] = sha256_file(path)
+                st = path.stat()
+                key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                       st.st_ctime_ns)
+                digest = _HASHED.get(key) or sha256_file(path)
+                if now - st.st_ctime_ns > 2_000_000_000:
+                    _HASHED[key] = digest
+                out[str(path)] = digest
     return out
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import tiny_run
+from conftest import hashes, tiny_run
 from chexnet.labels import NIH_FINDINGS
 
 EXAMPLES = int(os.environ.get("CHEXNET_FUZZ_EXAMPLES", "40"))
@@ -226,32 +225,6 @@ def output_path(draw, folder: Path, inputs: list[Path], run: Path,
 # ---------------------------------------------------------------------------------------------
 # The invariant, shared by every command
 # ---------------------------------------------------------------------------------------------
-_HASHED: dict[tuple, str] = {}
-
-
-def hashes(*paths: str | Path) -> dict[str, str]:
-    """conftest.hashes (sha256 of every file under the folders and of the files, links not
-    followed), each file's hash remembered under its (device, inode, size, mtime, ctime) once
-    that ctime is over 2 s old. The kernel sets a file's ctime to the current time on every
-    write, truncation, rename or utime, and no call sets it back: a file written since it was
-    hashed has another key, so a remembered hash is never stale. (The run folder's 28 MB
-    checkpoint was hashed twice per example, most of the time of the cheap commands.)"""
-    from chexnet.files import sha256_file
-
-    out, now = {}, time.time_ns()
-    for top in map(Path, paths):
-        for path in [top] if not top.is_dir() else sorted(top.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                st_ = path.stat()
-                key = (str(path), st_.st_dev, st_.st_ino, st_.st_size, st_.st_mtime_ns,
-                       st_.st_ctime_ns)
-                digest = _HASHED.get(key) or sha256_file(path)
-                if now - st_.st_ctime_ns > 2_000_000_000:
-                    _HASHED[key] = digest
-                out[str(path)] = digest
-    return out
-
-
 @contextlib.contextmanager
 def writes_refused(folder: Path):
     """Every write under `folder` raises PermissionError, as on a read-only mount (root
