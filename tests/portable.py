@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every test that trains a network, and every bitwise claim about images and batches.
 TESTS = ["test_crash_safety.py", "test_distributed.py", "test_wiring.py", "test_train.py",
-         "test_precision.py", "test_schedule.py", "test_notebooks.py", "test_cache.py",
-         "test_preprocessing.py"]
+         "test_precision.py", "test_schedule.py", "test_notebooks.py", "test_colab_notebook.py",
+         "test_cache.py", "test_preprocessing.py"]
 
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 SSE41 = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}

@@ -1,7 +1,7 @@
 """A Colab reset that costs minutes: the cache saved to Drive and copied back
 (chexnet/datatools/colab.py),
 resumable copies (files.copy_resumable), training from the cache alone, and a pre-resized
-NIH copy cached as it is. The notebook itself runs as a Colab session in test_notebooks."""
+NIH copy cached as it is. The notebook itself runs as a Colab session in test_colab_notebook."""
 from __future__ import annotations
 
 import hashlib

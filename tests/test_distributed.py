@@ -154,20 +154,28 @@ def test_only_rank_zero_writes(runs):
     assert json.loads((runs / "ddp" / "run_record.json").read_text())["processes"] == 2
 
 
-def test_resume_after_kill_mid_epoch_under_ddp(demo_root, runs, tmp_path):
+@pytest.fixture(scope="module")
+def killed(demo_root, tmp_path_factory):
+    """A run of two processes killed (SIGKILL) at step 3: OUT/k holds its last.pt, the periodic
+    save after batch 2 of epoch 1, and OUT/killed an untouched copy of the folder."""
+    out = tmp_path_factory.mktemp("killed")
+    died = launch(demo_root, out, "k", 2, env={"CHEXNET_TEST_KILL_AT_STEP": "3"}, port=29532)
+    assert died.returncode != 0
+    state = torch.load(out / "k" / "last.pt", weights_only=True)
+    assert state["in_epoch"] == {**state["in_epoch"], "epoch": 1, "batches": 2}
+    shutil.copytree(out / "k", out / "killed")
+    return out
+
+
+def test_resume_after_kill_mid_epoch_under_ddp(demo_root, runs, killed):
     """A run of two processes killed mid-epoch resumes on two processes, bitwise where the
     uninterrupted run ends, and (the same killed run folder, put back in its place) on one
     process: the world size may change across a resume."""
-    died = launch(demo_root, tmp_path, "k", 2, env={"CHEXNET_TEST_KILL_AT_STEP": "3"}, port=29532)
-    assert died.returncode != 0
-    state = torch.load(tmp_path / "k" / "last.pt", weights_only=True)
-    assert state["in_epoch"] == {**state["in_epoch"], "epoch": 1, "batches": 2}
-    shutil.copytree(tmp_path / "k", tmp_path / "killed")  # kept for the one-process resume
-    done = launch(demo_root, tmp_path, "k", 2, "--resume", port=29533)
+    done = launch(demo_root, killed, "k", 2, "--resume", port=29533)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "in epoch 1 after batch 2" in done.stdout
     a = torch.load(runs / "ddp" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "k" / "last.pt", weights_only=True)["model"]
+    b = torch.load(killed / "k" / "last.pt", weights_only=True)["model"]
     # Bitwise, as for one process (test_crash_safety): the same processes run the same
     # kernels on the same shards, and the resumed processes start from process 0's saved
     # model, which every process held (test_every_process_evaluates_the_same_model).
@@ -175,18 +183,35 @@ def test_resume_after_kill_mid_epoch_under_ddp(demo_root, runs, tmp_path):
 
     # Two processes -> one (this was test_resume_across_world_sizes, killed at step 2). The
     # killed folder goes back where it was (its config records --out and --name).
-    shutil.move(tmp_path / "k", tmp_path / "resumed_on_two")
-    shutil.move(tmp_path / "killed", tmp_path / "k")
-    done = launch(demo_root, tmp_path, "k", 1, "--resume")
+    shutil.move(killed / "k", killed / "resumed_on_two")
+    shutil.copytree(killed / "killed", killed / "k")
+    done = launch(demo_root, killed, "k", 1, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "in epoch 1 after batch 2" in done.stdout
-    log = pd.read_csv(tmp_path / "k" / "log_train.csv")
+    log = pd.read_csv(killed / "k" / "log_train.csv")
     assert list(log["epoch"]) == [1, 2]
 
 
-def test_sigterm_to_one_process_stops_all_at_the_same_step(demo_root, runs, tmp_path):
+def same_state(a, b) -> list[str]:
+    """The paths where two last.pt contents differ (tensors bitwise, the rest by ==)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
+        return [] if same else [""]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f" keys {sorted(map(str, a.keys() ^ b.keys()))}"]
+        return [f"/{k}{d}" for k in a for d in same_state(a[k], b[k])]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [f"/{i}{d}" for i, (x, y) in enumerate(zip(a, b)) for d in same_state(x, y)]
+    return [] if a == b else [""]
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(demo_root, killed, tmp_path):
     """A stop request reaching only process 1 is agreed on (over the host-side gloo group) at
-    the same step, process 0 saves, and the resumed run ends where the uninterrupted one does."""
+    the same step, and process 0 saves exactly the state that a periodic save writes after
+    that step: the killed run's last.pt after batch 2, whose resume ends bitwise where the
+    uninterrupted run does (test_resume_after_kill_mid_epoch_under_ddp)."""
     # No periodic saves: a last.pt at batch 2 can only come from process 0 obeying the stop.
     stopped = launch(demo_root, tmp_path, "t", 2, "--save-every", "0", port=29535,
                      env={"CHEXNET_TEST_KILL_AT_STEP": "2:SIGTERM", "CHEXNET_TEST_KILL_RANK": "1"})
@@ -194,11 +219,10 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(demo_root, runs, tmp_
     assert "stopped by SIGTERM in epoch 1 after batch 2" in stopped.stderr, stopped.stderr[-3000:]
     state = torch.load(tmp_path / "t" / "last.pt", weights_only=True)
     assert state["in_epoch"]["batches"] == 2 and state["epoch"] == 0
-    done = launch(demo_root, tmp_path, "t", 2, "--resume", port=29536)
-    assert done.returncode == 0, done.stderr[-3000:]
-    a = torch.load(runs / "ddp" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "t" / "last.pt", weights_only=True)["model"]
-    # Bitwise, as for one process (test_crash_safety): the same processes run the same
-    # kernels on the same shards, and the resumed processes start from process 0's saved
-    # model, which every process held (test_every_process_evaluates_the_same_model).
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    periodic = torch.load(killed / "killed" / "last.pt", weights_only=True)
+    # Everything but the command line (this run has its own --out, --name t, --save-every 0).
+    assert {k for k in state["config"] if state["config"][k] != periodic["config"][k]} <= {
+        "name", "save_every", "out"}
+    del state["config"], periodic["config"]
+    del state["in_epoch"]["seconds"], periodic["in_epoch"]["seconds"]  # the epoch's clock so far
+    assert same_state(state, periodic) == []
