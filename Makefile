@@ -52,9 +52,13 @@ demo: $(VENV)/.deps
 	echo "Demo finished: results in $(DEMO_OUT)/$$name/ (aucs.csv, aucs_ci.csv, roc.png, preds.csv, log_train.csv, checkpoint.pt)"; \
 	$(PY) -c "import pandas as pd, torch; t = pd.read_csv('$(DEMO_OUT)/$$name/aucs.csv').set_index('label'); print(f'demo test fold mean AUC: {t.loc[\"mean\", \"auc\"]:.4f} (on {torch.cuda.get_device_name() if torch.cuda.is_available() else torch.backends.cpu.get_cpu_capability() + \" CPU kernels\"}: the same on every run on this machine, not across machine kinds; see README)')"
 
+# TEST_JOBS workers (pytest-xdist), each running whole test files, so a file's shared runs
+# (module fixtures) are built once and its fixed torchrun ports never meet another file's.
+# make test TEST_JOBS=8 on a bigger machine; TEST_JOBS=0 runs in this one process.
+TEST_JOBS ?= 2
 test: $(VENV)/.test-deps
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 # The fast part of the suite (no training runs, no subprocesses): for a developer's loop.
 test-fast: $(VENV)/.test-deps
