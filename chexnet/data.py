@@ -25,7 +25,6 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import v2 as T
 
 from chexnet.cli import CommandError
 from chexnet.labels import (
@@ -104,6 +103,10 @@ def reference_geometry(image_size: int) -> Callable[[Image.Image], torch.Tensor]
     """The reference's geometry on a grey PIL image: Resize(S) of the shorter side (antialiased
     bilinear) + CenterCrop(S) -> uint8 tensor (1, S, S). The prepared cache stores exactly
     these bytes, so a batch is the same whether it was read from PNGs or from the cache."""
+    # Imported here: torchvision takes about 1.2 s to import (it loads torch._dynamo), which
+    # every command that only reads tables (eval_model.py, plot_training.py, ...) would pay.
+    from torchvision.transforms import v2 as T
+
     return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size),
                       T.PILToTensor()])
 
@@ -113,6 +116,8 @@ def build_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     `normalize_uint8`. Equal bit for bit to reproduce-chexnet's `Resize -> CenterCrop ->
     ToTensor -> Normalize` on the same image converted to RGB. Training batches take the same
     two steps, the normalisation on the device (`model_input`), with `flip_batch` between."""
+    from torchvision.transforms import v2 as T
+
     return T.Compose([reference_geometry(image_size), normalize_uint8])
 
 

@@ -272,6 +272,20 @@ def test_importing_the_library_changes_no_environment_variable(environment_chang
     assert environment_changes[module] == []
 
 
+# Commands that only read tables start without torchvision: importing it takes about 1.2 s
+# (it loads torch._dynamo), so chexnet.data imports it where an image is resized.
+TABLE_COMMANDS = ("eval_model", "plot_training", "explore_data")
+
+
+@pytest.mark.slow
+def test_commands_that_read_tables_do_not_import_torchvision():
+    code = (f"import sys\nfor m in {list(TABLE_COMMANDS)!r}:\n    __import__(m)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # --------------------------------------------------------------------------------------------
 # Idle OpenMP threads sleep in every entry point (chexnet/idle_threads.py), set before torch
 # --------------------------------------------------------------------------------------------
