@@ -67,7 +67,7 @@ test-fast: $(VENV)/.test-deps
 # The tests that train networks, and the bitwise ones, once per CPU kernel setting this machine
 # can run (native, AVX2, SSE4.1): a test must not depend on one kernel's rounding.
 test-portable: $(VENV)/.test-deps
-	$(PY) tests/portable.py
+	$(PY) tests/portable.py -- -n $(TEST_JOBS) --dist loadfile
 
 # JupyterLab on the notebooks (each notebook's first cell finds the repository itself).
 $(VENV)/.notebook-deps: requirements-notebooks.txt $(VENV)/.deps

@@ -120,7 +120,7 @@ RECIPE: dict[str, tuple[str, object]] = {
                   "README"),
     "make test": ("skip", "this suite"),
     "make test-fast": ("skip", "a part of this suite"),
-    "make test-portable": ("skip", "this suite's training tests three times (20 minutes)"),
+    "make test-portable": ("skip", "this suite's training tests three times (14 minutes)"),
     "make notebooks": ("skip", "opens JupyterLab: test_notebooks starts jupyter lab "
                        "notebooks/ and lists the notebooks"),
     ".venv/bin/jupyter lab notebooks/": ("skip", "as make notebooks"),
