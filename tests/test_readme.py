@@ -119,6 +119,7 @@ RECIPE: dict[str, tuple[str, object]] = {
     "make demo": ("skip", "5-7 minutes; CI runs it in a fresh clone, and its figures are in the "
                   "README"),
     "make test": ("skip", "this suite"),
+    "make test TEST_JOBS=8": ("skip", "this suite, on 8 workers"),
     "make test-fast": ("skip", "a part of this suite"),
     "make test-portable": ("skip", "this suite's training tests three times (14 minutes)"),
     "make notebooks": ("skip", "opens JupyterLab: test_notebooks starts jupyter lab "
